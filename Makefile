@@ -1,0 +1,47 @@
+# mlops_ray — `make help` lists the targets.
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# A CPU build of torch by default (no multi-GB CUDA download); GPU users: make install TORCH_SPEC=torch==2.13.0 TORCH_INDEX=https://download.pytorch.org/whl/cu128
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+EXPERIMENT ?= adult_mlp
+PYTEST_ARGS ?=
+
+.PHONY: help install run train tune test test-unit test-ray lint bench clean
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-11s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (set PYTHON=...)"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed ## create .venv and install the project (pinned CPU torch)
+
+run: install ## train the default experiment (Adult MLP) on a local Ray cluster
+	$(PY) -m jobs.train +experiment=$(EXPERIMENT)
+
+train: run ## alias of run
+
+tune: install ## tune the default experiment (Optuna TPE + ASHA on Ray Tune)
+	$(PY) -m jobs.tune +experiment=$(EXPERIMENT)
+
+test: install ## run every test tier (unit, Ray integration, e2e); < 20 min on 2 cores
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-unit: install ## unit tests only (no Ray, seconds)
+	$(PY) -m pytest -m "not ray and not slow" $(PYTEST_ARGS)
+
+lint: install ## ruff
+	$(PY) -m ruff check mlops_ray jobs tests bench
+
+bench: install ## benchmarks (not part of make test): training overhead vs bare PyTorch
+	$(PY) bench/train_overhead.py
+
+clean: ## remove outputs and caches (keeps .venv)
+	rm -rf outputs .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Thin entry points, one per verb: `python -m jobs.<verb> ...`."""

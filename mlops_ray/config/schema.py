@@ -1,0 +1,276 @@
+"""Pydantic schema of each job's composed config.
+
+Sections that map onto a Ray class use Ray's own argument names, so that
+`ScalingConfig(**cfg.scaling.ray_kwargs())` is the whole conversion. Unknown keys are errors
+(`extra="forbid"`), and cross-field rules run here, before anything is allocated.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+# metrics the training loop reports; gates, early stopping and checkpoint scoring must pick one
+TRAIN_METRICS = ("train/loss", "val/loss", "val/auc", "val/accuracy", "epoch")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, protected_namespaces=())
+
+
+class ColumnCheck(Strict):
+    min: float | None = None
+    max: float | None = None
+    categories: list[str] | None = None  # allowed values; anything else is a violation
+    max_missing: float | None = Field(None, ge=0, le=1)
+
+
+class SplitCfg(Strict):
+    val: float = Field(0.1, gt=0, lt=0.5, description="fraction of the training part")
+    test: float = Field(0.2, gt=0, lt=0.5, description="fraction of all rows (unless column)")
+    column: str | None = None  # a column that already marks test rows (e.g. Adult's UCI split)
+    test_value: str = "test"
+
+
+class DatasetCfg(Strict):
+    name: str
+    uri: str  # builtin://adult, a local path, or s3://bucket/key (parquet or csv)
+    format: Literal["auto", "parquet", "csv"] = "auto"
+    label: str
+    positive: Any = 1  # label value meaning the favourable/positive class
+    numeric: list[str] = []
+    categorical: list[str] = []
+    sensitive: list[str] = []
+    sensitive_as_features: bool = False
+    pii: list[str] = []  # dropped before anything else sees the data
+    checks: dict[str, ColumnCheck] = {}
+    max_missing: float = Field(0.1, ge=0, le=1)  # default per-column limit
+    min_rows: int = Field(100, ge=1)
+    split: SplitCfg = SplitCfg()
+
+    @model_validator(mode="after")
+    def _columns(self) -> DatasetCfg:
+        problems = []
+        feats = self.numeric + self.categorical
+        if not feats:
+            problems.append("dataset.numeric/dataset.categorical: no feature columns declared")
+        dup = sorted({c for c in feats if feats.count(c) > 1})
+        if dup:
+            problems.append(f"dataset: columns listed twice among features: {dup}")
+        if self.label in feats:
+            problems.append(f"dataset.label='{self.label}' is also listed as a feature")
+        for c in self.pii:
+            if c in feats or c == self.label or c in self.sensitive:
+                problems.append(f"dataset.pii: '{c}' is PII and cannot also be a feature, label "
+                                "or sensitive attribute")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def features(self) -> tuple[list[str], list[str]]:
+        """(numeric, categorical) model inputs: sensitive columns excluded unless configured."""
+        keep = (lambda c: True) if self.sensitive_as_features else (lambda c: c not in self.sensitive)
+        return [c for c in self.numeric if keep(c)], [c for c in self.categorical if keep(c)]
+
+
+class ModelCfg(Strict):
+    model_config = ConfigDict(extra="allow", populate_by_name=True, protected_namespaces=())
+    target: str = Field(alias="_target_")
+
+    def spec(self) -> dict[str, Any]:
+        return {"_target_": self.target, **(self.model_extra or {})}
+
+
+class OptimCfg(Strict):
+    model_config = ConfigDict(extra="allow", populate_by_name=True, protected_namespaces=())
+    target: str = Field(alias="_target_")
+    partial: bool = Field(True, alias="_partial_")
+    lr: float = Field(gt=0, le=10)
+    weight_decay: float = Field(0.0, ge=0)
+
+    def spec(self) -> dict[str, Any]:
+        return {"_target_": self.target, "_partial_": True, "lr": self.lr,
+                "weight_decay": self.weight_decay, **(self.model_extra or {})}
+
+
+class ScalingCfg(Strict):
+    """Maps one-to-one onto ray.train.ScalingConfig."""
+    num_workers: int | tuple[int, int] = 1  # an int, or [min, max] for elastic training
+    use_gpu: bool = False
+    resources_per_worker: dict[str, float] | None = None
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    accelerator_type: str | None = None
+
+    @field_validator("num_workers")
+    @classmethod
+    def _workers(cls, v: int | tuple[int, int]) -> int | tuple[int, int]:
+        lo, hi = (v, v) if isinstance(v, int) else v
+        if lo < 1 or hi < lo:
+            raise ValueError(f"must be >= 1 (or [min, max] with 1 <= min <= max), got {v}")
+        return v
+
+    def bounds(self) -> tuple[int, int]:
+        return (self.num_workers, self.num_workers) if isinstance(self.num_workers, int) \
+            else self.num_workers
+
+    def per_worker(self, key: str) -> float:
+        res = self.resources_per_worker or {}
+        default = 1.0 if key == "GPU" and self.use_gpu else (1.0 if key == "CPU" else 0.0)
+        return float(res.get(key, default))
+
+    def ray_kwargs(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True)
+
+
+class CheckpointCfg(Strict):
+    """Ray's CheckpointConfig arguments plus how often the loop saves one."""
+    every_n_epochs: int = Field(1, ge=1)
+    num_to_keep: int | None = Field(2, ge=1)
+    checkpoint_score_attribute: str | None = "val/auc"
+    checkpoint_score_order: Literal["max", "min"] = "max"
+    # check ray.train.get_preemption_info() (a barrier) every N steps; 0 = at epoch ends only
+    preemption_check_every_n_steps: int = Field(0, ge=0)
+
+    def ray_kwargs(self) -> dict[str, Any]:
+        return self.model_dump(include={"num_to_keep", "checkpoint_score_attribute",
+                                        "checkpoint_score_order"})
+
+
+class FailureCfg(Strict):
+    """Maps one-to-one onto ray.train.FailureConfig (V2)."""
+    max_failures: int = Field(3, ge=-1)  # worker/node errors; -1 = unlimited
+    max_preemption_failures: int = Field(-1, ge=-1)  # drained (spot) nodes; budgeted separately
+    controller_failure_limit: int = Field(-1, ge=-1)
+
+    def ray_kwargs(self) -> dict[str, Any]:
+        return self.model_dump()
+
+
+class StorageCfg(Strict):
+    uri: str = "outputs"  # local path / file:// URI, or s3://bucket/prefix
+    endpoint_url: str | None = None  # S3-compatible endpoint (MinIO, moto); else AWS's
+    region: str | None = None
+
+    @field_validator("uri")
+    @classmethod
+    def _scheme(cls, v: str) -> str:
+        scheme = v.split("://", 1)[0] if "://" in v else "file"
+        if scheme not in ("file", "s3"):
+            raise ValueError(f"'{v}': scheme '{scheme}://' is not supported (allowed: file://, "
+                             "s3://, or a plain local path)")
+        return v
+
+
+class TrackingCfg(Strict):
+    backend: Literal["wandb", "none"] = "wandb"
+    mode: Literal["offline", "online", "disabled"] = "offline"  # WANDB_MODE in the env wins
+    project: str = "mlops_ray"
+    entity: str | None = None
+
+
+class EarlyStopCfg(Strict):
+    metric: str = "val/auc"
+    mode: Literal["max", "min"] = "max"
+    patience: int = Field(3, ge=1)  # epochs without improvement before stopping; 
+    min_delta: float = Field(0.0, ge=0)
+
+
+class TrainCfg(Strict):
+    epochs: int = Field(10, ge=1, le=100_000)
+    batch_size: int = Field(512, ge=1)  # global: split evenly across workers
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 = autocast, GPU only
+    lr_schedule: Literal["constant", "cosine"] = "cosine"
+    torch_threads: int | None = Field(None, ge=1)  # per worker; default from its CPU share
+    early_stopping: EarlyStopCfg | None = EarlyStopCfg()
+
+
+class RayCfg(Strict):
+    address: str | None = None  # None: start a local Ray; "auto" or host:port: connect
+    num_cpus: int | None = Field(None, ge=1)  # local cluster only
+    num_gpus: int | None = Field(None, ge=0)
+    include_dashboard: bool = True
+    dashboard_host: str = "127.0.0.1"
+    train_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"  # Ray Train's logs
+    # exported before Ray starts; Ray Train propagates RAY_TRAIN_* to its controller and workers
+    env_vars: dict[str, str] = {}
+
+
+def _check_metric(field: str, value: str | None) -> list[str]:
+    if value is not None and value not in TRAIN_METRICS:
+        return [f"{field}='{value}' is not a reported metric (allowed: {', '.join(TRAIN_METRICS)})"]
+    return []
+
+
+class TrainJobCfg(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    seed: int = 0
+    dataset: DatasetCfg
+    model: ModelCfg
+    optim: OptimCfg
+    scaling: ScalingCfg = ScalingCfg()
+    checkpoint: CheckpointCfg = CheckpointCfg()
+    failure: FailureCfg = FailureCfg()
+    storage: StorageCfg = StorageCfg()
+    tracking: TrackingCfg = TrackingCfg()
+    ray: RayCfg = RayCfg()
+    train: TrainCfg = TrainCfg()
+    from_tune: str | None = None  # a tune.json / tuning run URI: train with its best config
+
+    @model_validator(mode="after")
+    def _cross(self) -> TrainJobCfg:
+        p: list[str] = []
+        lo, hi = self.scaling.bounds()
+        for n in sorted({lo, hi}):
+            if self.train.batch_size % n:
+                p.append(f"train.batch_size={self.train.batch_size} is not divisible by "
+                         f"scaling.num_workers={n} (the global batch is split evenly)")
+        if self.train.batch_size // hi < 1:
+            p.append(f"train.batch_size={self.train.batch_size} gives workers an empty batch")
+        if self.train.precision == "bf16" and not self.scaling.use_gpu:
+            p.append("train.precision='bf16' needs scaling.use_gpu=true (CPU runs use fp32)")
+        if self.scaling.use_gpu and self.scaling.per_worker("GPU") <= 0:
+            p.append("scaling.use_gpu=true but resources_per_worker.GPU is 0")
+        p += _check_metric("checkpoint.checkpoint_score_attribute",
+                           self.checkpoint.checkpoint_score_attribute)
+        if self.train.early_stopping:
+            p += _check_metric("train.early_stopping.metric", self.train.early_stopping.metric)
+        if self.ray.address is None:  # a local cluster: we know exactly what it has
+            p += _fits_local(self.scaling, self.ray, workers=hi)
+        if p:
+            raise ValueError("; ".join(p))
+        return self
+
+    def ray_cluster_resources(self) -> dict[str, float]:
+        cpus = self.ray.num_cpus or os.cpu_count() or 1
+        return {"CPU": float(cpus), "GPU": float(_local_gpus(self.ray))}
+
+
+def _local_gpus(ray_cfg: RayCfg) -> int:
+    if ray_cfg.num_gpus is not None:
+        return ray_cfg.num_gpus
+    try:
+        import torch
+        return torch.cuda.device_count()
+    except Exception:  # noqa: BLE001 - no torch/CUDA means no GPUs
+        return 0
+
+
+def _fits_local(scaling: ScalingCfg, ray_cfg: RayCfg, workers: int) -> list[str]:
+    p = []
+    cpus = ray_cfg.num_cpus or os.cpu_count() or 1
+    need_cpu = scaling.per_worker("CPU") * workers
+    if need_cpu > cpus + 1e-9:
+        p.append(f"scaling: {workers} worker(s) x {scaling.per_worker('CPU')} CPU = {need_cpu} CPUs, "
+                 f"but the local Ray cluster has {cpus} (lower scaling.num_workers or "
+                 "scaling.resources_per_worker.CPU, or connect to a cluster with ray.address)")
+    gpu_each = scaling.per_worker("GPU")
+    if gpu_each > 0:
+        gpus = _local_gpus(ray_cfg)
+        if gpu_each > gpus or (scaling.use_gpu and gpu_each * workers > gpus):
+            p.append(f"scaling: {workers} worker(s) x {gpu_each} GPU needs {gpu_each * workers} "
+                     f"GPUs (at least {math.ceil(gpu_each)} on one node), but this machine has "
+                     f"{gpus} (set scaling.use_gpu=false, or connect to a GPU cluster with "
+                     "ray.address)")
+    return p

@@ -1,0 +1,56 @@
+"""Read a table from `builtin://NAME`, a local path or an `s3://` URI, and hash its content."""
+from __future__ import annotations
+
+import hashlib
+import io
+from pathlib import Path
+
+import pandas as pd
+
+from mlops_ray.errors import DataValidationError, StorageError
+
+BUILTIN = Path(__file__).resolve().parent / "builtin"
+
+
+def _format(uri: str, fmt: str) -> str:
+    if fmt != "auto":
+        return fmt
+    low = uri.lower()
+    if low.endswith((".parquet", ".pq")) or low.startswith("builtin://"):
+        return "parquet"
+    if low.endswith((".csv", ".csv.gz")):
+        return "csv"
+    raise DataValidationError(uri, [f"dataset.format='auto' cannot tell the format of '{uri}' "
+                                    "(allowed: a .parquet/.pq/.csv name, or set dataset.format)"])
+
+
+def load_table(uri: str, fmt: str = "auto", endpoint_url: str | None = None,
+               region: str | None = None) -> pd.DataFrame:
+    kind = _format(uri, fmt)
+    if uri.startswith("builtin://"):
+        path = BUILTIN / f"{uri[len('builtin://'):]}.parquet"
+        if not path.exists():
+            names = sorted(p.stem for p in BUILTIN.glob("*.parquet"))
+            raise StorageError(f"dataset.uri='{uri}': no such builtin dataset (allowed: "
+                               f"{', '.join('builtin://' + n for n in names)})")
+        return pd.read_parquet(path)
+    if uri.startswith("s3://"):
+        from mlops_ray.storage import s3fs_filesystem
+        try:
+            with s3fs_filesystem(endpoint_url, region).open(uri, "rb") as f:
+                data = io.BytesIO(f.read())
+        except (FileNotFoundError, OSError, PermissionError) as e:
+            raise StorageError(f"dataset.uri='{uri}': cannot read ({e})") from None
+        return pd.read_parquet(data) if kind == "parquet" else pd.read_csv(data)
+    local = Path(uri[len("file://"):] if uri.startswith("file://") else uri).expanduser()
+    if not local.exists():
+        raise StorageError(f"dataset.uri='{uri}': file not found ({local.resolve()})")
+    return pd.read_parquet(local) if kind == "parquet" else pd.read_csv(local)
+
+
+def dataset_version(df: pd.DataFrame) -> str:
+    """Content hash of the table (column names, dtypes and values; not file bytes or row index)."""
+    h = hashlib.sha256()
+    h.update(repr([(c, str(t)) for c, t in df.dtypes.items()]).encode())
+    h.update(pd.util.hash_pandas_object(df, index=False).values.tobytes())
+    return h.hexdigest()[:16]

@@ -1,0 +1,63 @@
+"""Preprocessing fitted on training rows only and saved as JSON with every checkpoint, so
+inference reproduces it exactly: numeric -> median impute + standardise; categorical -> one-hot
+over the training categories (unseen and missing values encode as all zeros)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+
+@dataclass
+class Preprocessor:
+    numeric: list[str]
+    categorical: list[str]
+    medians: dict[str, float] = field(default_factory=dict)
+    means: dict[str, float] = field(default_factory=dict)
+    stds: dict[str, float] = field(default_factory=dict)
+    categories: dict[str, list[str]] = field(default_factory=dict)
+
+    @classmethod
+    def fit(cls, df: pd.DataFrame, numeric: list[str], categorical: list[str]) -> Preprocessor:
+        p = cls(list(numeric), list(categorical))
+        for c in numeric:
+            col = df[c].astype("float64")
+            med = float(col.median()) if col.notna().any() else 0.0
+            filled = col.fillna(med)
+            p.medians[c], p.means[c] = med, float(filled.mean())
+            std = float(filled.std(ddof=0))
+            p.stds[c] = std if std > 0 else 1.0
+        for c in categorical:
+            p.categories[c] = sorted(map(str, df[c].dropna().unique()))
+        return p
+
+    @property
+    def feature_names(self) -> list[str]:
+        return self.numeric + [f"{c}={v}" for c in self.categorical for v in self.categories[c]]
+
+    @property
+    def n_features(self) -> int:
+        return len(self.numeric) + sum(len(v) for v in self.categories.values())
+
+    def transform(self, df: pd.DataFrame) -> np.ndarray:
+        out = np.zeros((len(df), self.n_features), dtype=np.float32)
+        for i, c in enumerate(self.numeric):
+            col = pd.to_numeric(df[c], errors="coerce").astype("float64").fillna(self.medians[c])
+            out[:, i] = ((col.to_numpy() - self.means[c]) / self.stds[c]).astype(np.float32)
+        j = len(self.numeric)
+        for c in self.categorical:
+            cats = self.categories[c]
+            codes = pd.Categorical(df[c].astype("string"), categories=cats).codes  # -1 = unseen
+            rows = np.nonzero(codes >= 0)[0]
+            out[rows, j + codes[rows]] = 1.0
+            j += len(cats)
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Preprocessor:
+        return cls(**d)

@@ -1,0 +1,43 @@
+"""Typed errors. Jobs turn each into one clear message and a non-zero exit code."""
+from __future__ import annotations
+
+
+class MlopsError(Exception):
+    """Base class: a user-facing error whose message is complete without a traceback."""
+
+    exit_code = 2
+
+
+class ConfigError(MlopsError):
+    """The composed config is invalid (unknown key, wrong type, out of range, impossible mix)."""
+
+    def __init__(self, problems: list[str] | str):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"invalid config ({len(self.problems)} problem(s)):\n{lines}")
+
+
+class DataValidationError(MlopsError):
+    """A dataset violates its declared schema; lists every violation at once."""
+
+    exit_code = 3
+
+    def __init__(self, dataset: str, violations: list[str]):
+        self.dataset, self.violations = dataset, list(violations)
+        lines = "\n".join(f"  - {v}" for v in self.violations)
+        super().__init__(f"dataset '{dataset}' failed validation "
+                         f"({len(self.violations)} violation(s)):\n{lines}")
+
+
+class StorageError(MlopsError):
+    """A storage URI cannot be resolved, read or written."""
+
+
+class RunNotFound(MlopsError):
+    """A run, study or checkpoint URI given by the user does not exist."""
+
+
+class TrainingFailed(MlopsError):
+    """Ray Train ran out of retries; the message names the last error and where checkpoints are."""
+
+    exit_code = 4

@@ -1,0 +1,52 @@
+"""Start or join Ray, and describe the code and library versions of a run."""
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def ensure_ray(ray_cfg: dict[str, Any]) -> dict[str, Any]:
+    """ray.init once per process from the `ray` config section; returns cluster facts."""
+    for k, v in ray_cfg.get("env_vars", {}).items():
+        os.environ.setdefault(k, str(v))  # before ray.init so the raylet and workers inherit it
+    import ray
+    if not ray.is_initialized():
+        kw: dict[str, Any] = {"address": ray_cfg.get("address"), "log_to_driver": True,
+                              "configure_logging": True, "logging_level": "WARNING"}
+        if ray_cfg.get("address") is None:  # a local cluster we start
+            kw.update(num_cpus=ray_cfg.get("num_cpus"), num_gpus=ray_cfg.get("num_gpus"),
+                      include_dashboard=ray_cfg.get("include_dashboard", True),
+                      dashboard_host=ray_cfg.get("dashboard_host", "127.0.0.1"))
+        ctx = ray.init(**kw)
+        dash = getattr(ctx, "dashboard_url", None)
+    else:
+        dash = None
+    return {"dashboard_url": f"http://{dash}" if dash else None,
+            "resources": ray.cluster_resources()}
+
+
+def code_version() -> dict[str, Any]:
+    """Git commit and dirty flag of the checkout when available, else the package version."""
+    from mlops_ray import __version__
+    out: dict[str, Any] = {"package": __version__, "git_commit": None, "git_dirty": None}
+    try:
+        def git(*a: str) -> str:
+            return subprocess.run(["git", "-C", str(REPO), *a], capture_output=True, text=True,
+                                  timeout=10, check=True).stdout.strip()
+        out["git_commit"] = git("rev-parse", "HEAD")
+        out["git_dirty"] = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return out
+
+
+def library_versions() -> dict[str, str]:
+    import ray
+    import torch
+    return {"python": platform.python_version(), "ray": ray.__version__,
+            "torch": torch.__version__}

@@ -1,0 +1,167 @@
+"""The per-worker training loop (runs inside Ray Train workers).
+
+Spot-safe by construction:
+* restores from `ray.train.get_checkpoint()` first (a retry, or a rerun of the same run name);
+* shuffling and dropout are reseeded from (seed, epoch, step, rank), so a resumed run replays
+  exactly the batches and masks an uninterrupted one would: equal final weights on CPU;
+* reports metrics every epoch and a checkpoint every `every_n_epochs`, and a just-in-time
+  checkpoint as soon as `ray.train.get_preemption_info()` says a node is draining.
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
+
+from mlops_ray.train import checkpoint as ckpt_io
+from mlops_ray.utils import build
+
+_MIX = (1_000_003, 10_007, 101)
+
+
+def _seed_for(seed: int, epoch: int, step: int = 0, rank: int = 0) -> int:
+    return (seed * _MIX[0] + epoch * _MIX[1] + step * _MIX[2] + rank) % (2**63 - 1)
+
+
+class EarlyStopping:
+    def __init__(self, cfg: dict[str, Any] | None, state: dict[str, Any] | None = None):
+        self.cfg = cfg
+        self.best, self.bad = (state or {}).get("best"), (state or {}).get("bad", 0)
+
+    def update(self, metrics: dict[str, float]) -> bool:
+        """Record this epoch; True when training should stop."""
+        if not self.cfg:
+            return False
+        v, sign = metrics[self.cfg["metric"]], 1 if self.cfg["mode"] == "max" else -1
+        if self.best is None or sign * (v - self.best) > self.cfg["min_delta"]:
+            self.best, self.bad = v, 0
+        else:
+            self.bad += 1
+        return self.bad >= self.cfg["patience"]
+
+    def state(self) -> dict[str, Any]:
+        return {"best": self.best, "bad": self.bad}
+
+
+def _evaluate(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    net.eval()
+    with torch.no_grad():
+        logits = net(x).float()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y).item()
+        p, yy = torch.sigmoid(logits).cpu().numpy(), y.cpu().numpy()
+    net.train()
+    auc = float(roc_auc_score(yy, p)) if len(np.unique(yy)) == 2 else float("nan")
+    return {"val/loss": loss, "val/auc": auc, "val/accuracy": float(((p >= 0.5) == yy).mean())}
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
+    import ray
+    import ray.train
+    import ray.train.torch as rt
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(config["torch_threads"])
+    device = rt.get_device() if config["use_gpu"] else torch.device("cpu")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    amp = device.type == "cuda" and config["precision"] == "bf16"
+
+    data = ray.get(config["data_ref"])
+    # copies: arrays from the object store are read-only views
+    x_tr, y_tr = torch.tensor(data["x_train"]), torch.tensor(data["y_train"])
+    x_val, y_val = torch.tensor(data["x_val"], device=device), torch.tensor(data["y_val"], device=device)
+    seed, epochs = config["seed"], config["epochs"]
+    per_worker = config["batch_size"] // world
+    steps_per_epoch = len(x_tr) // config["batch_size"]  # equal on every rank: report is a barrier
+
+    torch.manual_seed(seed)  # identical init on every rank (DDP also broadcasts rank 0's)
+    net = build(config["model"], in_features=x_tr.shape[1])
+    opt = build(config["optim"])(net.parameters())
+    sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+             if config["lr_schedule"] == "cosine" else torch.optim.lr_scheduler.LambdaLR(
+                 opt, lambda _: 1.0))
+    start_epoch, start_step, loss_sum, history = 0, 0, 0.0, []
+    stopper = EarlyStopping(config["early_stopping"])
+    restored_from = None
+    if (ckpt := ray.train.get_checkpoint()) is not None:
+        with ckpt.as_directory() as d:
+            st = ckpt_io.load_state(d)
+        net.load_state_dict(st["model"])
+        opt.load_state_dict(st["optimizer"])
+        sched.load_state_dict(st["scheduler"])
+        start_epoch, start_step, loss_sum = st["epoch"], st["step"], st["loss_sum"]
+        history, stopper = st["history"], EarlyStopping(config["early_stopping"], st["early_stop"])
+        restored_from = {"epoch": start_epoch, "step": start_step}
+    model = rt.prepare_model(net) if world > 1 or device.type == "cuda" else net
+    bare = getattr(model, "module", model)
+    loss_fn = torch.nn.functional.binary_cross_entropy_with_logits
+    preempt_every = config["preemption_check_every_n_steps"]
+
+    def save_and_report(metrics: dict[str, Any], epoch: int, step: int, keep: bool) -> None:
+        """All ranks call this (a barrier); rank 0 attaches the checkpoint when `keep`."""
+        if not keep or rank != 0:
+            ray.train.report(metrics)
+            return
+        state = {"model": bare.state_dict(), "optimizer": opt.state_dict(),
+                 "scheduler": sched.state_dict(), "epoch": epoch, "step": step,
+                 "loss_sum": loss_sum, "history": history, "early_stop": stopper.state(),
+                 "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state()}}
+        meta = {"model": config["model"], "in_features": int(x_tr.shape[1]),
+                "feature_names": config["feature_names"], "run_name": config["run_name"],
+                "epoch": epoch, "step": step, "metrics": metrics}
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt_io.save(tmp, state, meta, config["preprocessor"])
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                             checkpoint_dir_name=f"checkpoint_e{epoch:04d}_s{step:05d}")
+
+    def preempted() -> bool:
+        return ray.train.get_preemption_info() is not None
+
+    last: dict[str, Any] = history[-1] if history else {}
+    stop = False
+    for epoch in range(start_epoch, epochs):
+        t0 = time.perf_counter()
+        order = torch.randperm(len(x_tr), generator=torch.Generator().manual_seed(
+            _seed_for(seed, epoch)))
+        first = start_step if epoch == start_epoch else 0
+        if first == 0:
+            loss_sum = 0.0
+        for step in range(first, steps_per_epoch):
+            lo = step * config["batch_size"] + rank * per_worker
+            idx = order[lo:lo + per_worker]
+            xb, yb = x_tr[idx].to(device, non_blocking=True), y_tr[idx].to(device, non_blocking=True)
+            torch.manual_seed(_seed_for(seed, epoch, step, rank))  # dropout masks
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                loss = loss_fn(model(xb).float(), yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += loss.item()
+            if preempt_every and (step + 1) % preempt_every == 0 and step + 1 < steps_per_epoch \
+                    and preempted():
+                # just-in-time checkpoint at (epoch, step+1); the drained node dies after this
+                save_and_report({**last, "epoch": epoch, "preempted": 1}, epoch, step + 1, True)
+        sched.step()
+        seconds = time.perf_counter() - t0
+        metrics = {"epoch": epoch, "train/loss": loss_sum / max(1, steps_per_epoch),
+                   **_evaluate(bare, x_val, y_val), "lr": sched.get_last_lr()[0],
+                   "time/epoch_s": seconds,
+                   "time/samples_per_s": (steps_per_epoch - first) * config["batch_size"] / seconds}
+        stop = stopper.update(metrics)
+        metrics["early_stopped"] = int(stop)
+        history.append(metrics)
+        last = metrics
+        done = stop or epoch == epochs - 1
+        # a just-in-time checkpoint when a drain was announced, else on the schedule
+        keep = done or (epoch + 1) % config["every_n_epochs"] == 0 or preempted()
+        loss_sum = 0.0
+        save_and_report(metrics, epoch + 1, 0, keep)
+        if stop:
+            break
+    return {"history": history, "restored_from": restored_from, "stopped_early": stop,
+            "rank": rank, "world_size": world}

@@ -1,0 +1,112 @@
+"""Datasets: validation reports every violation, hashing, splits, preprocessing on train only."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from mlops_ray.config import compose
+from mlops_ray.data import Preprocessor, dataset_version, load_table, prepare, validate_frame
+from mlops_ray.errors import DataValidationError, StorageError
+
+
+@pytest.fixture(scope="module")
+def adult_cfg():
+    return compose("train", ["+experiment=adult_mlp"])["dataset"]
+
+
+@pytest.fixture(scope="module")
+def adult(adult_cfg):
+    return load_table(adult_cfg["uri"])
+
+
+def test_builtin_datasets_load_with_declared_columns(adult, adult_cfg):
+    assert len(adult) == 48842 and adult["income"].isin([0, 1]).all()
+    assert round(adult["income"].mean(), 3) == 0.239
+    german = load_table("builtin://german")
+    assert len(german) == 1000 and {"sex", "age_group", "good_credit"} <= set(german.columns)
+    validate_frame(adult, adult_cfg)
+
+
+def test_unknown_builtin_names_the_allowed_ones():
+    with pytest.raises(StorageError, match="builtin://adult"):
+        load_table("builtin://nope")
+
+
+def test_all_violations_reported_at_once(adult, adult_cfg):
+    bad = adult.head(2000).copy()
+    bad.loc[0, "age"] = 250
+    bad.loc[1, "sex"] = "Unknown"
+    bad.loc[2:1000, "occupation"] = None
+    bad = bad.drop(columns=["hours_per_week"])
+    bad.loc[3, "income"] = 7
+    with pytest.raises(DataValidationError) as e:
+        validate_frame(bad, adult_cfg)
+    msg = str(e.value)
+    assert "hours_per_week" in msg and "above max=100" in msg and "'Unknown'" in msg
+    assert "occupation" in msg and "missing" in msg and "binary" in msg
+    assert len(e.value.violations) == 5
+
+
+def test_non_numeric_declared_numeric(adult, adult_cfg):
+    bad = adult.head(2000).copy()
+    bad["age"] = bad["age"].astype(str)
+    with pytest.raises(DataValidationError, match="declared numeric"):
+        validate_frame(bad, adult_cfg)
+
+
+def test_dataset_version_is_content_hash(adult):
+    v = dataset_version(adult)
+    assert v == dataset_version(adult.copy()) and len(v) == 16
+    changed = adult.copy()
+    changed.loc[5, "age"] += 1
+    assert dataset_version(changed) != v
+
+
+def test_prepare_is_deterministic_and_stratified(adult_cfg):
+    a, b = prepare(adult_cfg, seed=0), prepare(adult_cfg, seed=0)
+    for k in ("train", "val", "test"):
+        assert np.array_equal(a.splits[k], b.splits[k])
+    assert len(a.splits["test"]) == 16281  # the UCI test file
+    assert not set(a.splits["train"]) & set(a.splits["val"])
+    y = a.frame["income"].to_numpy()
+    assert abs(y[a.splits["train"]].mean() - y[a.splits["val"]].mean()) < 0.01
+    c = prepare(adult_cfg, seed=1)
+    assert not np.array_equal(a.splits["val"], c.splits["val"])
+
+
+def test_sensitive_attributes_are_not_features_by_default(adult_cfg):
+    p = prepare(adult_cfg, seed=0)
+    names = p.preprocessor.feature_names
+    assert not any(n.startswith(("sex=", "race=")) for n in names)
+    assert p.preprocessor.n_features == 98  # 6 numeric + 92 one-hot (no sex/race)
+    q = prepare({**adult_cfg, "sensitive_as_features": True}, seed=0)
+    assert any(n.startswith("sex=") for n in q.preprocessor.feature_names)
+
+
+def test_preprocessor_fitted_on_training_rows_only():
+    train = pd.DataFrame({"x": [1.0, 3.0, None], "c": ["a", "b", "a"]})
+    p = Preprocessor.fit(train, ["x"], ["c"])
+    assert p.medians["x"] == 2.0 and p.categories["c"] == ["a", "b"]
+    out = p.transform(pd.DataFrame({"x": [None, 100.0], "c": ["z", "b"]}))
+    assert out.shape == (2, 3)
+    assert out[0].tolist()[1:] == [0.0, 0.0]  # unseen category -> all zeros
+    assert out[1].tolist()[1:] == [0.0, 1.0]
+    assert Preprocessor.from_dict(p.to_dict()).transform(train).tolist() == p.transform(train).tolist()
+
+
+def test_pii_columns_are_dropped_before_anything(tmp_path, adult_cfg):
+    df = load_table("builtin://german").assign(email=lambda d: [f"u{i}@x.org" for i in range(len(d))])
+    cfg = compose("train", ["+experiment=german_mlp"])["dataset"]
+    p = prepare({**cfg, "pii": ["email"]}, seed=0, frame=df)
+    assert "email" not in p.frame.columns
+
+
+def test_csv_by_path(tmp_path):
+    df = load_table("builtin://german")
+    path = tmp_path / "g.csv"
+    df.to_csv(path, index=False)
+    cfg = compose("train", ["+experiment=german_mlp", f"dataset.uri={path}"])["dataset"]
+    assert prepare(cfg, seed=0).version == dataset_version(load_table(str(path)))
+    with pytest.raises(StorageError, match="file not found"):
+        load_table(str(tmp_path / "missing.csv"))
