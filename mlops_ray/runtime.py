@@ -16,12 +16,16 @@ def ensure_ray(ray_cfg: dict[str, Any]) -> dict[str, Any]:
         os.environ.setdefault(k, str(v))  # before ray.init so the raylet and workers inherit it
     import ray
     if not ray.is_initialized():
-        kw: dict[str, Any] = {"address": ray_cfg.get("address"), "log_to_driver": True,
+        # Inside a Ray job (or with RAY_ADDRESS exported) join that cluster; otherwise "local"
+        # always starts a new one (None could join any cluster found on this machine).
+        address = ray_cfg.get("address") or os.environ.get("RAY_ADDRESS") or "local"
+        kw: dict[str, Any] = {"address": address, "log_to_driver": True,
                               "configure_logging": True, "logging_level": "WARNING"}
-        if ray_cfg.get("address") is None:  # a local cluster we start
+        if address == "local":  # a local cluster we start
             kw.update(num_cpus=ray_cfg.get("num_cpus"), num_gpus=ray_cfg.get("num_gpus"),
                       include_dashboard=ray_cfg.get("include_dashboard", True),
-                      dashboard_host=ray_cfg.get("dashboard_host", "127.0.0.1"))
+                      dashboard_host=ray_cfg.get("dashboard_host", "127.0.0.1"),
+                      _node_ip_address="127.0.0.1")  # a laptop cluster listens on loopback only
         ctx = ray.init(**kw)
         dash = getattr(ctx, "dashboard_url", None)
     else:

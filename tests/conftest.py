@@ -40,12 +40,13 @@ def ray_2_cpus():
     Subprocess drivers join it with `ray.address=<address>`; as Ray 2.60 requires of separate
     client processes, they get RAY_AUTH_MODE=token and the token through the environment.
     """
-    import ray
-    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ["RAY_AUTH_MODE"] = "token"  # read when ray is imported: set it first
     os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(16)
     os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.2"
     os.environ["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"
-    ctx = ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    import ray
+    ctx = ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING",
+                   _node_ip_address="127.0.0.1")
     yield ctx.address_info["gcs_address"]
     ray.shutdown()
 

@@ -1,0 +1,72 @@
+"""The README's commands as a user runs them (subprocesses)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_job
+
+pytestmark = pytest.mark.slow
+
+
+def test_cfg_job_prints_the_composed_config():
+    out = run_job(["jobs.train", "+experiment=adult_mlp", "--cfg", "job"], timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "name: adult_mlp" in out.stdout and "num_workers: 1" in out.stdout
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["train.batch_size=513", "scaling.num_workers=2", "scaling.resources_per_worker.CPU=0.5"],
+     "train.batch_size=513 is not divisible by scaling.num_workers=2"),
+    (["+train.epochz=3"], "train.epochz: unknown key"),
+    (["optim.lr=abc"], "optim.lr='abc'"),
+    (["scaling.num_workers=64"], "64 worker(s)"),
+])
+def test_bad_config_one_clear_error_nothing_written(tmp_path, overrides, expected):
+    store = tmp_path / "store"
+    out = run_job(["jobs.train", "+experiment=adult_mlp", f"storage.uri={store}", *overrides],
+                  timeout=60)
+    assert out.returncode == 2
+    assert expected in out.stderr and "Traceback" not in out.stderr
+    assert not store.exists(), "validation failed but something was written to storage"
+
+
+def test_bad_data_lists_every_violation_nothing_written(tmp_path):
+    import pandas as pd
+    df = pd.read_parquet(Path("mlops_ray/data/builtin/german.parquet").resolve())
+    df.loc[0, "age"] = 7
+    df.loc[1, "sex"] = "unknown"
+    df["good_credit"] = df["good_credit"].replace({0: 2}).astype(object)
+    df.loc[2, "good_credit"] = 5
+    path = tmp_path / "bad.csv"
+    df.to_csv(path, index=False)
+    store = tmp_path / "store"
+    out = run_job(["jobs.train", "+experiment=german_mlp", f"dataset.uri={path}",
+                   f"storage.uri={store}"], timeout=60)
+    assert out.returncode == 3, out.stderr
+    err = out.stderr
+    assert "failed validation (3 violation(s))" in err and "below min=18" in err
+    assert "'unknown'" in err and "must be binary" in err and "Traceback" not in err
+    assert not store.exists()
+
+
+def test_missing_dataset_file_is_a_clear_error(tmp_path):
+    out = run_job(["jobs.train", "+experiment=german_mlp", f"dataset.uri={tmp_path}/nope.csv",
+                   f"storage.uri={tmp_path}/store"], timeout=60)
+    assert out.returncode == 2 and "file not found" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_make_run_job_standalone_reaches_target_auc(tmp_path):
+    """`make run`'s job on its own local Ray: Adult to held-out test AUC >= 0.90."""
+    out = run_job(["jobs.train", "+experiment=adult_mlp", f"storage.uri={tmp_path}"],
+                  timeout=600, RAY_AUTH_MODE="", RAY_AUTH_TOKEN="")
+    assert out.returncode == 0, out.stderr[-3000:]
+    (record_path,) = tmp_path.glob("runs/adult_mlp-*/run.json")
+    rec = json.loads(record_path.read_text())
+    assert rec["status"] == "finished" and rec["test"]["test/auc"] >= 0.90
+    for where in ("checkpoint", "run record", "W&B"):
+        assert where in out.stdout
+    assert str(record_path.parent) in out.stdout
