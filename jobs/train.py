@@ -20,9 +20,12 @@ from mlops_ray.config.schema import TrainJobCfg
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> None:
     with user_errors():
-        job = validate(cfg, TrainJobCfg)
+        job = validate(cfg, TrainJobCfg).model_dump(by_alias=True)
+        if job["from_tune"]:  # the best parameters of a tuning run, validated again
+            from mlops_ray.tune.tuner import with_tuned_params
+            job = validate(with_tuned_params(job), TrainJobCfg).model_dump(by_alias=True)
         from mlops_ray.train.trainer import run_training, summary_lines
-        record = run_training(job.model_dump(by_alias=True))
+        record = run_training(job)
         print("\n".join(summary_lines(record)), flush=True)
 
 

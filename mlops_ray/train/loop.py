@@ -58,15 +58,66 @@ def _evaluate(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[st
     return {"val/loss": loss, "val/auc": auc, "val/accuracy": float(((p >= 0.5) == yy).mean())}
 
 
+class _TrainSession:
+    """Ray Train worker API (inside a TorchTrainer)."""
+
+    def __init__(self) -> None:
+        import ray.train
+        import ray.train.torch
+        self.train, self.rt = ray.train, ray.train.torch
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+
+    def device(self, use_gpu: bool) -> torch.device:
+        return self.rt.get_device() if use_gpu else torch.device("cpu")
+
+    def prepare(self, net: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+        return self.rt.prepare_model(net) if self.world > 1 or device.type == "cuda" else net
+
+    def get_checkpoint(self) -> Any:
+        return self.train.get_checkpoint()
+
+    def report(self, metrics: dict[str, Any], directory: str | None = None,
+               name: str | None = None) -> None:
+        ckpt = self.train.Checkpoint.from_directory(directory) if directory else None
+        self.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=name)
+
+    def preempted(self) -> bool:  # a barrier: every rank calls it at the same points
+        return self.train.get_preemption_info() is not None
+
+
+class _TuneSession(_TrainSession):
+    """The same loop run directly as a Tune function trial (1 worker, no Train start-up)."""
+
+    def __init__(self) -> None:
+        import ray.tune
+        self.tune, self.rank, self.world = ray.tune, 0, 1
+
+    def device(self, use_gpu: bool) -> torch.device:
+        return torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+
+    def prepare(self, net: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+        return net.to(device)
+
+    def get_checkpoint(self) -> Any:
+        return self.tune.get_checkpoint()
+
+    def report(self, metrics: dict[str, Any], directory: str | None = None,
+               name: str | None = None) -> None:
+        ckpt = self.tune.Checkpoint.from_directory(directory) if directory else None
+        self.tune.report(metrics, checkpoint=ckpt)
+
+    def preempted(self) -> bool:
+        return False  # a drained node kills the trial actor; Tune retries it from its checkpoint
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     import ray
-    import ray.train
-    import ray.train.torch as rt
 
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    session = _TuneSession() if config.get("session") == "tune" else _TrainSession()
+    rank, world = session.rank, session.world
     torch.set_num_threads(config["torch_threads"])
-    device = rt.get_device() if config["use_gpu"] else torch.device("cpu")
+    device = session.device(config["use_gpu"])
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     amp = device.type == "cuda" and config["precision"] == "bf16"
@@ -88,7 +139,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     start_epoch, start_step, loss_sum, history = 0, 0, 0.0, []
     stopper = EarlyStopping(config["early_stopping"])
     restored_from = None
-    if (ckpt := ray.train.get_checkpoint()) is not None:
+    if (ckpt := session.get_checkpoint()) is not None:
         with ckpt.as_directory() as d:
             st = ckpt_io.load_state(d)
         net.load_state_dict(st["model"])
@@ -97,7 +148,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         start_epoch, start_step, loss_sum = st["epoch"], st["step"], st["loss_sum"]
         history, stopper = st["history"], EarlyStopping(config["early_stopping"], st["early_stop"])
         restored_from = {"epoch": start_epoch, "step": start_step}
-    model = rt.prepare_model(net) if world > 1 or device.type == "cuda" else net
+    model = session.prepare(net, device)
     bare = getattr(model, "module", model)
     loss_fn = torch.nn.functional.binary_cross_entropy_with_logits
     preempt_every = config["preemption_check_every_n_steps"]
@@ -105,7 +156,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     def save_and_report(metrics: dict[str, Any], epoch: int, step: int, keep: bool) -> None:
         """All ranks call this (a barrier); rank 0 attaches the checkpoint when `keep`."""
         if not keep or rank != 0:
-            ray.train.report(metrics)
+            session.report(metrics)
             return
         state = {"model": bare.state_dict(), "optimizer": opt.state_dict(),
                  "scheduler": sched.state_dict(), "epoch": epoch, "step": step,
@@ -116,11 +167,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                 "epoch": epoch, "step": step, "metrics": metrics}
         with tempfile.TemporaryDirectory() as tmp:
             ckpt_io.save(tmp, state, meta, config["preprocessor"])
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                             checkpoint_dir_name=f"checkpoint_e{epoch:04d}_s{step:05d}")
+            session.report(metrics, tmp, f"checkpoint_e{epoch:04d}_s{step:05d}")
 
-    def preempted() -> bool:
-        return ray.train.get_preemption_info() is not None
+    preempted = session.preempted
 
     last: dict[str, Any] = history[-1] if history else {}
     stop = False
@@ -148,7 +197,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                 save_and_report({**last, "epoch": epoch, "preempted": 1}, epoch, step + 1, True)
         sched.step()
         seconds = time.perf_counter() - t0
-        metrics = {"epoch": epoch, "train/loss": loss_sum / max(1, steps_per_epoch),
+        metrics = {"epoch": epoch, "epochs_done": epoch + 1,
+                   "restored_from_epoch": restored_from["epoch"] if restored_from else -1,
+                   "train/loss": loss_sum / max(1, steps_per_epoch),
                    **_evaluate(bare, x_val, y_val), "lr": sched.get_last_lr()[0],
                    "time/epoch_s": seconds,
                    "time/samples_per_s": (steps_per_epoch - first) * config["batch_size"] / seconds}

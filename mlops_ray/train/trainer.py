@@ -44,8 +44,8 @@ def torch_threads(cfg: dict[str, Any]) -> int:
     return max(1, math.ceil(cpu))
 
 
-def loop_config(cfg: dict[str, Any], prepared: Prepared, data_ref: Any, run_name: str
-                ) -> dict[str, Any]:
+def loop_config(cfg: dict[str, Any], prepared: Prepared | dict[str, Any], data_ref: Any,
+                run_name: str) -> dict[str, Any]:
     """The plain dict each worker receives (no DictConfig, no pydantic)."""
     t = cfg["train"]
     return {
@@ -56,9 +56,14 @@ def loop_config(cfg: dict[str, Any], prepared: Prepared, data_ref: Any, run_name
         "model": cfg["model"], "optim": {**cfg["optim"], "_partial_": True},
         "every_n_epochs": cfg["checkpoint"]["every_n_epochs"],
         "preemption_check_every_n_steps": cfg["checkpoint"]["preemption_check_every_n_steps"],
-        "feature_names": prepared.preprocessor.feature_names,
-        "preprocessor": prepared.preprocessor.to_dict(), "data_ref": data_ref,
+        **(data_meta(prepared) if isinstance(prepared, Prepared) else prepared),
+        "data_ref": data_ref,
     }
+
+
+def data_meta(prepared: Prepared) -> dict[str, Any]:
+    return {"feature_names": prepared.preprocessor.feature_names,
+            "preprocessor": prepared.preprocessor.to_dict()}
 
 
 def arrays(prepared: Prepared) -> dict[str, np.ndarray]:
@@ -90,18 +95,25 @@ def _progress_callback() -> Any:
 def build_trainer(cfg: dict[str, Any], prepared: Prepared, run_name: str, storage: Storage,
                   runs_dir: str = "runs", callbacks: list[Any] | None = None) -> Any:
     import ray
+    data_ref = ray.put(arrays(prepared))
+    return trainer_for(cfg, loop_config(cfg, prepared, data_ref, run_name), run_name, storage,
+                       runs_dir, [_progress_callback(), *(callbacks or [])])
+
+
+def trainer_for(cfg: dict[str, Any], loop_cfg: dict[str, Any], run_name: str, storage: Storage,
+                runs_dir: str, callbacks: list[Any]) -> Any:
+    """A TorchTrainer whose every section comes from the config (Ray's own argument names)."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from mlops_ray.train.loop import train_loop_per_worker
-    data_ref = ray.put(arrays(prepared))
     scaling = {k: v for k, v in cfg["scaling"].items() if v is not None}
     if isinstance(scaling["num_workers"], list):
         scaling["num_workers"] = tuple(scaling["num_workers"])
     ck = cfg["checkpoint"]
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config(cfg, prepared, data_ref, run_name),
+        train_loop_config=loop_cfg,
         scaling_config=ScalingConfig(**scaling),
         run_config=RunConfig(
             name=run_name, **storage.ray_args(runs_dir),
@@ -111,7 +123,7 @@ def build_trainer(cfg: dict[str, Any], prepared: Prepared, run_name: str, storag
                 checkpoint_score_attribute=ck["checkpoint_score_attribute"],
                 checkpoint_score_order=ck["checkpoint_score_order"]),
             logging_config=LoggingConfig(log_level=cfg["ray"]["train_log_level"]),
-            callbacks=[_progress_callback(), *(callbacks or [])]))
+            callbacks=callbacks))
 
 
 def _best_checkpoint(result: Any, cfg: dict[str, Any]) -> Any:

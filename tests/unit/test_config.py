@@ -96,3 +96,80 @@ def test_several_problems_reported_together():
 
 def test_configs_are_yaml_only():
     assert not list(Path(CONF_DIR).rglob("*.py"))
+
+
+# ---- jobs.tune -------------------------------------------------------------------------------
+from mlops_ray.config.schema import TuneJobCfg  # noqa: E402
+
+
+def _tune_errors(overrides: list[str]) -> str:
+    with pytest.raises(ConfigError) as e:
+        validate(compose("tune", ["+experiment=adult_mlp", *overrides]), TuneJobCfg)
+    return str(e.value)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_has_a_valid_search_space(experiment):
+    job = validate(compose("tune", [f"+experiment={experiment}"]), TuneJobCfg)
+    assert job.space and job.search.algorithm == "tpe" and job.scheduler.name == "asha"
+
+
+def test_search_and_scheduler_baselines_compose():
+    job = validate(compose("tune", ["+experiment=adult_mlp", "search=random",
+                                    "scheduler=fifo"]), TuneJobCfg)
+    assert job.search.algorithm == "random" and job.scheduler.name == "fifo"
+
+
+def _space_errors(**changes) -> str:
+    """Edit the composed space as a YAML file would, then validate."""
+    cfg = compose("tune", ["+experiment=adult_mlp"])
+    for key, value in changes.items():
+        cfg["space"][key.replace("__", ".")] = value
+    with pytest.raises(ConfigError) as e:
+        validate(cfg, TuneJobCfg)
+    return str(e.value)
+
+
+def test_space_low_above_high_names_the_parameter():
+    msg = _space_errors(optim__lr={"type": "float", "low": 0.5, "high": 0.1})
+    assert "space.optim.lr" in msg and "low=0.5 must be < high=0.1" in msg
+
+
+def test_space_log_with_non_positive_bound():
+    msg = _space_errors(optim__weight_decay={"type": "float", "low": 0, "high": 1, "log": True})
+    assert "space.optim.weight_decay" in msg and "log=true needs low > 0" in msg
+
+
+def test_space_unknown_parameter():
+    msg = _space_errors(optim__lrr={"type": "float", "low": 0.1, "high": 0.2})
+    assert "space.optim.lrr: unknown parameter" in msg
+
+
+def test_space_condition_must_refer_to_an_earlier_parameter():
+    msg = _space_errors(model__dropout={"type": "float", "low": 0, "high": 0.5,
+                                       "when": {"model.depth": 2}})
+    assert "space.model.dropout.when" in msg and "model.depth" in msg
+
+
+def test_concurrent_trials_must_fit_the_cluster():
+    msg = _tune_errors(["tune.max_concurrent_trials=8", "scaling.num_workers=2",
+                        "scaling.resources_per_worker.CPU=0.5", "ray.num_cpus=2"])
+    assert "tune.max_concurrent_trials=8" in msg and "needs 8 CPUs" in msg
+
+
+def test_define_by_run_samples_conditional_params():
+    import optuna
+
+    from mlops_ray.tune.space import apply, define_by_run
+    space = {"model.hidden": {"type": "categorical", "choices": [[8], [16, 16]]},
+             "model.dropout": {"type": "float", "low": 0.1, "high": 0.2,
+                               "when": {"model.hidden": [16, 16]}}}
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(12):
+        t = study.ask()
+        define_by_run(space)(t)
+        cfg = apply({"model": {"hidden": [1], "dropout": 0.0}}, t.params)
+        seen.add((tuple(cfg["model"]["hidden"]), "model.dropout" in t.params))
+        study.tell(t, 0.5)
+    assert seen == {((8,), False), ((16, 16), True)}

@@ -1,0 +1,295 @@
+"""Driver side of tuning: Optuna (TPE / random / CMA-ES) inside Ray Tune, ASHA on the reported
+epoch, the study in a database, and resume by rerunning the same command.
+
+Layout under `storage.uri`:
+    tune/<study>/                 Tune's experiment folder (state, one folder per trial)
+    tune/<study>/trials/          Train runs of multi-worker trials (trial_backend=train)
+    tune/<study>/tune.json        the summary; tune/<study>/tune_curve.png the best-so-far curve
+    runs/<study>-best/run.json    the best trial as a run record, like jobs.train writes
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+from mlops_ray.data import Prepared, prepare
+from mlops_ray.db import db_url
+from mlops_ray.runtime import ensure_ray
+from mlops_ray.storage import Storage, from_cfg
+from mlops_ray.train.trainer import (NOT_HASHED, arrays, base_record, checkpoint_uri, data_meta,
+                                     loop_config, test_metrics, trainer_for)
+from mlops_ray.tune.space import apply, decode, define_by_run
+from mlops_ray.utils import stable_hash
+
+TUNE_KEYS = ("space", "search", "scheduler", "tune", "db")
+
+
+def split_job(job: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(train config, tuning sections)."""
+    return ({k: v for k, v in job.items() if k not in TUNE_KEYS},
+            {k: job[k] for k in TUNE_KEYS})
+
+
+def study_name(job: dict[str, Any]) -> str:
+    base, t = split_job(job)
+    what = {**{k: v for k, v in base.items() if k not in NOT_HASHED},
+            "space": t["space"], "search": t["search"], "scheduler": t["scheduler"],
+            "tune": {k: t["tune"][k] for k in ("num_samples", "metric", "mode", "trial_backend")}}
+    return f"{job['name']}-tune-{stable_hash(what)}"
+
+
+def trial_dirname(trial: Any) -> str:
+    """Deterministic trial folders (Tune's default name carries a timestamp)."""
+    return f"trial_{trial.trial_id}"
+
+
+def _sampler(search: dict[str, Any]) -> Any:
+    import optuna
+    if search["algorithm"] == "random":
+        return optuna.samplers.RandomSampler(seed=search["seed"])
+    if search["algorithm"] == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=search["seed"], n_startup_trials=search[
+            "n_startup_trials"], warn_independent_sampling=False)
+    return optuna.samplers.TPESampler(seed=search["seed"],
+                                      n_startup_trials=search["n_startup_trials"])
+
+
+def _scheduler(job: dict[str, Any]) -> Any:
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    s = job["scheduler"]
+    if s["name"] == "fifo":
+        return FIFOScheduler()
+    # the reported epoch count is the time axis: a restored trial keeps its rung (Tune's own
+    # training_iteration restarts at 1 after a restore)
+    return ASHAScheduler(time_attr="epochs_done", max_t=s["max_t"] or job["train"]["epochs"],
+                         grace_period=s["grace_period"], reduction_factor=s["reduction_factor"])
+
+
+def _trainable(base: dict[str, Any], meta: dict[str, Any], data_ref: Any, backend: str,
+               storage: Storage, study: str, driver_resources: dict[str, float]) -> Any:
+    from ray import tune
+
+    def function_trial(config: dict[str, Any]) -> None:
+        from mlops_ray.train.loop import train_loop_per_worker
+        cfg = apply(base, config)
+        trial_id = tune.get_context().get_trial_id()
+        train_loop_per_worker({**loop_config(cfg, meta, data_ref, f"trial-{trial_id}"),
+                               "session": "tune"})
+
+    def train_trial(config: dict[str, Any]) -> None:
+        from ray.tune.integration.ray_train import TuneReportCallback
+        cfg = apply(base, config)
+        # a stable name: a retried or restored trial resumes its own Train checkpoints
+        name = f"trial-{tune.get_context().get_trial_id()}"
+        trainer_for(cfg, loop_config(cfg, meta, data_ref, name), name, storage,
+                    f"tune/{study}/trials", [TuneReportCallback()]).fit()
+
+    res = base["scaling"].get("resources_per_worker") or {"CPU": 1}
+    if backend == "function":
+        req = {k.lower() if k in ("CPU", "GPU") else k: v for k, v in res.items()}
+        if base["scaling"]["use_gpu"]:
+            req.setdefault("gpu", 1)
+        return tune.with_resources(function_trial, req)
+    drv = {k.lower() if k in ("CPU", "GPU") else k: v for k, v in driver_resources.items()}
+    return tune.with_resources(train_trial, drv)
+
+
+def _tuner(job: dict[str, Any], trainable: Any, storage: Storage, study: str, url: str
+           ) -> tuple[Any, bool]:
+    from optuna.storages import RDBStorage
+    from ray import tune
+    from ray.tune.search.optuna import OptunaSearch
+    t = job["tune"]
+    path = storage.path("tune", study)
+    fs = None if storage.is_local else storage.fs
+    if tune.Tuner.can_restore(path, storage_filesystem=fs):
+        # finished trials are kept; running/pending ones resume from their checkpoints
+        return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True,
+                                  resume_errored=True, storage_filesystem=fs), True
+    search = OptunaSearch(space=define_by_run(job["space"]), metric=t["metric"], mode=t["mode"],
+                          sampler=_sampler(job["search"]), study_name=study,
+                          storage=RDBStorage(url, heartbeat_interval=None))
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(metric=t["metric"], mode=t["mode"],
+                                    num_samples=t["num_samples"],
+                                    max_concurrent_trials=t["max_concurrent_trials"],
+                                    search_alg=search, scheduler=_scheduler(job),
+                                    trial_dirname_creator=trial_dirname),
+        run_config=tune.RunConfig(
+            name=study, **storage.ray_args("tune"),
+            failure_config=tune.FailureConfig(max_failures=t["max_failures"]),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2), verbose=0),
+    ), False
+
+
+def _trial_rows(result: Any) -> list[dict[str, Any]]:
+    df = result.metrics_dataframe
+    if df is None or df.empty:
+        return []
+    keep = [c for c in df.columns if "/" in c or c in (
+        "epoch", "epochs_done", "timestamp", "trial_id", "checkpoint_path", "restored_from_epoch")]
+    return [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
+            for r in df[keep].to_dict("records")]
+
+
+def _summarise(results: Any, job: dict[str, Any], storage: Storage) -> dict[str, Any]:
+    t, max_t = job["tune"], job["scheduler"]["max_t"] or job["train"]["epochs"]
+    sign = 1 if t["mode"] == "max" else -1
+    trials = []
+    for r in results:
+        rows = _trial_rows(r)
+        last = rows[-1] if rows else {}
+        scores = [row[t["metric"]] for row in rows if row.get(t["metric"]) is not None]
+        ckpts = [row["checkpoint_path"] for row in rows if row.get("checkpoint_path")]
+        ckpt = (checkpoint_uri(storage, ckpts[-1]) if ckpts else
+                (checkpoint_uri(storage, r.checkpoint.path) if r.checkpoint else None))
+        epochs = int(last.get("epochs_done") or 0)
+        trials.append({
+            "trial_id": last.get("trial_id") or r.path.rsplit("/", 1)[-1],
+            "params": {k: decode(v) for k, v in r.config.items()},
+            "status": "ERROR" if r.error else ("EARLY_STOPPED" if epochs < max_t and not
+                                               last.get("early_stopped") else "TERMINATED"),
+            "epochs": epochs, "reported_epochs": len(rows),
+            "restored_from_epoch": max((row.get("restored_from_epoch") or -1) for row in rows)
+            if rows else -1,
+            "last": {k: v for k, v in last.items() if "/" in k},
+            "best_value": (max if sign > 0 else min)(scores) if scores else None,
+            "final_value": scores[-1] if scores else None,
+            "checkpoint": ckpt, "error": str(r.error)[:500] if r.error else None, "_rows": rows,
+        })
+    ok = [x for x in trials if x["final_value"] is not None]
+    best = max(ok, key=lambda x: sign * x["final_value"]) if ok else None
+    return {"trials": trials, "best": best}
+
+
+def _curve(trials: list[dict[str, Any]], metric: str, mode: str) -> list[tuple[int, float]]:
+    """Best-so-far metric against epochs consumed, in the order results arrived."""
+    rows = sorted((r.get("timestamp") or 0, i, r.get("epochs_done") or 0, r.get(metric))
+                  for i, tr in enumerate(trials) for r in tr["_rows"])
+    out, best, used = [], None, 0
+    for _, _, _, v in rows:
+        used += 1
+        if v is not None and (best is None or (v > best if mode == "max" else v < best)):
+            best = v
+        if best is not None:
+            out.append((used, best))
+    return out
+
+
+def plot_curves(curves: dict[str, list[tuple[int, float]]], metric: str, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, pts in curves.items():
+        if pts:
+            ax.step([p[0] for p in pts], [p[1] for p in pts], where="post", label=label)
+    ax.set_xlabel("epochs consumed")
+    ax.set_ylabel(f"best {metric} so far")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_tuning(job: dict[str, Any], *, prepared: Prepared | None = None,
+               log: Any = print) -> dict[str, Any]:
+    """Tune from a validated TuneJobCfg dict; returns the tune.json summary."""
+    import ray
+    t0 = time.perf_counter()
+    base, _ = split_job(job)
+    storage = from_cfg(job["storage"])
+    prepared = prepared or prepare(base["dataset"], base["seed"], storage=base["storage"])
+    study = study_name(job)
+    url = db_url(job["db"], storage)
+    cluster = ensure_ray(job["ray"])
+    workers = base["scaling"]["num_workers"]
+    hi = workers if isinstance(workers, int) else workers[1]
+    backend = job["tune"]["trial_backend"]
+    backend = ("function" if hi == 1 else "train") if backend == "auto" else backend
+    trainable = _trainable(base, data_meta(prepared), ray.put(arrays(prepared)), backend,
+                           storage, study, job["tune"]["driver_resources"])
+    tuner, restored = _tuner(job, trainable, storage, study, url)
+    log(f"study {study}: {'resuming' if restored else 'starting'} "
+        f"({job['search']['algorithm']} + {job['scheduler']['name']}, "
+        f"{job['tune']['num_samples']} trials, {backend} trials) in {storage.uri_of('tune', study)}"
+        + (f"; dashboard {cluster['dashboard_url']}" if cluster["dashboard_url"] else ""))
+    results = tuner.fit()
+    s = _summarise(results, job, storage)
+    t, best = job["tune"], s["best"]
+    summary: dict[str, Any] = {
+        "study": study, "db_url": url.split("@")[-1] if "@" in url else url,
+        "algorithm": job["search"]["algorithm"], "scheduler": job["scheduler"]["name"],
+        "metric": t["metric"], "mode": t["mode"], "num_samples": t["num_samples"],
+        "trial_backend": backend, "resumed": restored, "n_trials": len(s["trials"]),
+        "total_epochs": sum(x["reported_epochs"] for x in s["trials"]),
+        "wall_s": round(time.perf_counter() - t0, 1),
+        "trials": [{k: v for k, v in x.items() if k != "_rows"} for x in s["trials"]],
+        "curve": _curve(s["trials"], t["metric"], t["mode"]),
+        "tune_uri": storage.uri_of("tune", study),
+    }
+    if best:
+        best_cfg = apply(base, best["params"])
+        rec = base_record(best_cfg, prepared, f"{study}-best", storage)
+        ckpt = _checkpoint(best["checkpoint"], storage)
+        rec.update(status="finished", history=[r for r in best["_rows"]],
+                   checkpoints={"latest": best["checkpoint"], "best": best["checkpoint"]},
+                   best={t["metric"]: best["final_value"]}, test=test_metrics(ckpt, prepared),
+                   tune={"study": study, "trial_id": best["trial_id"],
+                         "params": best["params"]})
+        storage.write_json(rec, "runs", f"{study}-best", "run.json")
+        summary["best"] = {"trial_id": best["trial_id"], "params": best["params"],
+                           "value": best["final_value"], "epochs": best["epochs"],
+                           "checkpoint": best["checkpoint"], "run_uri": rec["run_uri"],
+                           "test": rec["test"]}
+    storage.write_json(summary, "tune", study, "tune.json")
+    if storage.is_local:
+        plot_curves({f"{summary['algorithm']}+{summary['scheduler']}": summary["curve"]},
+                    t["metric"], storage.path("tune", study, "tune_curve.png"))
+    return summary
+
+
+def _checkpoint(uri: str, storage: Storage) -> Any:
+    from ray.train import Checkpoint
+    path = uri.removeprefix("file://").removeprefix("s3://")
+    return Checkpoint(path) if storage.is_local else Checkpoint(path, filesystem=storage.fs)
+
+
+def load_summary(uri: str, storage_cfg: dict[str, Any] | None = None) -> dict[str, Any]:
+    """tune.json from a tuning folder URI or the file's URI."""
+    from mlops_ray.errors import RunNotFound
+    uri = uri.removesuffix("/tune.json").rstrip("/")
+    st = from_cfg({**(storage_cfg or {}), "uri": uri})
+    if not st.exists("tune.json"):
+        raise RunNotFound(f"no tuning summary at {uri}/tune.json")
+    return st.read_json("tune.json")
+
+
+def summary_lines(s: dict[str, Any]) -> list[str]:
+    lines = [f"study      {s['study']} ({s['algorithm']} + {s['scheduler']}, {s['n_trials']} "
+             f"trials, {s['total_epochs']} epochs, {s['wall_s']} s"
+             + (", resumed" if s["resumed"] else "") + ")"]
+    for x in sorted(s["trials"], key=lambda x: -(x["final_value"] or -1e9)
+                    if s["mode"] == "max" else (x["final_value"] or 1e9)):
+        v = x["final_value"]
+        lines.append(f"  {x['trial_id']:<14} {x['status']:<13} epochs {x['epochs']:>3}  "
+                     f"{s['metric']} {v if v is None else round(v, 4)}")
+    if s.get("best"):
+        b = s["best"]
+        lines += [f"best       {b['trial_id']} {s['metric']}={b['value']:.4f} "
+                  f"test/auc={b['test']['test/auc']:.4f} params {b['params']}",
+                  f"best run   {b['run_uri']}/run.json (use: from_tune={s['tune_uri']})"]
+    lines.append(f"summary    {s['tune_uri']}/tune.json")
+    return lines
+
+
+def with_tuned_params(cfg: dict[str, Any]) -> dict[str, Any]:
+    """`from_tune=<tuning folder or tune.json URI>`: the train config with the best params."""
+    summary = load_summary(cfg["from_tune"], cfg["storage"])
+    if not summary.get("best"):
+        from mlops_ray.errors import RunNotFound
+        raise RunNotFound(f"from_tune={cfg['from_tune']}: the study has no finished trial")
+    return apply(cfg, summary["best"]["params"])

@@ -1,0 +1,149 @@
+"""Ray Tune + Optuna on the shared local cluster: ASHA, summary, retraining the best config,
+resume after a killed driver, a killed trial worker, and multi-worker (TorchTrainer) trials."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import psutil
+import pytest
+
+from mlops_ray.config import compose, validate
+from mlops_ray.config.schema import TrainJobCfg, TuneJobCfg
+from mlops_ray.train.trainer import run_training
+from mlops_ray.tune.tuner import run_tuning, study_name, with_tuned_params
+from tests.conftest import REPO, job_env, run_job, wait_until
+
+pytestmark = pytest.mark.ray
+
+GERMAN = ["+experiment=german_mlp", "tracking=none", "train.epochs=6"]
+
+
+def tune_cfg(*overrides: str) -> dict:
+    return validate(compose("tune", list(overrides)), TuneJobCfg).model_dump(by_alias=True)
+
+
+def test_tpe_asha_summary_best_run_and_retrain(ray_2_cpus, tmp_path):
+    job = tune_cfg(*GERMAN, f"storage.uri={tmp_path}", "tune.num_samples=6")
+    s = run_tuning(job)
+    on_disk = json.loads((tmp_path / "tune" / s["study"] / "tune.json").read_text())
+    assert on_disk["n_trials"] == 6 and len({t["trial_id"] for t in on_disk["trials"]}) == 6
+    assert any(t["status"] == "EARLY_STOPPED" and t["epochs"] < 6 for t in on_disk["trials"]), \
+        "ASHA stopped no trial early"
+    assert on_disk["total_epochs"] < 6 * 6
+    assert (tmp_path / "tune" / s["study"] / "tune_curve.png").stat().st_size > 1000
+    best = on_disk["best"]
+    assert best["value"] == max(t["final_value"] for t in on_disk["trials"]
+                                if t["final_value"] is not None)
+    rec = json.loads((tmp_path / "runs" / f"{s['study']}-best" / "run.json").read_text())
+    assert rec["tune"]["trial_id"] == best["trial_id"] and rec["test"]["test/auc"] > 0.5
+    assert rec["dataset"]["version"] and rec["config_hash"]
+    # the Optuna study is in the database, with every trial told
+    db = sqlite3.connect(tmp_path / "mlops_ray.db")
+    n = db.execute("select count(*) from trials t join studies s using(study_id) "
+                   "where s.study_name=? and t.state='COMPLETE'", (s["study"],)).fetchone()[0]
+    assert n == 6
+    # `jobs.train from_tune=...` trains the best parameters
+    train = validate(compose("train", [*GERMAN, f"storage.uri={tmp_path}", "train.epochs=2",
+                                       f"from_tune={s['tune_uri']}"]), TrainJobCfg)
+    tuned = with_tuned_params(train.model_dump(by_alias=True))
+    for key, value in best["params"].items():
+        section, name = key.split(".")
+        assert tuned[section][name] == value
+    assert run_training(validate(tuned, TrainJobCfg).model_dump(by_alias=True))["status"] == \
+        "finished"
+
+
+def _complete_params(db_path: Path, study: str) -> list[str]:
+    if not db_path.exists():
+        return []
+    try:
+        with sqlite3.connect(db_path) as db:
+            rows = db.execute(
+                "select t.trial_id, p.param_name, p.param_value from trials t "
+                "join studies s using(study_id) join trial_params p using(trial_id) "
+                "where s.study_name=? and t.state='COMPLETE'", (study,)).fetchall()
+    except sqlite3.OperationalError:  # tables not created yet
+        return []
+    by_trial: dict[int, dict] = {}
+    for tid, name, value in rows:
+        by_trial.setdefault(tid, {})[name] = round(value, 9)
+    return sorted(json.dumps(p, sort_keys=True) for p in by_trial.values())
+
+
+def test_killed_tuning_driver_resumes_the_study(ray_2_cpus, tmp_path):
+    overrides = [*GERMAN, f"storage.uri={tmp_path}", "tune.num_samples=6", "scheduler=fifo",
+                 "search=random"]
+    study = study_name(tune_cfg(*overrides))
+    args = ["jobs.tune", *overrides, f"ray.address={ray_2_cpus}"]
+    proc = subprocess.Popen([sys.executable, "-m", *args], cwd=REPO, env=job_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    db = tmp_path / "mlops_ray.db"
+    try:
+        wait_until(lambda: len(_complete_params(db, study)) >= 2 or proc.poll() is not None,
+                   300, what="two finished trials")
+        assert proc.poll() is None, "the study finished before it could be killed"
+        before = _complete_params(db, study)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert len(before) < 6
+    done = run_job(args, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    s = json.loads((tmp_path / "tune" / study / "tune.json").read_text())
+    assert s["resumed"] is True and s["n_trials"] == 6
+    assert all(t["status"] == "TERMINATED" for t in s["trials"])
+    final = sorted(json.dumps({k: round(v, 9) for k, v in t["params"].items()
+                               if not isinstance(v, list)}, sort_keys=True)
+                   for t in s["trials"])
+    for p in before:  # every trial finished before the kill is kept, and not run again
+        numeric = json.dumps({k: v for k, v in json.loads(p).items()
+                              if k != "model.hidden" and k != "train.batch_size"},
+                             sort_keys=True)
+        assert sum(numeric[:-1] in f for f in final) == 1
+
+
+def test_killed_trial_worker_resumes_from_its_checkpoint(ray_2_cpus, tmp_path):
+    job = tune_cfg("+experiment=adult_mlp", "tracking=none", f"storage.uri={tmp_path}",
+                   "tune.num_samples=2", "scheduler=fifo", "tune.max_concurrent_trials=1",
+                   "train.epochs=10")
+    exp = tmp_path / "tune" / study_name(job)
+    killed: list[int] = []
+
+    def killer() -> None:
+        wait_until(lambda: list(exp.glob("trial_*/checkpoint_000002")), 240,
+                   what="a trial's third checkpoint")
+        procs = wait_until(lambda: [p for p in psutil.process_iter(["cmdline"])
+                                    if any("ImplicitFunc" in c for c in p.info["cmdline"] or [])],
+                           30, what="the trial's process (ray::ImplicitFunc)")
+        for p in procs:
+            os.kill(p.pid, signal.SIGKILL)
+            killed.append(p.pid)
+
+    t = threading.Thread(target=killer, daemon=True)
+    t.start()
+    s = run_tuning(job)
+    t.join(5)
+    assert killed
+    assert s["n_trials"] == 2 and all(x["status"] == "TERMINATED" for x in s["trials"])
+    restored = [x for x in s["trials"] if x["restored_from_epoch"] >= 0]
+    assert restored and restored[0]["epochs"] == 10, json.dumps(s["trials"], indent=1)[:3000]
+
+
+def test_multi_worker_trials_run_as_train_runs(ray_2_cpus, tmp_path):
+    job = tune_cfg(*GERMAN, f"storage.uri={tmp_path}", "tune.num_samples=2", "train.epochs=2",
+                   "scheduler=fifo", "tune.max_concurrent_trials=1", "scaling.num_workers=2",
+                   "scaling.resources_per_worker.CPU=0.5")
+    s = run_tuning(job)
+    assert s["trial_backend"] == "train" and s["n_trials"] == 2
+    trial_runs = list((tmp_path / "tune" / s["study"] / "trials").glob("trial-*"))
+    assert len(trial_runs) == 2
+    assert s["best"]["checkpoint"].startswith(f"file://{tmp_path}/tune/{s['study']}/trials/")
