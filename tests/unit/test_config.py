@@ -154,7 +154,7 @@ def test_space_condition_must_refer_to_an_earlier_parameter():
 def test_concurrent_trials_must_fit_the_cluster():
     msg = _tune_errors(["tune.max_concurrent_trials=8", "scaling.num_workers=2",
                         "scaling.resources_per_worker.CPU=0.5", "ray.num_cpus=2"])
-    assert "tune.max_concurrent_trials=8" in msg and "needs 8 CPUs" in msg
+    assert "tune.max_concurrent_trials=8" in msg and "needs 8.08 CPUs" in msg and "has 2" in msg
 
 
 def test_define_by_run_samples_conditional_params():
