@@ -201,7 +201,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                    "restored_from_epoch": restored_from["epoch"] if restored_from else -1,
                    "train/loss": loss_sum / max(1, steps_per_epoch),
                    **_evaluate(bare, x_val, y_val), "lr": sched.get_last_lr()[0],
-                   "time/epoch_s": seconds,
+                   "time/epoch_s": seconds, "time/at": time.time(),
                    "time/samples_per_s": (steps_per_epoch - first) * config["batch_size"] / seconds}
         stop = stopper.update(metrics)
         metrics["early_stopped"] = int(stop)
