@@ -41,3 +41,14 @@ class TrainingFailed(MlopsError):
     """Ray Train ran out of retries; the message names the last error and where checkpoints are."""
 
     exit_code = 4
+
+
+class GateFailed(MlopsError):
+    """The candidate failed validation gates; the message names them and shows the verdict table."""
+
+    exit_code = 5
+
+    def __init__(self, failed: list[str], table: str = ""):
+        self.failed, self.table = list(failed), table
+        super().__init__(f"{len(self.failed)} gate(s) failed: {', '.join(self.failed)}"
+                         + (f"\n{table}" if table else ""))

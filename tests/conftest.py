@@ -45,7 +45,7 @@ def ray_2_cpus():
     os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.2"
     os.environ["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"
     import ray
-    ctx = ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING",
+    ctx = ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING",
                    _node_ip_address="127.0.0.1")
     yield ctx.address_info["gcs_address"]
     ray.shutdown()

@@ -177,6 +177,14 @@ class EarlyStopCfg(Strict):
     min_delta: float = Field(0.0, ge=0)
 
 
+class FairnessPenaltyCfg(Strict):
+    """In-training mitigation: weight x squared gaps of mean predicted probability between the
+    groups of `attribute` (dp: demographic parity; eo: within each label, equalized odds)."""
+    kind: Literal["none", "dp", "eo"] = "none"
+    weight: float = Field(0.0, ge=0)
+    attribute: str | None = None  # default: the dataset's first sensitive attribute
+
+
 class TrainCfg(Strict):
     epochs: int = Field(10, ge=1, le=100_000)
     batch_size: int = Field(512, ge=1)  # global: split evenly across workers
@@ -184,6 +192,7 @@ class TrainCfg(Strict):
     lr_schedule: Literal["constant", "cosine"] = "cosine"
     torch_threads: int | None = Field(None, ge=1)  # per worker; default from its CPU share
     early_stopping: EarlyStopCfg | None = EarlyStopCfg()
+    fairness_penalty: FairnessPenaltyCfg = FairnessPenaltyCfg()
 
 
 class RayCfg(Strict):
@@ -236,6 +245,12 @@ class TrainJobCfg(Strict):
                            self.checkpoint.checkpoint_score_attribute)
         if self.train.early_stopping:
             p += _check_metric("train.early_stopping.metric", self.train.early_stopping.metric)
+        fp = self.train.fairness_penalty
+        if fp.kind != "none":
+            attr = fp.attribute or (self.dataset.sensitive[:1] or [None])[0]
+            if attr is None or attr not in self.dataset.sensitive:
+                p.append(f"train.fairness_penalty.attribute={attr!r} must be one of "
+                         f"dataset.sensitive={self.dataset.sensitive}")
         if self.ray.address is None:  # a local cluster: we know exactly what it has
             p += _fits_local(self.scaling, self.ray, workers=hi)
         if p:
@@ -387,3 +402,58 @@ class TuneJobCfg(TrainJobCfg):
         if p:
             raise ValueError("; ".join(p))
         return self
+
+
+# ---------------------------------------------------------------------------------------------
+# jobs.evaluate
+
+
+class GateRule(Strict):
+    name: str  # "{attr}" in name and metric expands over the dataset's sensitive attributes
+    metric: str
+    op: Literal[">=", "<=", ">", "<"]
+    threshold: float
+    compare: Literal["value", "ci_low", "ci_high"] = "value"  # the value or an end of its CI
+
+
+class ChampionGate(Strict):
+    metric: str = "test/auc"
+    max_drop: float = Field(0.005, ge=0)
+    test: Literal["bootstrap", "delong"] = "bootstrap"
+    alpha: float = Field(0.05, gt=0, lt=1)
+
+
+class GatesCfg(Strict):
+    rules: list[GateRule]
+    champion: ChampionGate = ChampionGate()
+
+
+class CvCfg(Strict):
+    folds: int = Field(5, ge=2, le=20)
+    epochs: int | None = Field(None, ge=1)
+    parallel: bool = True
+    max_parallel: int = Field(2, ge=1)
+    cpus_per_fold: float = Field(1.0, gt=0)
+
+
+class ThresholdCfg(Strict):
+    objective: Literal["f1", "youden", "accuracy"] = "f1"
+
+
+class FairnessCfg(Strict):
+    attributes: list[str] | None = None
+    min_group_size: int = Field(30, ge=1)
+    n_boot: int = Field(200, ge=10)
+    mitigation: Literal["none", "threshold"] = "threshold"
+    constraint: Literal["demographic_parity", "equalized_odds"] = "equalized_odds"
+    mitigation_attribute: str | None = None
+
+
+class EvaluateJobCfg(TrainJobCfg):
+    run: str
+    champion: str | None = None
+    cv: CvCfg = CvCfg()
+    threshold: ThresholdCfg = ThresholdCfg()
+    fairness: FairnessCfg = FairnessCfg()
+    gates: GatesCfg
+    n_boot: int = Field(500, ge=10)

@@ -21,6 +21,7 @@ class Prepared:
     preprocessor: Preprocessor
     label: str
     positive: Any
+    sensitive: list[str]
 
     def xy(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         rows = self.frame.iloc[self.splits[split]]
@@ -73,4 +74,5 @@ def prepare(cfg: dict[str, Any], seed: int, frame: pd.DataFrame | None = None,
     numeric = [c for c in cfg["numeric"] if c not in sens]
     categorical = [c for c in cfg["categorical"] if c not in sens]
     pre = Preprocessor.fit(df.iloc[splits["train"]], numeric, categorical)
-    return Prepared(df, dataset_version(df), splits, pre, cfg["label"], cfg.get("positive", 1))
+    return Prepared(df, dataset_version(df), splits, pre, cfg["label"], cfg.get("positive", 1),
+                    list(cfg["sensitive"]))

@@ -111,10 +111,44 @@ class _TuneSession(_TrainSession):
         return False  # a drained node kills the trial actor; Tune retries it from its checkpoint
 
 
+class _LocalSession(_TuneSession):
+    """No Ray session: a plain call (a CV fold in a Ray task, a test). Keeps the last
+    checkpoint directory in `config["local_dir"]`."""
+
+    def __init__(self, local_dir: str | None) -> None:
+        self.rank, self.world, self.local_dir = 0, 1, local_dir
+
+    def get_checkpoint(self) -> Any:
+        return None
+
+    def report(self, metrics: dict[str, Any], directory: str | None = None,
+               name: str | None = None) -> None:
+        if directory and self.local_dir:
+            import shutil
+            shutil.copytree(directory, self.local_dir, dirs_exist_ok=True)
+
+
+def _fairness_penalty(p: torch.Tensor, y: torch.Tensor, g: torch.Tensor, kind: str) -> torch.Tensor:
+    """Squared gaps of mean predicted probability between groups in the batch: across all rows
+    (demographic parity) or within each label (equalized odds)."""
+    def gaps(mask: torch.Tensor) -> torch.Tensor:
+        pm, gm = p[mask], g[mask]
+        if pm.numel() == 0:
+            return p.new_zeros(())
+        overall = pm.mean()
+        terms = [(pm[gm == k].mean() - overall) ** 2 for k in torch.unique(gm)]
+        return torch.stack(terms).sum()
+    if kind == "dp":
+        return gaps(torch.ones_like(y, dtype=torch.bool))
+    return gaps(y > 0.5) + gaps(y <= 0.5)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     import ray
 
-    session = _TuneSession() if config.get("session") == "tune" else _TrainSession()
+    kind = config.get("session")
+    session = (_TuneSession() if kind == "tune" else _LocalSession(config.get("local_dir"))
+               if kind == "local" else _TrainSession())
     rank, world = session.rank, session.world
     torch.set_num_threads(config["torch_threads"])
     device = session.device(config["use_gpu"])
@@ -122,10 +156,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         torch.backends.cuda.matmul.allow_tf32 = True
     amp = device.type == "cuda" and config["precision"] == "bf16"
 
-    data = ray.get(config["data_ref"])
+    data = config["data"] if kind == "local" else ray.get(config["data_ref"])
     # copies: arrays from the object store are read-only views
     x_tr, y_tr = torch.tensor(data["x_train"]), torch.tensor(data["y_train"])
     x_val, y_val = torch.tensor(data["x_val"], device=device), torch.tensor(data["y_val"], device=device)
+    penalty = config.get("fairness_penalty") or {}
+    use_penalty = penalty.get("kind", "none") != "none" and penalty.get("weight", 0) > 0
+    g_tr = torch.tensor(data["g_train"]) if use_penalty else None
     seed, epochs = config["seed"], config["epochs"]
     per_worker = config["batch_size"] // world
     steps_per_epoch = len(x_tr) // config["batch_size"]  # equal on every rank: report is a barrier
@@ -186,7 +223,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             xb, yb = x_tr[idx].to(device, non_blocking=True), y_tr[idx].to(device, non_blocking=True)
             torch.manual_seed(_seed_for(seed, epoch, step, rank))  # dropout masks
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                loss = loss_fn(model(xb).float(), yb)
+                logits = model(xb).float()
+                loss = loss_fn(logits, yb)
+                if use_penalty:
+                    loss = loss + penalty["weight"] * _fairness_penalty(
+                        torch.sigmoid(logits), yb, g_tr[idx].to(device), penalty["kind"])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

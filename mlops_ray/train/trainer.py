@@ -3,7 +3,7 @@
 Layout under `storage.uri`:
     runs/<run_name>/checkpoint_e0003_s00000/   Ray Train checkpoints (state.pt, meta.json, ...)
     runs/<run_name>/run.json                   the run record
-The run name is `<name>-<config hash>`: rerunning the same command finds the same folder, and
+The run name is `<name>-<hash of config and dataset version>`: rerunning the same command finds the same folder, and
 Ray Train resumes from its latest checkpoint.
 """
 from __future__ import annotations
@@ -33,8 +33,9 @@ def config_hash(cfg: dict[str, Any]) -> str:
     return stable_hash({k: v for k, v in cfg.items() if k not in NOT_HASHED})
 
 
-def run_name_for(cfg: dict[str, Any]) -> str:
-    return f"{cfg['name']}-{config_hash(cfg)}"
+def run_name_for(cfg: dict[str, Any], data_version: str) -> str:
+    """<name>-<hash of config hash and dataset version>: new data never resumes old weights."""
+    return f"{cfg['name']}-{stable_hash([config_hash(cfg), data_version])}"
 
 
 def torch_threads(cfg: dict[str, Any]) -> int:
@@ -66,9 +67,20 @@ def data_meta(prepared: Prepared) -> dict[str, Any]:
             "preprocessor": prepared.preprocessor.to_dict()}
 
 
-def arrays(prepared: Prepared) -> dict[str, np.ndarray]:
+def arrays(prepared: Prepared, penalty_attr: str | None = None) -> dict[str, np.ndarray]:
     (xt, yt), (xv, yv) = prepared.xy("train"), prepared.xy("val")
-    return {"x_train": xt, "y_train": yt, "x_val": xv, "y_val": yv}
+    out = {"x_train": xt, "y_train": yt, "x_val": xv, "y_val": yv}
+    if penalty_attr:  # group codes of the training rows, for the fairness penalty only
+        col = prepared.frame.iloc[prepared.splits["train"]][penalty_attr].astype(str)
+        out["g_train"] = np.unique(col.to_numpy(), return_inverse=True)[1].astype(np.int64)
+    return out
+
+
+def penalty_attribute(cfg: dict[str, Any]) -> str | None:
+    fp = cfg["train"].get("fairness_penalty") or {}
+    if fp.get("kind", "none") == "none" or not fp.get("weight"):
+        return None
+    return fp.get("attribute") or cfg["dataset"]["sensitive"][0]
 
 
 def checkpoint_uri(storage: Storage, path: str) -> str:
@@ -95,7 +107,7 @@ def _progress_callback() -> Any:
 def build_trainer(cfg: dict[str, Any], prepared: Prepared, run_name: str, storage: Storage,
                   runs_dir: str = "runs", callbacks: list[Any] | None = None) -> Any:
     import ray
-    data_ref = ray.put(arrays(prepared))
+    data_ref = ray.put(arrays(prepared, penalty_attribute(cfg)))
     return trainer_for(cfg, loop_config(cfg, prepared, data_ref, run_name), run_name, storage,
                        runs_dir, [_progress_callback(), *(callbacks or [])])
 
@@ -165,7 +177,7 @@ def run_training(cfg: dict[str, Any], *, prepared: Prepared | None = None,
     t_start = time.perf_counter()
     storage = from_cfg(cfg["storage"])
     prepared = prepared or prepare(cfg["dataset"], cfg["seed"], storage=cfg["storage"])
-    run_name = run_name_for(cfg)
+    run_name = run_name_for(cfg, prepared.version)
     cluster = ensure_ray(cfg["ray"])
     record = base_record(cfg, prepared, run_name, storage)
     had_run = storage.exists("runs", run_name, "run.json")

@@ -18,7 +18,7 @@ from mlops_ray.db import db_url
 from mlops_ray.runtime import ensure_ray
 from mlops_ray.storage import Storage, from_cfg
 from mlops_ray.train.trainer import (NOT_HASHED, arrays, base_record, checkpoint_uri, data_meta,
-                                     loop_config, test_metrics, trainer_for)
+                                     loop_config, penalty_attribute, test_metrics, trainer_for)
 from mlops_ray.tune.space import apply, decode, define_by_run
 from mlops_ray.utils import stable_hash
 
@@ -31,11 +31,13 @@ def split_job(job: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
             {k: job[k] for k in TUNE_KEYS})
 
 
-def study_name(job: dict[str, Any]) -> str:
+def study_name(job: dict[str, Any], data_version: str) -> str:
+    """<name>-tune-<hash of everything that shapes the study, and the dataset version>."""
     base, t = split_job(job)
     what = {**{k: v for k, v in base.items() if k not in NOT_HASHED},
             "space": t["space"], "search": t["search"], "scheduler": t["scheduler"],
-            "tune": {k: t["tune"][k] for k in ("num_samples", "metric", "mode", "trial_backend")}}
+            "tune": {k: t["tune"][k] for k in ("num_samples", "metric", "mode", "trial_backend")},
+            "data_version": data_version}
     return f"{job['name']}-tune-{stable_hash(what)}"
 
 
@@ -203,14 +205,15 @@ def run_tuning(job: dict[str, Any], *, prepared: Prepared | None = None,
     base, _ = split_job(job)
     storage = from_cfg(job["storage"])
     prepared = prepared or prepare(base["dataset"], base["seed"], storage=base["storage"])
-    study = study_name(job)
+    study = study_name(job, prepared.version)
     url = db_url(job["db"], storage)
     cluster = ensure_ray(job["ray"])
     workers = base["scaling"]["num_workers"]
     hi = workers if isinstance(workers, int) else workers[1]
     backend = job["tune"]["trial_backend"]
     backend = ("function" if hi == 1 else "train") if backend == "auto" else backend
-    trainable = _trainable(base, data_meta(prepared), ray.put(arrays(prepared)), backend,
+    trainable = _trainable(base, data_meta(prepared),
+                           ray.put(arrays(prepared, penalty_attribute(base))), backend,
                            storage, study, job["tune"]["driver_resources"])
     tuner, restored = _tuner(job, trainable, storage, study, url)
     log(f"study {study}: {'resuming' if restored else 'starting'} "

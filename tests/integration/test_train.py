@@ -39,7 +39,8 @@ def test_run_record_lineage_metrics_and_wandb(ray_2_cpus, tmp_path):
                   "train.early_stopping=null")
     rec = run_training(cfg)
     on_disk = json.loads((tmp_path / "runs" / rec["run_name"] / "run.json").read_text())
-    assert on_disk["status"] == "finished" and on_disk["run_name"] == run_name_for(cfg)
+    assert on_disk["status"] == "finished" and on_disk["run_name"] == run_name_for(
+        cfg, dataset_version(load_table("builtin://german")))
     assert on_disk["dataset"]["version"] == dataset_version(load_table("builtin://german"))
     assert on_disk["config"]["model"]["hidden"] == [64, 32] and len(on_disk["config_hash"]) == 12
     assert on_disk["code_version"]["package"] and "git_commit" in on_disk["code_version"]
@@ -102,7 +103,7 @@ def _train_workers() -> list[psutil.Process]:
 
 def test_killed_worker_process_is_survived(ray_2_cpus, tmp_path):
     cfg = job_cfg(*ADULT_SHORT, f"storage.uri={tmp_path}", "train.epochs=8")
-    run_dir = tmp_path / "runs" / run_name_for(cfg)
+    run_dir = tmp_path / "runs" / run_name_for(cfg, dataset_version(load_table("builtin://adult")))
     killed: list[int] = []
 
     def killer() -> None:

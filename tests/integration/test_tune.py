@@ -16,6 +16,7 @@ import pytest
 
 from mlops_ray.config import compose, validate
 from mlops_ray.config.schema import TrainJobCfg, TuneJobCfg
+from mlops_ray.data import dataset_version, load_table
 from mlops_ray.train.trainer import run_training
 from mlops_ray.tune.tuner import run_tuning, study_name, with_tuned_params
 from tests.conftest import REPO, job_env, run_job, wait_until
@@ -23,6 +24,7 @@ from tests.conftest import REPO, job_env, run_job, wait_until
 pytestmark = pytest.mark.ray
 
 GERMAN = ["+experiment=german_mlp", "tracking=none", "train.epochs=6"]
+GERMAN_VERSION = dataset_version(load_table("builtin://german"))
 
 
 def tune_cfg(*overrides: str) -> dict:
@@ -80,7 +82,7 @@ def _complete_params(db_path: Path, study: str) -> list[str]:
 def test_killed_tuning_driver_resumes_the_study(ray_2_cpus, tmp_path):
     overrides = [*GERMAN, f"storage.uri={tmp_path}", "tune.num_samples=6", "scheduler=fifo",
                  "search=random"]
-    study = study_name(tune_cfg(*overrides))
+    study = study_name(tune_cfg(*overrides), GERMAN_VERSION)
     args = ["jobs.tune", *overrides, f"ray.address={ray_2_cpus}"]
     proc = subprocess.Popen([sys.executable, "-m", *args], cwd=REPO, env=job_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -115,7 +117,7 @@ def test_killed_trial_worker_resumes_from_its_checkpoint(ray_2_cpus, tmp_path):
     job = tune_cfg("+experiment=adult_mlp", "tracking=none", f"storage.uri={tmp_path}",
                    "tune.num_samples=2", "scheduler=fifo", "tune.max_concurrent_trials=1",
                    "train.epochs=10")
-    exp = tmp_path / "tune" / study_name(job)
+    exp = tmp_path / "tune" / study_name(job, dataset_version(load_table("builtin://adult")))
     killed: list[int] = []
 
     def killer() -> None:

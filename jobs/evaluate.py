@@ -1,0 +1,32 @@
+"""Validate a trained model: k-fold CV, held-out test, fairness (+ mitigation), champion, gates.
+
+    python -m jobs.evaluate +experiment=adult_mlp run=outputs/runs/<run>          # or a tuning folder
+    python -m jobs.evaluate +experiment=adult_mlp run=... gates=strict fairness.mitigation=none
+    python -m jobs.evaluate +experiment=adult_mlp run=... champion=outputs/runs/<champion run>
+
+Writes <run>/eval/gate_report.json and model_card.{md,html} with PNG plots, prints the verdict
+table, and exits 0 when every gate passed, 5 otherwise (2/3 for bad config or data).
+"""
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+from mlops_ray.config import user_errors, validate
+from mlops_ray.config.schema import EvaluateJobCfg
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    with user_errors():
+        job = validate(cfg, EvaluateJobCfg).model_dump(by_alias=True)
+        from mlops_ray.evaluation.gates import enforce, verdict_table
+        from mlops_ray.evaluation.job import run_evaluation
+        report = run_evaluation(job)
+        print(verdict_table(report["gates"]))
+        print(f"report     {report['report_uri']}\nmodel card {report['model_card']}", flush=True)
+        enforce(report)
+
+
+if __name__ == "__main__":
+    main()

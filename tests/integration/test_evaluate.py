@@ -1,0 +1,127 @@
+"""jobs.evaluate on the shared local cluster: CV on Ray, test metrics, fairness + mitigation,
+champion comparison, gates, model card; each bad input a clear error before any work."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from mlops_ray.config import compose, validate
+from mlops_ray.config.schema import EvaluateJobCfg, TrainJobCfg
+from mlops_ray.data import load_table, prepare
+from mlops_ray.errors import ConfigError, DataValidationError, RunNotFound
+from mlops_ray.evaluation import cv as cvmod
+from mlops_ray.evaluation.job import run_evaluation
+from mlops_ray.train.trainer import run_training
+from tests.conftest import run_job
+
+pytestmark = pytest.mark.ray
+
+
+def train(store: Path, *overrides: str) -> dict:
+    cfg = validate(compose("train", ["+experiment=adult_mlp", "tracking=none",
+                                     f"storage.uri={store}", *overrides]), TrainJobCfg)
+    return run_training(cfg.model_dump(by_alias=True))
+
+
+def eval_job(run_uri: str, *overrides: str) -> dict:
+    return validate(compose("evaluate", ["+experiment=adult_mlp", f"run={run_uri}",
+                                         *overrides]), EvaluateJobCfg).model_dump(by_alias=True)
+
+
+@pytest.fixture(scope="module")
+def adult_run(ray_2_cpus, tmp_path_factory) -> dict:
+    """The default Adult experiment, as `make run` trains it."""
+    return train(tmp_path_factory.mktemp("adult"))
+
+
+def test_default_adult_passes_default_gates(adult_run):
+    logs: list[str] = []
+    report = run_evaluation(eval_job(adult_run["run_uri"]), log=logs.append)
+    failed = [g for g in report["gates"] if not g["passed"]]
+    assert report["passed"], failed
+    cv = report["cv"]["summary"]
+    assert cv["cv/auc_mean"] >= 0.90 and len(report["cv"]["folds"]) == 5
+    assert cv["cv/auc_ci_low"] <= cv["cv/auc_mean"] <= cv["cv/auc_ci_high"]
+    fair = report["fairness"]["metrics"]
+    assert fair["fair/eo_diff_sex_ci_high"] <= 0.10
+    assert report["mitigation"]["requires_sensitive_at_prediction"] is True
+    assert report["mitigation"]["after"]["eo_diff"] < report["mitigation"]["before"]["eo_diff"]
+    assert 0 < report["threshold"]["value"] < 1
+    run_dir = Path(adult_run["run_uri"].removeprefix("file://"))
+    on_disk = json.loads((run_dir / "eval" / "gate_report.json").read_text())
+    assert on_disk["passed"] is True and on_disk["lineage"]["data_version"]
+    card = (run_dir / "eval" / "model_card.md").read_text()
+    assert "eo_sex" in card and "race" in card and "cv_auc" in card
+    assert (run_dir / "eval" / "model_card.html").stat().st_size > 10_000
+    assert (run_dir / "eval" / "roc.png").exists()
+    # a rerun reuses every finished fold
+    logs.clear()
+    again = run_evaluation(eval_job(adult_run["run_uri"]), log=logs.append)
+    assert not any("to train" in line for line in logs)
+    assert again["cv"]["folds"] == report["cv"]["folds"]
+
+
+def test_parallel_cv_equals_sequential(ray_2_cpus):
+    cfg = validate(compose("train", ["+experiment=german_mlp", "train.epochs=5"]),
+                   TrainJobCfg).model_dump(by_alias=True)
+    prepared = prepare(cfg["dataset"], cfg["seed"])
+    par = cvmod.cross_validate(cfg, prepared, 3, parallel=True, log=lambda _: None)
+    seq = cvmod.cross_validate(cfg, prepared, 3, parallel=False, log=lambda _: None)
+    assert par == seq
+
+
+def test_biased_candidate_fails_the_fairness_gate(ray_2_cpus, tmp_path):
+    """Training labels flipped to 0 for women, sex used as a feature: the report names it."""
+    df = load_table("builtin://adult")
+    flip = (df["uci_split"] == "train") & (df["sex"] == "Female")
+    df.loc[flip, "income"] = 0
+    path = tmp_path / "biased.parquet"
+    df.to_parquet(path)
+    data = [f"dataset.uri={path}", "dataset.sensitive_as_features=true"]
+    rec = train(tmp_path, *data, "train.epochs=3")
+    store = tmp_path / "evalout"
+    out = run_job(["jobs.evaluate", "+experiment=adult_mlp", f"run={rec['run_uri']}", *data,
+                   "fairness.mitigation=none", "cv.folds=2", "cv.epochs=1",
+                   f"ray.address={ray_2_cpus}", f"storage.uri={store}"], timeout=600)
+    assert out.returncode == 5, out.stderr[-3000:]
+    assert "eo_sex" in out.stderr and "FAIL" in out.stdout + out.stderr
+    report = json.loads((Path(rec["run_uri"].removeprefix("file://")) / "eval" /
+                         "gate_report.json").read_text())
+    gate = next(g for g in report["gates"] if g["name"] == "eo_sex")
+    assert gate["passed"] is False and gate["metric"] == "fair/eo_diff_sex"
+    assert gate["value"] > 0.10 and gate["ci"][1] > gate["threshold"] == 0.10
+
+
+def test_champion_gate(adult_run, tmp_path):
+    weak = train(tmp_path, "train.epochs=1", "optim.lr=0.00003", "model.hidden=[8]")
+    quick = ["cv.folds=2", "cv.epochs=1"]
+    worse = run_evaluation(eval_job(weak["run_uri"], f"champion={adult_run['run_uri']}",
+                                    *quick), log=lambda _: None)
+    champ = next(g for g in worse["gates"] if g["name"] == "champion")
+    assert champ["passed"] is False and champ["value"] < -0.005
+    equal = run_evaluation(eval_job(adult_run["run_uri"], f"champion={adult_run['run_uri']}",
+                                    *quick), log=lambda _: None)
+    champ = next(g for g in equal["gates"] if g["name"] == "champion")
+    assert champ["passed"] is True and champ["value"] == 0
+
+
+def test_bad_inputs_fail_before_any_work(adult_run, tmp_path):
+    run_dir = Path(adult_run["run_uri"].removeprefix("file://"))
+    before = sorted(p.name for p in (run_dir / "eval" / "cv").glob("*")) \
+        if (run_dir / "eval" / "cv").exists() else []
+    job = eval_job(adult_run["run_uri"])
+    job["gates"]["rules"].append({"name": "typo", "metric": "test/acuracy", "op": ">=",
+                                  "threshold": 0.5, "compare": "value"})
+    with pytest.raises(ConfigError, match="test/acuracy"):
+        run_evaluation(job)
+    with pytest.raises(DataValidationError, match="zodiac"):
+        run_evaluation(eval_job(adult_run["run_uri"], "fairness.attributes=[sex,zodiac]"))
+    with pytest.raises(RunNotFound, match="no run.json"):
+        run_evaluation(eval_job(str(tmp_path / "nope")))
+    after = sorted(p.name for p in (run_dir / "eval" / "cv").glob("*")) \
+        if (run_dir / "eval" / "cv").exists() else []
+    assert before == after

@@ -1,0 +1,338 @@
+"""Known-answer tests for metrics, statistics, fairness, gates and the model card (no Ray)."""
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from fairlearn.metrics import (
+    demographic_parity_difference,
+    demographic_parity_ratio,
+    equalized_odds_difference,
+)
+from sklearn.metrics import roc_auc_score
+
+from mlops_ray.errors import ConfigError, GateFailed
+from mlops_ray.evaluation import gates as G
+from mlops_ray.evaluation.card import downsample_curves, write_model_card
+from mlops_ray.evaluation.fairness import (
+    SENSITIVE_AT_PREDICTION,
+    fairness_report,
+    mitigation_summary,
+    threshold_optimizer,
+)
+from mlops_ray.evaluation.metrics import binary_metrics
+from mlops_ray.evaluation.stats import (
+    bootstrap_ci,
+    delong_test,
+    mean_std_ci,
+    paired_bootstrap_delta,
+    roc_auc,
+    weighted_auc,
+)
+from mlops_ray.evaluation.threshold import choose_threshold
+
+# 4 rows: positives score .35 and .8, negatives .1 and .4.
+Y4 = np.array([0, 0, 1, 1])
+P4 = np.array([0.1, 0.4, 0.35, 0.8])
+
+# Two groups, hand table:          a (8 rows)          b (4 rows)
+#   y        1 1 0 0 . . . . 1 0 0 0 | 1 0 0 0
+#   pred     1 0 1 0 . . . . 1 1 0 0 | 1 0 0 0
+#   rate 4/8=.5 / 1/4=.25   TPR 2/3 / 1   FPR 2/5 / 0   precision 2/4 / 1
+Y12 = np.array([1, 1, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0])
+PRED12 = np.array([1, 0, 1, 0, 1, 0, 0, 0, 1, 1, 0, 0])
+SEX12 = np.array(list("aaaabbbbaaaa"))
+
+
+def synthetic(n: int = 2000, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Scores that depend on y and on a group bias; group b has a lower base rate."""
+    rng = np.random.default_rng(seed)
+    g = rng.choice(["a", "b"], size=n, p=[0.6, 0.4])
+    y = (rng.random(n) < np.where(g == "a", 0.5, 0.25)).astype(int)
+    logit = 1.5 * (2 * y - 1) + np.where(g == "a", 0.8, -0.8) + rng.normal(0, 1.0, n)
+    return y, 1 / (1 + np.exp(-logit)), g
+
+
+# ---- metrics and threshold -----------------------------------------------------------------
+
+def test_binary_metrics_hand_computed():
+    m = binary_metrics(Y4, P4, threshold=0.5)
+    assert m["auc"] == pytest.approx(3 / 4)  # 3 of 4 (pos, neg) pairs ordered
+    assert m["accuracy"] == pytest.approx(3 / 4)  # pred 0 0 0 1
+    assert m["f1"] == pytest.approx(2 / 3)  # TP 1, FP 0, FN 1
+    ll = -(math.log(0.9) + math.log(0.6) + math.log(0.35) + math.log(0.8)) / 4
+    assert m["log_loss"] == pytest.approx(ll)
+    assert m["brier"] == pytest.approx((0.01 + 0.16 + 0.4225 + 0.04) / 4)
+    # bins [0,.1]: |0-.1|, (.3,.4]: |.5-.375|, (.7,.8]: |1-.8|, weights 1/4, 1/2, 1/4
+    assert m["ece"] == pytest.approx(0.25 * 0.1 + 0.5 * 0.125 + 0.25 * 0.2)
+
+
+def test_choose_threshold_objectives():
+    # f1 at t=.1: 4/6, .35: 4/5, .4: 2/4, .8: 2/3 -> .35
+    assert choose_threshold(Y4, P4, "f1") == 0.35
+    # youden .35 and .8 both 0.5; accuracy .35 and .8 both 3/4: ties go to the higher threshold
+    assert choose_threshold(Y4, P4, "youden") == 0.8
+    assert choose_threshold(Y4, P4, "accuracy") == 0.8
+    with pytest.raises(ValueError, match="allowed"):
+        choose_threshold(Y4, P4, "recall")
+
+
+# ---- stats ---------------------------------------------------------------------------------
+
+def test_mean_std_ci_t_interval():
+    r = mean_std_ci([0.90, 0.91, 0.92])
+    assert r["mean"] == pytest.approx(0.91) and r["std"] == pytest.approx(0.01)
+    half = 4.302652729911275 * 0.01 / math.sqrt(3)  # t_{0.975, 2}
+    assert (r["ci_low"], r["ci_high"]) == pytest.approx((0.91 - half, 0.91 + half))
+    assert math.isnan(mean_std_ci([0.9])["std"])
+
+
+def test_bootstrap_ci_contains_estimate_and_is_deterministic():
+    y, p, _ = synthetic(600)
+    a = bootstrap_ci(roc_auc, y, p, n=200, seed=3, strata=y)
+    assert a["ci_low"] <= a["value"] <= a["ci_high"] and a["ci_low"] < a["ci_high"]
+    assert a == bootstrap_ci(roc_auc, y, p, n=200, seed=3, strata=y)
+    assert a != bootstrap_ci(roc_auc, y, p, n=200, seed=4, strata=y)
+
+
+def test_weighted_auc_matches_sklearn_with_ties():
+    y, p, _ = synthetic(500)
+    p = np.round(p, 1)  # many ties
+    idx = np.random.default_rng(0).integers(0, len(y), len(y))
+    w = np.bincount(idx, minlength=len(y)).astype(float)[None]
+    assert weighted_auc(y, p, w)[0] == pytest.approx(roc_auc_score(y[idx], p[idx]))
+
+
+def test_delong_identical_and_much_better():
+    y, p, _ = synthetic(800)
+    same = delong_test(y, p, p)
+    assert same["delta"] == 0 and same["p_value"] == pytest.approx(1.0)
+    noise = np.random.default_rng(1).random(len(y))
+    r = delong_test(y, p, noise)
+    assert r["auc_a"] == pytest.approx(roc_auc_score(y, p))
+    assert r["auc_b"] == pytest.approx(roc_auc_score(y, noise))
+    assert r["delta"] > 0.2 and r["p_value"] < 1e-6
+    assert delong_test(y, noise, p)["p_value_worse"] < 1e-6  # noise is worse than p
+
+
+def test_delong_variance_agrees_with_bootstrap():
+    y, p, _ = synthetic(1500)
+    q = p + np.random.default_rng(2).normal(0, 0.15, len(p))
+    d, b = delong_test(y, p, q), paired_bootstrap_delta(y, p, q, n=400, seed=0)
+    assert d["delta"] == pytest.approx(b["delta"])
+    assert d["se"] == pytest.approx(b["se"], rel=0.25)
+
+
+def test_paired_bootstrap_worse_candidate():
+    y, p, _ = synthetic(800)
+    worse = p + np.random.default_rng(3).normal(0, 0.4, len(p))
+    r = paired_bootstrap_delta(y, worse, p, n=300, seed=0)
+    assert r["delta"] < 0 and r["ci_high"] < 0 and r["p_value"] < 0.05
+    assert r == paired_bootstrap_delta(y, worse, p, n=300, seed=0)
+    # a generic metric goes through the per-resample loop and agrees on the point estimate
+    g = paired_bootstrap_delta(y, worse, p, metric=lambda a, b: roc_auc_score(a, b), n=50)
+    assert g["delta"] == pytest.approx(r["delta"]) and g["ci_high"] < 0
+
+
+# ---- fairness ------------------------------------------------------------------------------
+
+def test_fairness_hand_table():
+    rep = fairness_report(Y12, PRED12, pd.DataFrame({"sex": SEX12}), min_group_size=5, n_boot=100)
+    sex = rep["attributes"]["sex"]
+    a, b = sex["groups"]
+    assert (a["group"], a["count"], a["small"], b["count"], b["small"]) == ("a", 8, False, 4, True)
+    assert (a["rate"], a["tpr"], a["fpr"], a["precision"]) == pytest.approx((0.5, 2 / 3, 0.4, 0.5))
+    assert (b["rate"], b["tpr"], b["fpr"], b["precision"]) == pytest.approx((0.25, 1.0, 0.0, 1.0))
+    assert sex["small_groups"] == ["b"]
+    m = rep["metrics"]
+    assert m["fair/dp_diff_sex"] == pytest.approx(0.25)
+    assert m["fair/dp_ratio_sex"] == pytest.approx(0.5)
+    assert m["fair/eo_diff_sex"] == pytest.approx(0.4)  # max(|2/3 - 1|, |0.4 - 0|)
+    for name in ("dp_diff", "dp_ratio", "eo_diff"):
+        key = f"fair/{name}_sex"
+        assert m[f"{key}_ci_low"] <= m[key] <= m[f"{key}_ci_high"]
+        assert rep["cis"][key] == (m[f"{key}_ci_low"], m[f"{key}_ci_high"])
+    # the same numbers as Fairlearn's functions
+    assert m["fair/dp_diff_sex"] == demographic_parity_difference(Y12, PRED12, sensitive_features=SEX12)
+    assert m["fair/dp_ratio_sex"] == demographic_parity_ratio(Y12, PRED12, sensitive_features=SEX12)
+    assert m["fair/eo_diff_sex"] == equalized_odds_difference(Y12, PRED12, sensitive_features=SEX12)
+
+
+def test_group_without_positives_has_undefined_tpr():
+    # group c: two negatives, one predicted positive -> FPR 0.5, TPR undefined (Fairlearn: 0)
+    y = np.r_[Y12, 0, 0]
+    pred = np.r_[PRED12, 1, 0]
+    g = np.concatenate([SEX12, ["c", "c"]])
+    rep = fairness_report(y, pred, pd.DataFrame({"grp": g}), n_boot=50)["attributes"]["grp"]
+    c = rep["groups"][2]
+    assert math.isnan(c["tpr"]) and c["fpr"] == 0.5 and c["small"]
+    assert rep["tpr_undefined"] == ["c"] and rep["fpr_undefined"] == []
+    # TPR gap over a, b: 1/3; FPR gap over a, b, c: 0.5
+    assert rep["eo_diff"]["value"] == pytest.approx(0.5)
+
+
+def test_fairness_ci_deterministic_and_covers_every_attribute():
+    y, p, g = synthetic(1000)
+    s = pd.DataFrame({"sex": g, "race": np.where(np.arange(len(y)) % 50 == 0, "x", "w")})
+    r1 = fairness_report(y, (p >= 0.5).astype(int), s, n_boot=100, seed=1)
+    r2 = fairness_report(y, (p >= 0.5).astype(int), s, n_boot=100, seed=1)
+    assert r1["metrics"] == r2["metrics"]
+    assert set(r1["attributes"]) == {"sex", "race"}
+    assert r1["attributes"]["race"]["small_groups"] == ["x"]  # 20 rows < 30: flagged, kept
+
+
+def test_threshold_optimizer_reduces_dp_difference():
+    y, p, g = synthetic(3000)
+    X = p[:, None]  # the "model" reads its score from the only feature
+    val, test = slice(0, 1500), slice(1500, None)
+    fitted = threshold_optimizer(lambda x: np.asarray(x)[:, 0], X[val], y[val],
+                                 pd.Series(g[val], name="sex"), constraint="demographic_parity")
+    before = (p[test] >= 0.5).astype(int)
+    after = fitted.predict(X[test], sensitive_features=g[test])
+    assert set(np.unique(after)) <= {0, 1}
+    np.testing.assert_array_equal(after, fitted.predict(X[test], sensitive_features=g[test]))
+    s = mitigation_summary(fitted, y[test], before, after, pd.Series(g[test]))
+    assert s["before"]["dp_diff"] > 0.3
+    assert s["after"]["dp_diff"] < s["before"]["dp_diff"] / 2
+    assert s["requires_sensitive_at_prediction"] and s["note"] == SENSITIVE_AT_PREDICTION
+    assert s["attribute"] == "sex"
+
+
+# ---- gates ---------------------------------------------------------------------------------
+
+RULES = [
+    {"name": "auc", "metric": "test/auc", "op": ">=", "threshold": 0.85, "on": "value"},
+    {"name": "eo_sex", "metric": "fair/eo_diff_sex", "op": "<=", "threshold": 0.10,
+     "on": "ci_high"},
+]
+CHAMP = {"name": "champion", "metric": "test/auc", "max_drop": 0.005, "test": "bootstrap",
+         "alpha": 0.05}
+
+
+def test_gates_on_value_and_ci_high():
+    cis = {"fair/eo_diff_sex": (0.02, 0.08)}
+    ok = G.evaluate_gates(RULES, {"test/auc": 0.9, "fair/eo_diff_sex": 0.05}, cis)
+    assert [r.passed for r in ok] == [True, True] and G.verdict(ok)
+    # value under the threshold but the CI reaches above it: fails on ci_high
+    bad = G.evaluate_gates(RULES, {"test/auc": 0.8, "fair/eo_diff_sex": 0.05},
+                           {"fair/eo_diff_sex": (0.02, 0.15)})
+    assert [r.passed for r in bad] == [False, False] and not G.verdict(bad)
+    assert bad[1].value == 0.05 and bad[1].ci == (0.02, 0.15) and "ci_high" in bad[1].detail
+    # missing metric or NaN fails
+    miss = G.evaluate_gates(RULES, {"test/auc": float("nan")}, {})
+    assert [r.passed for r in miss] == [False, False]
+    assert "missing" in miss[1].detail
+    table = G.verdict_table(bad)
+    assert "FAIL" in table and "eo_sex" in table and "verdict: FAIL (0/2" in table
+    assert len({len(line) for line in table.splitlines()[:2]}) == 1  # header and rule aligned
+
+
+def test_champion_gate():
+    y, p, _ = synthetic(1500)
+    worse = p + np.random.default_rng(4).normal(0, 0.5, len(p))
+    for test in ("bootstrap", "delong"):
+        gate = {**CHAMP, "test": test}
+        cmp_bad = G.compare_to_champion(gate, y, worse, p, n_boot=300)
+        cmp_eq = G.compare_to_champion(gate, y, p, p, n_boot=300)
+        bad = G.evaluate_gates([gate], {}, {}, champion=cmp_bad)[0]
+        eq = G.evaluate_gates([gate], {}, {}, champion=cmp_eq)[0]
+        assert not bad.passed and bad.value < -0.005, test
+        assert eq.passed and eq.value == 0, test
+    assert G.evaluate_gates([CHAMP], {}, {}, champion=None)[0].passed  # no champion yet
+    # a comparison run with another margin does not count
+    other = G.compare_to_champion({**CHAMP, "max_drop": 0.1}, y, p, p, n_boot=50)
+    assert not G.evaluate_gates([CHAMP], {}, {}, champion=other)[0].passed
+
+
+def test_validate_gates_names_unknown_metric():
+    allowed = G.metric_names(["sex", "race"])
+    G.validate_gates(RULES + [CHAMP], allowed)
+    with pytest.raises(ConfigError) as e:
+        G.validate_gates([{**RULES[0], "name": "typo", "metric": "test/acu"}], allowed)
+    msg = str(e.value)
+    assert "typo" in msg and "test/acu" in msg and "test/auc" in msg
+    with pytest.raises(ConfigError, match="bad op"):
+        G.validate_gates([{**RULES[0], "op": "=>"}], allowed)
+    with pytest.raises(ConfigError, match="must be 'test/auc'"):
+        G.validate_gates([{**CHAMP, "metric": "test/accuracy", "test": "delong"}], allowed)
+
+
+def test_conf_gate_files_validate():
+    import yaml  # ships with Hydra's OmegaConf; only the test reads YAML
+    allowed = G.metric_names(["sex", "race"])
+    for path in sorted(Path(__file__).resolve().parents[2].glob("conf/gates/*.yaml")):
+        G.validate_gates(yaml.safe_load(path.read_text()), allowed)
+
+
+def test_passed_is_a_function_of_the_report():
+    results = G.evaluate_gates(RULES, {"test/auc": 0.9, "fair/eo_diff_sex": 0.05},
+                               {"fair/eo_diff_sex": (0.02, 0.08)})
+    report = {"gates": [r.to_dict() for r in results]}
+    assert G.passed(report)
+    G.enforce(report)
+    report["gates"][0]["passed"] = False
+    assert not G.passed(report)
+    with pytest.raises(GateFailed, match="auc"):
+        G.enforce(report)
+    assert not G.passed({"gates": []})  # fails closed
+
+
+# ---- model card ----------------------------------------------------------------------------
+
+def test_model_card_files(tmp_path):
+    y, p, g = synthetic(800)
+    pred = (p >= 0.5).astype(int)
+    p_champ = p + np.random.default_rng(5).normal(0, 0.3, len(p))
+    sens = pd.DataFrame({"sex": g, "race": np.where(np.arange(len(y)) % 40 == 0, "x", "w")})
+    fair = fairness_report(y, pred, sens, n_boot=50)
+    folds = [{"fold": i, "rows": 100, "auc": a} for i, a in enumerate([0.88, 0.9, 0.89])]
+    metrics = {"test/auc": roc_auc(y, p), **fair["metrics"]}
+    results = G.evaluate_gates(RULES, metrics, fair["cis"])
+    report = {
+        "model": {"name": "adult_mlp", "intended_use": "Teaching example."},
+        "lineage": {"run": "adult_mlp-abc", "data_version": "sha256:1", "config_hash": "abc",
+                    "code_version": "deadbeef"},
+        "data": {"rows": {"train": 600, "test": 800}, "positive_rate": {"test": float(y.mean())},
+                 "groups": {"sex": {"a": 480, "b": 320}}},
+        "config": {"model": {"hidden": [64, 32]}, "optim": {"lr": 0.001}},
+        "cv": {"k": 3, "folds": folds, "summary": {"cv/auc_mean": 0.89, "cv/auc_std": 0.01,
+                                                  "cv/auc_ci_low": 0.865, "cv/auc_ci_high": 0.915}},
+        "test": {"metrics": {"test/auc": metrics["test/auc"]}, "ci": {"test/auc": [0.8, 0.9]}},
+        "threshold": {"objective": "f1", "value": 0.5},
+        "fairness": fair,
+        "mitigation": {"name": "threshold_optimizer", "constraint": "equalized_odds",
+                       "attribute": "sex", "requires_sensitive_at_prediction": True,
+                       "note": SENSITIVE_AT_PREDICTION, "before": {"dp_diff": 0.45},
+                       "after": {"dp_diff": 0.05}},
+        "champion": G.compare_to_champion(CHAMP, y, p, p_champ, n_boot=50),
+        "gates": [r.to_dict() for r in results],
+        "passed": G.verdict(results),
+        "curves": downsample_curves(y, p, max_points=300, p_champion=p_champ),
+    }
+    assert len(report["curves"]["y_test"]) <= 300
+    files = write_model_card(report, tmp_path)
+    for key in ("markdown", "html", "roc", "calibration", "cv_auc", "group_rates_sex",
+                "group_rates_race"):
+        assert files[key].exists() and files[key].stat().st_size > 0, key
+    assert files["roc"].read_bytes()[:4] == b"\x89PNG"
+    md = files["markdown"].read_text()
+    assert "## Gates" in md and "| eo_sex |" in md and "`fair/eo_diff_sex`" in md
+    assert "### `sex`" in md and "### `race`" in md and "![roc](roc.png)" in md
+    assert "## Limitations" in md and "reported, not merged" in md  # race x is small
+    assert "needed at prediction time" in md and "## Champion comparison" in md
+    assert "`adult_mlp-abc`" in md and "**Gate verdict: FAIL**" in md
+    html = files["html"].read_text()
+    assert "<table>" in html and "data:image/png;base64," in html and "eo_sex" in html
+
+
+def test_evaluation_core_imports_neither_ray_nor_hydra():
+    import subprocess
+    code = ("import sys, mlops_ray.evaluation.gates, mlops_ray.evaluation.card, "
+            "mlops_ray.evaluation.fairness, mlops_ray.evaluation.threshold; "
+            "bad = [m for m in ('ray', 'hydra', 'omegaconf') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
