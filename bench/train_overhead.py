@@ -42,7 +42,7 @@ def bare(epochs: int, batch: int) -> dict:
                             weight_decay=cfg["optim"]["weight_decay"])
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
     steps, stamps = len(x) // batch, []
-    for epoch in range(epochs):
+    for _ in range(epochs):
         order = torch.randperm(len(x))
         for s in range(steps):
             idx = order[s * batch:(s + 1) * batch]

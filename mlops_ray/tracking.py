@@ -18,7 +18,8 @@ def log_run(record: dict[str, Any], tracking: dict[str, Any], local_dir: str | P
     try:
         import wandb
     except ImportError:
-        raise SystemExit("tracking=wandb needs wandb: pip install wandb (or tracking=none)")
+        from mlops_ray.errors import ConfigError
+        raise ConfigError("tracking=wandb needs wandb: pip install wandb (or tracking=none)") from None
     local_dir = Path(local_dir)
     local_dir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("WANDB_SILENT", "true")

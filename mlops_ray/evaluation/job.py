@@ -17,7 +17,7 @@ from mlops_ray.data import Prepared, prepare
 from mlops_ray.errors import ConfigError, DataValidationError, RunNotFound
 from mlops_ray.evaluation import cv as cvmod
 from mlops_ray.evaluation.metrics import binary_metrics
-from mlops_ray.storage import Storage, from_cfg, resolve
+from mlops_ray.storage import Storage, resolve
 
 SCORE_KEYS = ("auc", "pr_auc", "accuracy", "f1", "log_loss", "brier", "ece")
 
@@ -91,7 +91,8 @@ def run_evaluation(job: dict[str, Any], log: Any = print) -> dict[str, Any]:
 
     Every input is checked before any work starts (run exists, data unchanged, sensitive
     attributes present, gate metrics known)."""
-    from mlops_ray.evaluation import card, fairness, gates as gmod, stats
+    from mlops_ray.evaluation import card, fairness, stats
+    from mlops_ray.evaluation import gates as gmod
     from mlops_ray.evaluation.threshold import choose_threshold
     from mlops_ray.runtime import code_version
     storage_cfg = job["storage"]

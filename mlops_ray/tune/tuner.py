@@ -17,8 +17,17 @@ from mlops_ray.data import Prepared, prepare
 from mlops_ray.db import db_url
 from mlops_ray.runtime import ensure_ray
 from mlops_ray.storage import Storage, from_cfg
-from mlops_ray.train.trainer import (NOT_HASHED, arrays, base_record, checkpoint_uri, data_meta,
-                                     loop_config, penalty_attribute, test_metrics, trainer_for)
+from mlops_ray.train.trainer import (
+    NOT_HASHED,
+    arrays,
+    base_record,
+    checkpoint_uri,
+    data_meta,
+    loop_config,
+    penalty_attribute,
+    test_metrics,
+    trainer_for,
+)
 from mlops_ray.tune.space import apply, decode, define_by_run
 from mlops_ray.utils import stable_hash
 

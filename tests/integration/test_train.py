@@ -71,6 +71,7 @@ def test_killed_driver_resumes_to_identical_weights(ray_2_cpus, tmp_path):
             f"ray.address={ray_2_cpus}"]
     import subprocess
     import sys
+
     from tests.conftest import REPO, job_env
     proc = subprocess.Popen([sys.executable, "-m", *args], cwd=REPO, env=job_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

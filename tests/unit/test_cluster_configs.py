@@ -586,7 +586,7 @@ def test_kuberay_gpu_demand_goes_to_spot_group(manifests):
 def test_kuberay_resources_string_format_is_enforced():
     # KubeRay's quoted-JSON format; without the extra quotes Ray's parser fails.
     assert _get_custom_resources({}, {"resources": '"{\\"spot\\": 1}"'}, "g") == {"spot": 1}
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError):  # json.JSONDecodeError
         _get_custom_resources({}, {"resources": '{"spot": 1}'}, "g")
 
 
