@@ -2,7 +2,9 @@
 PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# A CPU build of torch by default (no multi-GB CUDA download); GPU users: make install TORCH_SPEC=torch==2.13.0 TORCH_INDEX=https://download.pytorch.org/whl/cu128
+# torch is installed first, pinned: where a local CPU wheel of it is provided (this project's dev and CI
+# machines) pip takes that; elsewhere add TORCH_INDEX=https://download.pytorch.org/whl/cpu to avoid
+# the multi-GB CUDA build, or pick a CUDA index for GPUs (TORCH_INDEX=.../whl/cu128).
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 EXPERIMENT ?= adult_mlp

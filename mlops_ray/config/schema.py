@@ -231,7 +231,7 @@ class TrainJobCfg(Strict):
     def _cross(self) -> TrainJobCfg:
         p: list[str] = []
         lo, hi = self.scaling.bounds()
-        for n in sorted({lo, hi}):
+        for n in range(lo, hi + 1):  # every world size an elastic run may have
             if self.train.batch_size % n:
                 p.append(f"train.batch_size={self.train.batch_size} is not divisible by "
                          f"scaling.num_workers={n} (the global batch is split evenly)")
@@ -243,9 +243,20 @@ class TrainJobCfg(Strict):
             p.append("scaling.use_gpu=true but resources_per_worker.GPU is 0")
         p += _check_metric("checkpoint.checkpoint_score_attribute",
                            self.checkpoint.checkpoint_score_attribute)
+        attr = self.checkpoint.checkpoint_score_attribute or ""
+        want = "min" if attr.endswith("loss") else "max"
+        if attr in TRAIN_METRICS and attr != "epoch" and self.checkpoint.checkpoint_score_order != want:
+            p.append(f"checkpoint.checkpoint_score_order='{self.checkpoint.checkpoint_score_order}'"
+                     f" keeps the worst checkpoints by {attr} (use '{want}')")
+        if self.train.early_stopping and self.train.early_stopping.metric.endswith("loss") \
+                and self.train.early_stopping.mode != "min":
+            p.append(f"train.early_stopping.mode='{self.train.early_stopping.mode}' for a loss "
+                     "(use 'min')")
         if self.train.early_stopping:
             p += _check_metric("train.early_stopping.metric", self.train.early_stopping.metric)
         fp = self.train.fairness_penalty
+        if fp.kind != "none" and fp.weight <= 0:
+            p.append(f"train.fairness_penalty.kind='{fp.kind}' needs weight > 0 (got {fp.weight})")
         if fp.kind != "none":
             attr = fp.attribute or (self.dataset.sensitive[:1] or [None])[0]
             if attr is None or attr not in self.dataset.sensitive:
@@ -341,6 +352,7 @@ class TuneCfg(Strict):
     metric: str = "val/auc"
     mode: Literal["max", "min"] = "max"
     max_failures: int = Field(2, ge=-1)  # Tune's trial-level retries (on top of Train's)
+    include_defaults: bool = True  # first trial = the train config's own values (if in the space)
     # function: the loop runs as a plain Tune function trial (1 worker, no Train start-up);
     # train: each trial is a TorchTrainer run (1..N workers); auto: function when 1 worker
     trial_backend: Literal["auto", "train", "function"] = "auto"
@@ -382,6 +394,9 @@ class TuneJobCfg(TrainJobCfg):
                 for dep in spec.when:
                     if dep not in names[:i]:
                         p.append(f"space.{key}.when: '{dep}' must be a parameter listed before it")
+        if self.tune.trial_backend == "function" and self.scaling.bounds()[1] > 1:
+            p.append(f"tune.trial_backend='function' runs 1 worker per trial, but "
+                     f"scaling.num_workers={self.scaling.num_workers} (use 'train' or 'auto')")
         if self.tune.metric not in TRAIN_METRICS:
             p.append(f"tune.metric='{self.tune.metric}' is not a reported metric (allowed: "
                      f"{', '.join(TRAIN_METRICS)})")

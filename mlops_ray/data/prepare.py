@@ -70,6 +70,13 @@ def prepare(cfg: dict[str, Any], seed: int, frame: pd.DataFrame | None = None,
     validate_frame(df, cfg)
     df = df.reset_index(drop=True)
     splits = split_rows(df, cfg, seed)
+    y = (df[cfg["label"]].astype(str) == str(cfg.get("positive", 1))).to_numpy()
+    bad = [f"split '{k}' has {len(v)} rows and {len(set(y[v]))} label value(s); it needs rows of "
+           "both classes (check dataset.split)" for k, v in splits.items()
+           if len(v) == 0 or len(set(y[v])) < 2]
+    if bad:
+        from mlops_ray.errors import DataValidationError
+        raise DataValidationError(cfg["name"], bad)
     sens = set(cfg["sensitive"]) if not cfg.get("sensitive_as_features") else set()
     numeric = [c for c in cfg["numeric"] if c not in sens]
     categorical = [c for c in cfg["categorical"] if c not in sens]

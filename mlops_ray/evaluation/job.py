@@ -120,12 +120,17 @@ def run_evaluation(job: dict[str, Any], log: Any = print) -> dict[str, Any]:
         from mlops_ray.runtime import ensure_ray
         ensure_ray(job["ray"])
 
+    # a fold is reused only by an evaluation that would compute exactly the same fold
+    tag = (f"k{cvc['folds']}-e{cvc['epochs'] or cfg['train']['epochs']}-s{cfg['seed']}-"
+           f"{prepared.version[:8]}")
+
     def load(i: int) -> dict | None:
-        return run_store.read_json("eval", "cv", f"fold_{i}.json") if run_store.exists(
-            "eval", "cv", f"fold_{i}.json") else None
+        name = f"fold_{i}-{tag}.json"
+        return run_store.read_json("eval", "cv", name) if run_store.exists("eval", "cv", name) \
+            else None
 
     def save(i: int, r: dict) -> None:
-        run_store.write_json(r, "eval", "cv", f"fold_{i}.json")
+        run_store.write_json(r, "eval", "cv", f"fold_{i}-{tag}.json")
     folds = cvmod.cross_validate(cfg, prepared, cvc["folds"], parallel=cvc["parallel"],
                                  max_parallel=cvc["max_parallel"],
                                  cpus_per_fold=cvc["cpus_per_fold"], epochs=cvc["epochs"],
@@ -166,7 +171,15 @@ def run_evaluation(job: dict[str, Any], log: Any = print) -> dict[str, Any]:
         mitigation = fairness.mitigation_summary(fitted, y_test, y_pred, y_mit,
                                                  test_rows[mit_attr])
         y_pred = y_mit
+        # the gates judge the predictor that would be deployed: thresholded metrics from its labels
+        from sklearn.metrics import f1_score
         test["test/accuracy"] = float((y_pred == y_test).mean())
+        test["test/f1"] = float(f1_score(y_test, y_pred, zero_division=0))
+        test_ci["test/accuracy"] = stats.bootstrap_ci(lambda y, q: float((q == y).mean()), y_test,
+                                                      y_pred, n=job["n_boot"], strata=y_test)
+        import pickle
+        run_store.write_bytes(pickle.dumps(fitted), "eval", "threshold_optimizer.pkl")
+        mitigation["artifact"] = run_store.uri_of("eval", "threshold_optimizer.pkl")
     elif cfg["train"].get("fairness_penalty", {}).get("kind", "none") != "none":
         mitigation = {"name": "fairness_penalty", **cfg["train"]["fairness_penalty"],
                       "requires_sensitive_at_prediction": False}

@@ -168,18 +168,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     steps_per_epoch = len(x_tr) // config["batch_size"]  # equal on every rank: report is a barrier
 
     torch.manual_seed(seed)  # identical init on every rank (DDP also broadcasts rank 0's)
-    net = build(config["model"], in_features=x_tr.shape[1])
+    # on its device before the optimizer exists, so restored optimizer state lands there too
+    net = build(config["model"], in_features=x_tr.shape[1]).to(device)
     opt = build(config["optim"])(net.parameters())
     sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
              if config["lr_schedule"] == "cosine" else torch.optim.lr_scheduler.LambdaLR(
                  opt, lambda _: 1.0))
-    start_epoch, start_step, loss_sum, history = 0, 0, 0.0, []
+    start_epoch, start_step, loss_sum, history, stopped = 0, 0, 0.0, [], False
     stopper = EarlyStopping(config["early_stopping"])
     restored_from = None
     if (ckpt := session.get_checkpoint()) is not None:
         with ckpt.as_directory() as d:
             st = ckpt_io.load_state(d)
         net.load_state_dict(st["model"])
+        stopped = bool(st.get("stopped"))
         opt.load_state_dict(st["optimizer"])
         sched.load_state_dict(st["scheduler"])
         start_epoch, start_step, loss_sum = st["epoch"], st["step"], st["loss_sum"]
@@ -198,6 +200,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         state = {"model": bare.state_dict(), "optimizer": opt.state_dict(),
                  "scheduler": sched.state_dict(), "epoch": epoch, "step": step,
                  "loss_sum": loss_sum, "history": history, "early_stop": stopper.state(),
+                 "stopped": stop,
                  "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state()}}
         meta = {"model": config["model"], "in_features": int(x_tr.shape[1]),
                 "feature_names": config["feature_names"], "run_name": config["run_name"],
@@ -209,8 +212,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     preempted = session.preempted
 
     last: dict[str, Any] = history[-1] if history else {}
-    stop = False
-    for epoch in range(start_epoch, epochs):
+    stop, drained = stopped, False  # a run that stopped early stays stopped when rerun
+    for epoch in range(start_epoch, epochs if not stopped else start_epoch):
         t0 = time.perf_counter()
         order = torch.randperm(len(x_tr), generator=torch.Generator().manual_seed(
             _seed_for(seed, epoch)))
@@ -233,9 +236,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             opt.step()
             loss_sum += loss.item()
             if preempt_every and (step + 1) % preempt_every == 0 and step + 1 < steps_per_epoch \
-                    and preempted():
-                # just-in-time checkpoint at (epoch, step+1); the drained node dies after this
-                save_and_report({**last, "epoch": epoch, "preempted": 1}, epoch, step + 1, True)
+                    and preempted() and not drained:
+                # just-in-time checkpoint at (epoch, step+1), once per drain; the drained node
+                # dies after this. Metrics of these weights, so scoring stays honest.
+                drained = True
+                save_and_report({**last, **_evaluate(bare, x_val, y_val), "epoch": epoch,
+                                 "preempted": 1}, epoch, step + 1, True)
         sched.step()
         seconds = time.perf_counter() - t0
         metrics = {"epoch": epoch, "epochs_done": epoch + 1,
@@ -250,7 +256,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         last = metrics
         done = stop or epoch == epochs - 1
         # a just-in-time checkpoint when a drain was announced, else on the schedule
-        keep = done or (epoch + 1) % config["every_n_epochs"] == 0 or preempted()
+        draining = preempted()  # a barrier: every rank calls it here, whatever `done` is
+        keep = done or (epoch + 1) % config["every_n_epochs"] == 0 or draining
         loss_sum = 0.0
         save_and_report(metrics, epoch + 1, 0, keep)
         if stop:

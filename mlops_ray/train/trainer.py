@@ -53,6 +53,7 @@ def loop_config(cfg: dict[str, Any], prepared: Prepared | dict[str, Any], data_r
         "run_name": run_name, "seed": cfg["seed"], "epochs": t["epochs"],
         "batch_size": t["batch_size"], "precision": t["precision"],
         "lr_schedule": t["lr_schedule"], "early_stopping": t["early_stopping"],
+        "fairness_penalty": t["fairness_penalty"],
         "torch_threads": torch_threads(cfg), "use_gpu": cfg["scaling"]["use_gpu"],
         "model": cfg["model"], "optim": {**cfg["optim"], "_partial_": True},
         "every_n_epochs": cfg["checkpoint"]["every_n_epochs"],
@@ -182,7 +183,8 @@ def run_training(cfg: dict[str, Any], *, prepared: Prepared | None = None,
     record = base_record(cfg, prepared, run_name, storage)
     had_run = storage.exists("runs", run_name, "run.json")
     record["resumed"] = had_run
-    storage.write_json(record, "runs", run_name, "run.json")
+    if not had_run or storage.read_json("runs", run_name, "run.json").get("status") != "finished":
+        storage.write_json(record, "runs", run_name, "run.json")  # a finished record stays put
     log(f"run {run_name}: {'resuming' if had_run else 'starting'} in {record['run_uri']}"
         + (f" (dashboard {cluster['dashboard_url']})" if cluster["dashboard_url"] else ""))
     trainer = build_trainer(cfg, prepared, run_name, storage)
@@ -204,10 +206,10 @@ def run_training(cfg: dict[str, Any], *, prepared: Prepared | None = None,
         checkpoints={"latest": checkpoint_uri(storage, result.checkpoint.path),
                      "best": checkpoint_uri(storage, best_ckpt.path)},
     )
-    attr = cfg["checkpoint"]["checkpoint_score_attribute"] or "val/auc"
-    if history:
-        pick = max if cfg["checkpoint"]["checkpoint_score_order"] == "max" else min
-        record["best"] = pick(history, key=lambda m: m.get(attr, float("nan")))
+    # the metrics reported with the checkpoint that `checkpoints.best` points at
+    best_metrics = next((m for c, m in (result.best_checkpoints or []) if c.path == best_ckpt.path),
+                        history[-1] if history else {})
+    record["best"] = {k: v for k, v in best_metrics.items() if k != "checkpoint_dir_name"}
     record["test"] = test_metrics(best_ckpt, prepared)
     record["wall_s"] = round(time.perf_counter() - t_start, 2)
     local_out = storage.path() if storage.is_local else os.path.abspath("outputs")

@@ -54,3 +54,24 @@ def apply(cfg: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
             node = node[part]
         node[leaf] = decode(value)
     return out
+
+
+def default_point(cfg: dict[str, Any], space: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """The train config's own values as a first trial, or None when one lies outside the space
+    (so the study's best is never worse than the untuned defaults)."""
+    point: dict[str, Any] = {}
+    for key, s in space.items():
+        node: Any = cfg
+        for part in key.split("."):
+            node = node[part]
+        if s.get("when") and any(point.get(k) != _encode(v) for k, v in s["when"].items()):
+            continue
+        if s["type"] == "categorical":
+            if node not in s["choices"]:
+                return None
+            point[key] = _encode(node)
+        elif not isinstance(node, (int, float)) or not (s["low"] <= node <= s["high"]):
+            return None
+        else:
+            point[key] = node
+    return point

@@ -28,7 +28,7 @@ from mlops_ray.train.trainer import (
     test_metrics,
     trainer_for,
 )
-from mlops_ray.tune.space import apply, decode, define_by_run
+from mlops_ray.tune.space import apply, decode, default_point, define_by_run
 from mlops_ray.utils import stable_hash
 
 TUNE_KEYS = ("space", "search", "scheduler", "tune", "db")
@@ -46,6 +46,7 @@ def study_name(job: dict[str, Any], data_version: str) -> str:
     what = {**{k: v for k, v in base.items() if k not in NOT_HASHED},
             "space": t["space"], "search": t["search"], "scheduler": t["scheduler"],
             "tune": {k: t["tune"][k] for k in ("num_samples", "metric", "mode", "trial_backend")},
+            **({} if t["tune"].get("include_defaults", True) else {"no_defaults": True}),
             "data_version": data_version}
     return f"{job['name']}-tune-{stable_hash(what)}"
 
@@ -118,7 +119,10 @@ def _tuner(job: dict[str, Any], trainable: Any, storage: Storage, study: str, ur
         # finished trials are kept; running/pending ones resume from their checkpoints
         return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True,
                                   resume_errored=True, storage_filesystem=fs), True
+    base, _ = split_job(job)
+    first = default_point(base, job["space"]) if t["include_defaults"] else None
     search = OptunaSearch(space=define_by_run(job["space"]), metric=t["metric"], mode=t["mode"],
+                          points_to_evaluate=[first] if first else None,
                           sampler=_sampler(job["search"]), study_name=study,
                           storage=RDBStorage(url, heartbeat_interval=None))
     return tune.Tuner(
@@ -140,7 +144,8 @@ def _trial_rows(result: Any) -> list[dict[str, Any]]:
     if df is None or df.empty:
         return []
     keep = [c for c in df.columns if "/" in c or c in (
-        "epoch", "epochs_done", "timestamp", "trial_id", "checkpoint_path", "restored_from_epoch")]
+        "epoch", "epochs_done", "timestamp", "trial_id", "checkpoint_path", "restored_from_epoch",
+        "early_stopped")]
     return [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
             for r in df[keep].to_dict("records")]
 
@@ -163,14 +168,16 @@ def _summarise(results: Any, job: dict[str, Any], storage: Storage) -> dict[str,
             "status": "ERROR" if r.error else ("EARLY_STOPPED" if epochs < max_t and not
                                                last.get("early_stopped") else "TERMINATED"),
             "epochs": epochs, "reported_epochs": len(rows),
-            "restored_from_epoch": max((row.get("restored_from_epoch") or -1) for row in rows)
+            "restored_from_epoch": max((-1 if row.get("restored_from_epoch") is None
+                                        else row["restored_from_epoch"]) for row in rows)
             if rows else -1,
             "last": {k: v for k, v in last.items() if "/" in k},
             "best_value": (max if sign > 0 else min)(scores) if scores else None,
             "final_value": scores[-1] if scores else None,
             "checkpoint": ckpt, "error": str(r.error)[:500] if r.error else None, "_rows": rows,
         })
-    ok = [x for x in trials if x["final_value"] is not None]
+    ok = [x for x in trials if x["final_value"] is not None and x["status"] != "ERROR"
+          and x["checkpoint"]]
     best = max(ok, key=lambda x: sign * x["final_value"]) if ok else None
     return {"trials": trials, "best": best}
 

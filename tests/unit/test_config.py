@@ -173,3 +173,27 @@ def test_define_by_run_samples_conditional_params():
         seen.add((tuple(cfg["model"]["hidden"]), "model.dropout" in t.params))
         study.tell(t, 0.5)
     assert seen == {((8,), False), ((16, 16), True)}
+
+
+def test_loss_metrics_must_be_minimised():
+    msg = _errors(["checkpoint.checkpoint_score_attribute=val/loss"])
+    assert "keeps the worst checkpoints by val/loss" in msg and "'min'" in msg
+
+
+def test_fairness_penalty_needs_weight_and_a_sensitive_attribute():
+    assert "needs weight > 0" in _errors(["train.fairness_penalty.kind=dp"])
+    msg = _errors(["train.fairness_penalty.kind=eo", "train.fairness_penalty.weight=1",
+                   "train.fairness_penalty.attribute=age"])
+    assert "must be one of dataset.sensitive" in msg
+
+
+def test_elastic_batch_divisible_by_every_world_size():
+    msg = _errors(["scaling.num_workers=[2,4]", "scaling.resources_per_worker.CPU=0.5",
+                   "train.batch_size=8"])
+    assert "num_workers=3" in msg
+
+
+def test_function_trials_are_single_worker():
+    msg = _tune_errors(["tune.trial_backend=function", "scaling.num_workers=2",
+                        "scaling.resources_per_worker.CPU=0.5", "tune.max_concurrent_trials=1"])
+    assert "tune.trial_backend='function'" in msg
