@@ -27,7 +27,8 @@ def study(overrides: list[str], store: str, prepared) -> dict:
     from mlops_ray.tune.tuner import run_tuning
     job = validate(compose("tune", ["+experiment=adult_mlp", "tracking=none",
                                     f"storage.uri={store}", "train.epochs=8",
-                                    "tune.num_samples=12", *overrides]), TuneJobCfg)
+                                    "tune.num_samples=12", "tune.include_defaults=false",
+                                    *overrides]), TuneJobCfg)
     return run_tuning(job.model_dump(by_alias=True), prepared=prepared, log=lambda *_: None)
 
 
@@ -45,9 +46,7 @@ def main() -> None:
     from mlops_ray.config import compose
     from mlops_ray.data import prepare
     from mlops_ray.tune.tuner import plot_curves
-    # the dashboard's State API lets Ray clean up the worker group of a TorchTrainer trial that
-    # ASHA stops early (trial_backend=train)
-    ray.init(address="local", num_cpus=2, include_dashboard=True, _node_ip_address="127.0.0.1",
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
              logging_level="ERROR", log_to_driver=False)
     prepared = prepare(compose("train", ["+experiment=adult_mlp"])["dataset"], 0)
     rows, curves, reach = [], {}, []
@@ -68,7 +67,8 @@ def main() -> None:
         backend_rows = []
         if a.backends:
             for backend in ("function", "train"):
-                s = study(["search.seed=0", f"tune.trial_backend={backend}",
+                s = study(["search.seed=0", f"tune.trial_backend={backend}", "scheduler=fifo",
+                           "tune.num_samples=6",
                            "tune.max_concurrent_trials=1" if backend == "train" else
                            "tune.max_concurrent_trials=2"], f"{tmp}/backend-{backend}", prepared)
                 backend_rows.append((backend, s["wall_s"], s["best"]["value"], s["total_epochs"]))
@@ -91,7 +91,7 @@ def main() -> None:
         print(f"  mean ratio over seeds that reached it: {statistics.mean(got):.0%} "
               f"({len(got)}/{len(reach)} seeds)")
     if backend_rows:
-        print("\nTPE+ASHA seed 0, trial backend (function: 2 concurrent, train: 1 concurrent):")
+        print("\nTPE+FIFO seed 0, 6 trials, trial backend (function: 2 concurrent, train: 1):")
         for backend, wall, best, epochs in backend_rows:
             print(f"  {backend:<9} wall {wall:>6.1f} s  best {best:.4f}  epochs {epochs}")
         f, t = backend_rows[0][1], backend_rows[1][1]

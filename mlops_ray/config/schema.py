@@ -397,6 +397,13 @@ class TuneJobCfg(TrainJobCfg):
         if self.tune.trial_backend == "function" and self.scaling.bounds()[1] > 1:
             p.append(f"tune.trial_backend='function' runs 1 worker per trial, but "
                      f"scaling.num_workers={self.scaling.num_workers} (use 'train' or 'auto')")
+        if self.tune.backend(self.scaling.bounds()[1]) == "train" and self.scheduler.name == "asha":
+            # Ray 2.60: Tune stops an ASHA loser by killing its driver; the Train controller's
+            # worker placement group belongs to the tuning job and stays reserved, so later
+            # trials wait for its CPUs forever.
+            p.append("scheduler=asha with TorchTrainer trials (tune.trial_backend=train or "
+                     "scaling.num_workers>1) would leak each stopped trial's worker placement "
+                     "group in Ray 2.60 and stall the study: use scheduler=fifo")
         if self.tune.metric not in TRAIN_METRICS:
             p.append(f"tune.metric='{self.tune.metric}' is not a reported metric (allowed: "
                      f"{', '.join(TRAIN_METRICS)})")

@@ -197,3 +197,23 @@ def test_function_trials_are_single_worker():
     msg = _tune_errors(["tune.trial_backend=function", "scaling.num_workers=2",
                         "scaling.resources_per_worker.CPU=0.5", "tune.max_concurrent_trials=1"])
     assert "tune.trial_backend='function'" in msg
+
+
+def test_asha_is_refused_for_torchtrainer_trials():
+    msg = _tune_errors(["scaling.num_workers=2", "scaling.resources_per_worker.CPU=0.5",
+                        "tune.max_concurrent_trials=1"])
+    assert "scheduler=asha with TorchTrainer trials" in msg and "scheduler=fifo" in msg
+    job = validate(compose("tune", ["+experiment=adult_mlp", "scaling.num_workers=2",
+                                    "scaling.resources_per_worker.CPU=0.5", "scheduler=fifo",
+                                    "tune.max_concurrent_trials=1"]), TuneJobCfg)
+    assert job.tune.backend(2) == "train"
+
+
+def test_default_point_is_the_experiments_own_config():
+    from mlops_ray.tune.space import default_point
+    cfg = compose("tune", ["+experiment=adult_mlp"])
+    assert default_point(cfg, cfg["space"]) == {
+        "optim.lr": 0.001, "optim.weight_decay": 0.0001, "model.hidden": "[256, 256]",
+        "model.dropout": 0.1}
+    cfg["optim"]["lr"] = 0.5  # outside the space: no default trial
+    assert default_point(cfg, cfg["space"]) is None
