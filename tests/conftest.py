@@ -15,6 +15,14 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Ray reads RAY_AUTH_MODE when it is first imported, and some test modules import Ray at
+# collection time: set it before any of them. The session's Ray and every subprocess driver
+# that joins it share this token (Ray 2.60 requires both for a separate client process).
+os.environ["RAY_AUTH_MODE"] = "token"
+os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(16)
+os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.2"
+os.environ["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -40,10 +48,6 @@ def ray_2_cpus():
     Subprocess drivers join it with `ray.address=<address>`; as Ray 2.60 requires of separate
     client processes, they get RAY_AUTH_MODE=token and the token through the environment.
     """
-    os.environ["RAY_AUTH_MODE"] = "token"  # read when ray is imported: set it first
-    os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(16)
-    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.2"
-    os.environ["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"
     import ray
     ctx = ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING",
                    _node_ip_address="127.0.0.1")
@@ -85,12 +89,19 @@ def bucket(moto_s3):
     return name
 
 
-def job_env(**extra: str) -> dict[str, str]:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_SILENT": "true", **extra}
+def job_env(**extra: str | None) -> dict[str, str]:
+    """The test environment plus `extra`; a None value removes that variable."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_SILENT": "true"}
+    for k, v in extra.items():
+        if v is None:
+            env.pop(k, None)
+        else:
+            env[k] = v
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     return env
 
 
-def run_job(args: list[str], timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
+def run_job(args: list[str], timeout: float = 300, **env: str | None
+            ) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=job_env(**env),
                           capture_output=True, text=True, timeout=timeout)
