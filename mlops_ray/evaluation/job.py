@@ -82,8 +82,16 @@ def expand_rules(rules: list[dict[str, Any]], attrs: list[str]) -> list[dict[str
     return out
 
 
-def _store_of(rec: dict[str, Any], storage_cfg: dict[str, Any]) -> Storage:
-    return resolve(rec["run_uri"], storage_cfg.get("endpoint_url"), storage_cfg.get("region"))
+class CheckpointProba:
+    """Raw rows -> probabilities of a loaded checkpoint; picklable, so a fitted
+    ThresholdOptimizer around it can be saved with the report."""
+
+    def __init__(self, model: Any, pre: Any):
+        self.model, self.pre = model, pre
+
+    def __call__(self, rows: pd.DataFrame) -> np.ndarray:
+        from mlops_ray.train import checkpoint as ckpt_io
+        return ckpt_io.predict_proba(self.model, self.pre.transform(rows))
 
 
 def run_evaluation(job: dict[str, Any], log: Any = print) -> dict[str, Any]:
@@ -163,9 +171,7 @@ def run_evaluation(job: dict[str, Any], log: Any = print) -> dict[str, Any]:
             model, pre, _ = ckpt_io.load_model(_checkpoint_dir(rec["checkpoints"]["best"],
                                                                storage_cfg, tmp))
 
-        def proba(x: Any) -> np.ndarray:
-            return ckpt_io.predict_proba(model, pre.transform(x))
-        fitted = fairness.threshold_optimizer(proba, val_rows, y_val, val_rows[mit_attr],
+        fitted = fairness.threshold_optimizer(CheckpointProba(model, pre), val_rows, y_val, val_rows[mit_attr],
                                               constraint=fair_cfg["constraint"], seed=cfg["seed"])
         y_mit = fitted.predict(test_rows, sensitive_features=test_rows[mit_attr])
         mitigation = fairness.mitigation_summary(fitted, y_test, y_pred, y_mit,
