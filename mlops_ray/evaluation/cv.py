@@ -3,7 +3,6 @@ preprocessing fitted on the fold's training part only. Folds run as Ray tasks (t
 `evaluation`), bounded by `max_parallel`; a finished fold is stored and reused on rerun."""
 from __future__ import annotations
 
-import json
 import tempfile
 from collections.abc import Callable
 from typing import Any
@@ -109,21 +108,11 @@ def cross_validate(cfg: dict[str, Any], prepared: Prepared, k: int, *, parallel:
 def summarise(folds: list[dict[str, Any]], keys: tuple[str, ...] = ("auc", "pr_auc", "accuracy",
                                                                     "log_loss", "brier")
               ) -> dict[str, float]:
+    """cv/<metric>_mean, _std and the t-interval of the mean over the folds."""
     from mlops_ray.evaluation.stats import mean_std_ci
     out: dict[str, float] = {}
     for key in keys:
-        mean, std, lo, hi = _msci(mean_std_ci, [f[key] for f in folds])
-        out.update({f"cv/{key}_mean": mean, f"cv/{key}_std": std,
-                    f"cv/{key}_ci_low": lo, f"cv/{key}_ci_high": hi})
+        r = mean_std_ci([f[key] for f in folds])
+        out.update({f"cv/{key}_mean": r["mean"], f"cv/{key}_std": r["std"],
+                    f"cv/{key}_ci_low": r["ci_low"], f"cv/{key}_ci_high": r["ci_high"]})
     return out
-
-
-def _msci(fn: Callable, values: list[float]) -> tuple[float, float, float, float]:
-    r = fn(values)
-    if isinstance(r, dict):
-        return r["mean"], r["std"], r["ci_low"], r["ci_high"]
-    return tuple(r)  # type: ignore[return-value]
-
-
-def dumps(obj: Any) -> bytes:
-    return json.dumps(obj, sort_keys=True).encode()

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +45,3 @@ def predict_proba(model: torch.nn.Module, x: Any, batch: int = 65536) -> Any:
         for i in range(0, len(x), batch):
             out.append(torch.sigmoid(model(torch.as_tensor(x[i:i + batch]))).numpy())
     return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
-
-
-def dir_size(directory: str | Path) -> int:
-    return sum(f.stat().st_size for f in Path(directory).rglob("*") if f.is_file()) \
-        if os.path.isdir(directory) else 0

@@ -8,7 +8,6 @@ Ray Train resumes from its latest checkpoint.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -18,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from mlops_ray.data import Prepared, prepare
-from mlops_ray.errors import RunNotFound, TrainingFailed
+from mlops_ray.errors import TrainingFailed
 from mlops_ray.evaluation.metrics import binary_metrics
 from mlops_ray.runtime import code_version, ensure_ray, library_versions
 from mlops_ray.storage import Storage, from_cfg
@@ -225,15 +224,6 @@ def run_training(cfg: dict[str, Any], *, prepared: Prepared | None = None,
 def _log_tracking(record: dict[str, Any], cfg: dict[str, Any], local_dir: str) -> str | None:
     from mlops_ray.tracking import log_run
     return log_run(record, cfg["tracking"], local_dir)
-
-
-def load_run(uri: str, storage_cfg: dict[str, Any] | None = None) -> dict[str, Any]:
-    """A run record from a run folder URI or its run.json URI."""
-    uri = uri.removesuffix("/run.json").rstrip("/")
-    st = from_cfg({**(storage_cfg or {}), "uri": uri})
-    if not st.exists("run.json"):
-        raise RunNotFound(f"no run record at {uri}/run.json")
-    return json.loads(st.read_bytes("run.json"))
 
 
 def summary_lines(record: dict[str, Any]) -> list[str]:
