@@ -41,6 +41,30 @@ def wait_until(predicate, timeout: float, interval: float = 0.2, what: str = "co
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+def kill_when(ready, marker: str, what: str, timeout: float = 240):
+    """Start a thread that waits for `ready()`, then SIGKILLs every process whose command line
+    contains `marker` (Ray titles its worker processes `ray::<Class>.<method>`).
+    Returns (thread, pids killed)."""
+    import signal
+    import threading
+
+    import psutil
+    killed: list[int] = []
+
+    def run() -> None:
+        wait_until(ready, timeout, what=what)
+        procs = wait_until(lambda: [p for p in psutil.process_iter(["cmdline"])
+                                    if any(marker in c for c in p.info["cmdline"] or [])],
+                           30, what=f"a {marker} process")
+        for p in procs:
+            os.kill(p.pid, signal.SIGKILL)
+            killed.append(p.pid)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, killed
+
+
 @pytest.fixture(scope="session")
 def ray_2_cpus():
     """One local Ray cluster (2 CPUs, token auth on) for the whole session.

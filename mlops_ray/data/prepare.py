@@ -23,13 +23,16 @@ class Prepared:
     positive: Any
     sensitive: list[str]
 
+    def labels(self, rows: pd.DataFrame) -> np.ndarray:
+        """0/1 labels (float32) of raw rows: 1 where the label equals `positive`."""
+        return (rows[self.label].astype(str) == str(self.positive)).to_numpy(np.float32)
+
     def xy(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         rows = self.frame.iloc[self.splits[split]]
-        y = (rows[self.label].astype(str) == str(self.positive)).to_numpy(np.float32)
-        return self.preprocessor.transform(rows), y
+        return self.preprocessor.transform(rows), self.labels(rows)
 
     def summary(self) -> dict[str, Any]:
-        y = (self.frame[self.label].astype(str) == str(self.positive))
+        y = self.labels(self.frame)
         return {"version": self.version, "rows": len(self.frame),
                 "positive_rate": round(float(y.mean()), 4),
                 "splits": {k: int(len(v)) for k, v in self.splits.items()},

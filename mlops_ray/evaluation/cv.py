@@ -45,8 +45,7 @@ def run_fold(cfg: dict[str, Any], prepared: Prepared, train_rows: np.ndarray,
 
     def xy(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         part = prepared.frame.iloc[rows]
-        y = (part[prepared.label].astype(str) == str(prepared.positive)).to_numpy(np.float32)
-        return pre.transform(part), y
+        return pre.transform(part), prepared.labels(part)
     (xt, yt), (xv, yv), (xh, yh) = xy(fit_rows), xy(es_rows), xy(held_rows)
     data = {"x_train": xt, "y_train": yt, "x_val": xv, "y_val": yv}
     attr = penalty_attribute(cfg)

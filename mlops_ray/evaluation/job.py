@@ -50,14 +50,25 @@ def _checkpoint_dir(uri: str, storage_cfg: dict[str, Any], tmp: str) -> Path:
     return Path(tmp)
 
 
-def predict_run(rec: dict[str, Any], frame: pd.DataFrame, storage_cfg: dict[str, Any]
-                ) -> np.ndarray:
-    """Probabilities of a run's best checkpoint on rows of the raw frame (its own preprocessing)."""
+class CheckpointProba:
+    """Raw rows -> probabilities of a loaded checkpoint; picklable, so a fitted
+    ThresholdOptimizer around it can be saved with the report."""
+
+    def __init__(self, model: Any, pre: Any):
+        self.model, self.pre = model, pre
+
+    def __call__(self, rows: pd.DataFrame) -> np.ndarray:
+        from mlops_ray.train import checkpoint as ckpt_io
+        return ckpt_io.predict_proba(self.model, self.pre.transform(rows))
+
+
+def load_run_model(rec: dict[str, Any], storage_cfg: dict[str, Any]) -> CheckpointProba:
+    """A run's best checkpoint as raw rows -> probabilities (its own preprocessing)."""
     from mlops_ray.train import checkpoint as ckpt_io
     with tempfile.TemporaryDirectory() as tmp:
-        d = _checkpoint_dir(rec["checkpoints"]["best"], storage_cfg, tmp)
-        model, pre, _ = ckpt_io.load_model(d)
-        return ckpt_io.predict_proba(model, pre.transform(frame))
+        model, pre, _ = ckpt_io.load_model(_checkpoint_dir(rec["checkpoints"]["best"],
+                                                           storage_cfg, tmp))
+    return CheckpointProba(model, pre)
 
 
 def check_inputs(job: dict[str, Any], rec: dict[str, Any], prepared: Prepared) -> list[str]:
@@ -80,18 +91,6 @@ def expand_rules(rules: list[dict[str, Any]], attrs: list[str]) -> list[dict[str
         else:
             out.append(dict(r))
     return out
-
-
-class CheckpointProba:
-    """Raw rows -> probabilities of a loaded checkpoint; picklable, so a fitted
-    ThresholdOptimizer around it can be saved with the report."""
-
-    def __init__(self, model: Any, pre: Any):
-        self.model, self.pre = model, pre
-
-    def __call__(self, rows: pd.DataFrame) -> np.ndarray:
-        from mlops_ray.train import checkpoint as ckpt_io
-        return ckpt_io.predict_proba(self.model, self.pre.transform(rows))
 
 
 def run_evaluation(job: dict[str, Any], log: Any = print) -> dict[str, Any]:
@@ -149,11 +148,9 @@ def run_evaluation(job: dict[str, Any], log: Any = print) -> dict[str, Any]:
     val_rows = prepared.frame.iloc[prepared.splits["val"]]
     test_rows = prepared.frame.iloc[prepared.splits["test"]]
 
-    def labels(rows: pd.DataFrame) -> np.ndarray:
-        return (rows[prepared.label].astype(str) == str(prepared.positive)).to_numpy(int)
-    y_val, y_test = labels(val_rows), labels(test_rows)
-    p_val = predict_run(rec, val_rows, storage_cfg)
-    p_test = predict_run(rec, test_rows, storage_cfg)
+    y_val, y_test = prepared.labels(val_rows).astype(int), prepared.labels(test_rows).astype(int)
+    candidate = load_run_model(rec, storage_cfg)  # loaded once: val, test and mitigation
+    p_val, p_test = candidate(val_rows), candidate(test_rows)
     thr = choose_threshold(y_val, p_val, job["threshold"]["objective"])
     test = binary_metrics(y_test, p_test, thr, prefix="test/")
     test_ci = {"test/auc": stats.bootstrap_ci(stats.roc_auc, y_test, p_test, n=job["n_boot"],
@@ -166,12 +163,7 @@ def run_evaluation(job: dict[str, Any], log: Any = print) -> dict[str, Any]:
     # 3. fairness on test rows, after the configured post-processing mitigation
     mitigation = None
     if fair_cfg["mitigation"] == "threshold":
-        from mlops_ray.train import checkpoint as ckpt_io
-        with tempfile.TemporaryDirectory() as tmp:
-            model, pre, _ = ckpt_io.load_model(_checkpoint_dir(rec["checkpoints"]["best"],
-                                                               storage_cfg, tmp))
-
-        fitted = fairness.threshold_optimizer(CheckpointProba(model, pre), val_rows, y_val, val_rows[mit_attr],
+        fitted = fairness.threshold_optimizer(candidate, val_rows, y_val, val_rows[mit_attr],
                                               constraint=fair_cfg["constraint"], seed=cfg["seed"])
         y_mit = fitted.predict(test_rows, sensitive_features=test_rows[mit_attr])
         mitigation = fairness.mitigation_summary(fitted, y_test, y_pred, y_mit,
@@ -196,7 +188,7 @@ def run_evaluation(job: dict[str, Any], log: Any = print) -> dict[str, Any]:
     # 4. champion on the same test rows, paired
     champion = None
     if champion_rec is not None:
-        p_champ = predict_run(champion_rec, test_rows, storage_cfg)
+        p_champ = load_run_model(champion_rec, storage_cfg)(test_rows)
         champion = gmod.compare_to_champion({"name": "champion", **job["gates"]["champion"]},
                                             y_test, p_test, p_champ, n_boot=job["n_boot"],
                                             seed=cfg["seed"])

@@ -152,8 +152,7 @@ def test_metrics(checkpoint: Any, prepared: Prepared) -> dict[str, float]:
     with checkpoint.as_directory() as d:
         model, pre, _ = ckpt_io.load_model(d)
     rows = prepared.frame.iloc[prepared.splits["test"]]
-    y = (rows[prepared.label].astype(str) == str(prepared.positive)).to_numpy(np.float32)
-    return binary_metrics(y, ckpt_io.predict_proba(model, pre.transform(rows)), prefix="test/")
+    return binary_metrics(prepared.labels(rows), ckpt_io.predict_proba(model, pre.transform(rows)), prefix="test/")
 
 
 def base_record(cfg: dict[str, Any], prepared: Prepared, run_name: str, storage: Storage,

@@ -3,12 +3,9 @@ a killed worker, and S3 storage against a local moto server."""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import threading
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 
@@ -16,7 +13,7 @@ from mlops_ray.config import compose, validate
 from mlops_ray.config.schema import TrainJobCfg
 from mlops_ray.data import dataset_version, load_table
 from mlops_ray.train.trainer import run_name_for, run_training
-from tests.conftest import run_job, wait_until
+from tests.conftest import kill_when, run_job, wait_until
 
 pytestmark = pytest.mark.ray
 
@@ -97,27 +94,12 @@ def test_killed_driver_resumes_to_identical_weights(ray_2_cpus, tmp_path):
         assert torch.equal(a[k], b[k]), f"{k} differs after resume"
 
 
-def _train_workers() -> list[psutil.Process]:
-    return [p for p in psutil.process_iter(["cmdline"])
-            if any("RayTrainWorker" in part for part in (p.info["cmdline"] or []))]
-
-
 def test_killed_worker_process_is_survived(ray_2_cpus, tmp_path):
     cfg = job_cfg(*ADULT_SHORT, f"storage.uri={tmp_path}", "train.epochs=8")
     run_dir = tmp_path / "runs" / run_name_for(cfg, dataset_version(load_table("builtin://adult")))
-    killed: list[int] = []
-
-    def killer() -> None:
-        # a checkpoint folder appears before Ray commits it; the third one means the first
-        # two are committed
-        wait_until(lambda: "checkpoint_e0003_s00000" in checkpoints(run_dir), 240,
-                   what="the third checkpoint")
-        for p in wait_until(_train_workers, 30, what="a RayTrainWorker process"):
-            os.kill(p.pid, signal.SIGKILL)
-            killed.append(p.pid)
-
-    t = threading.Thread(target=killer, daemon=True)
-    t.start()
+    # a checkpoint folder appears before Ray commits it; the third one means the first two are
+    t, killed = kill_when(lambda: "checkpoint_e0003_s00000" in checkpoints(run_dir),
+                          "RayTrainWorker", "the third checkpoint")
     rec = run_training(cfg)
     t.join(5)
     assert killed, "no worker was killed"

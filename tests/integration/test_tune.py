@@ -3,15 +3,12 @@ resume after a killed driver, a killed trial worker, and multi-worker (TorchTrai
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sqlite3
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
-import psutil
 import pytest
 
 from mlops_ray.config import compose, validate
@@ -19,7 +16,7 @@ from mlops_ray.config.schema import TrainJobCfg, TuneJobCfg
 from mlops_ray.data import dataset_version, load_table
 from mlops_ray.train.trainer import run_training
 from mlops_ray.tune.tuner import run_tuning, study_name, with_tuned_params
-from tests.conftest import REPO, job_env, run_job, wait_until
+from tests.conftest import REPO, job_env, kill_when, run_job, wait_until
 
 pytestmark = pytest.mark.ray
 
@@ -118,20 +115,9 @@ def test_killed_trial_worker_resumes_from_its_checkpoint(ray_2_cpus, tmp_path):
                    "tune.num_samples=2", "scheduler=fifo", "tune.max_concurrent_trials=1",
                    "train.epochs=10")
     exp = tmp_path / "tune" / study_name(job, dataset_version(load_table("builtin://adult")))
-    killed: list[int] = []
-
-    def killer() -> None:
-        wait_until(lambda: list(exp.glob("trial_*/checkpoint_000002")), 240,
-                   what="a trial's third checkpoint")
-        procs = wait_until(lambda: [p for p in psutil.process_iter(["cmdline"])
-                                    if any("ImplicitFunc" in c for c in p.info["cmdline"] or [])],
-                           30, what="the trial's process (ray::ImplicitFunc)")
-        for p in procs:
-            os.kill(p.pid, signal.SIGKILL)
-            killed.append(p.pid)
-
-    t = threading.Thread(target=killer, daemon=True)
-    t.start()
+    # a function trial runs in a ray::ImplicitFunc process
+    t, killed = kill_when(lambda: list(exp.glob("trial_*/checkpoint_000002")), "ImplicitFunc",
+                          "a trial's third checkpoint")
     s = run_tuning(job)
     t.join(5)
     assert killed
