@@ -52,3 +52,25 @@ class GateFailed(MlopsError):
         self.failed, self.table = list(failed), table
         super().__init__(f"{len(self.failed)} gate(s) failed: {', '.join(self.failed)}"
                          + (f"\n{table}" if table else ""))
+
+
+class RegistryError(MlopsError):
+    """A registry operation cannot be done (unknown model/version/alias, immutable version...)."""
+
+    exit_code = 6
+
+
+class RegistryConflict(RegistryError):
+    """A compare-and-swap lost: the alias moved since it was read. Re-read and decide again."""
+
+    exit_code = 8
+
+
+class ArtifactCorrupted(RegistryError):
+    """A registered artifact does not match its recorded content hash (edited or damaged)."""
+
+
+class PermissionDenied(MlopsError):
+    """The caller's role does not allow the action (the denial itself is audited)."""
+
+    exit_code = 7

@@ -129,3 +129,59 @@ def run_job(args: list[str], timeout: float = 300, **env: str | None
             ) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=job_env(**env),
                           capture_output=True, text=True, timeout=timeout)
+
+
+def _pg_bin() -> Path | None:
+    """Debian's PostgreSQL server binaries (package postgresql), if installed."""
+    import glob
+    import shutil
+    found = shutil.which("pg_ctl")
+    if found:
+        return Path(found).resolve().parent
+    dirs = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
+    return Path(dirs[-1]) if dirs else None
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A PostgreSQL server on 127.0.0.1 started by this session (initdb into a temp folder),
+    stopped by its own pg_ctl; yields a URL prefix. Skipped, saying why, where Debian's
+    postgresql package is not installed (`.ci/run` installs it)."""
+    bindir = _pg_bin()
+    if bindir is None or not (bindir / "initdb").exists():
+        pytest.skip("PostgreSQL server binaries not found (apt-get install postgresql); "
+                    "the registry was tested on SQLite only")
+    pytest.importorskip("psycopg", reason="psycopg not installed (pip install 'psycopg[binary]')")
+    import shutil
+    import tempfile
+    # not under pytest's 0700 temp root: the server's user must reach the folder
+    base = Path(tempfile.mkdtemp(prefix="mlops-ray-pg-"))
+    base.chmod(0o755)
+    data, sock = base / "data", base / "sock"
+    sock.mkdir()
+    pre: list[str] = []
+    if os.geteuid() == 0:  # initdb refuses root: run the server as Debian's postgres user
+        shutil.chown(base, "postgres")
+        shutil.chown(sock, "postgres")
+        pre = ["runuser", "-u", "postgres", "--"]
+    port = free_port()
+    subprocess.run([*pre, str(bindir / "initdb"), "-D", str(data), "-U", "postgres",
+                    "--auth=trust", "-E", "UTF8"], check=True, capture_output=True)
+    subprocess.run([*pre, str(bindir / "pg_ctl"), "-D", str(data), "-w", "-l",
+                    str(base / "log"), "-o", f"-h 127.0.0.1 -p {port} -k {sock}", "start"],
+                   check=True, capture_output=True, timeout=60)
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}"
+    finally:
+        subprocess.run([*pre, str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"],
+                       capture_output=True, timeout=60)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def new_pg_database(server_url: str) -> str:
+    import psycopg
+    name = f"t_{secrets.token_hex(4)}"
+    with psycopg.connect(server_url.replace("+psycopg", "") + "/postgres",
+                         autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    return f"{server_url}/{name}"

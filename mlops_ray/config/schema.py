@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -479,3 +480,43 @@ class EvaluateJobCfg(TrainJobCfg):
     fairness: FairnessCfg = FairnessCfg()
     gates: GatesCfg
     n_boot: int = Field(500, ge=10)
+
+
+# jobs.promote / jobs.registry
+
+class RegistryCfg(Strict):
+    policy: str | None = None  # YAML policy file; None: the local OS user is admin
+
+
+class PromoteCfg(Strict):
+    model: str | None = None  # registry model name; None: the run's `name`
+    approval: Literal["auto", "manual"] = "auto"  # manual: an approver runs `registry approve`
+    aliases: list[str] = ["challenger"]  # moved to every new version (never `production`)
+    force: bool = False  # production despite failed gates: admin only, with a reason
+    reason: str | None = None
+
+    @model_validator(mode="after")
+    def _force_reason(self) -> PromoteCfg:
+        if self.force and not (self.reason or "").strip():
+            raise ValueError("promote.force=true needs promote.reason='why' (it is audited)")
+        if "production" in self.aliases:
+            raise ValueError("promote.aliases must not list 'production': it moves only through "
+                             "the gates")
+        if self.model is not None and not _NAME_RE.match(self.model):
+            raise ValueError(f"promote.model={self.model!r}: use letters, digits, '_', '-', '.'")
+        return self
+
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+class PromoteJobCfg(EvaluateJobCfg):
+    db: DbCfg = DbCfg()
+    registry: RegistryCfg = RegistryCfg()
+    promote: PromoteCfg = PromoteCfg()
+
+
+class RegistryJobCfg(Strict):
+    storage: StorageCfg = StorageCfg()
+    db: DbCfg = DbCfg()
+    registry: RegistryCfg = RegistryCfg()

@@ -1,0 +1,167 @@
+"""jobs.promote: run -> (evaluation against production) -> registry version -> aliases.
+
+`production` moves only when the version's gates passed *and* its champion gate compared it with
+the version production points at now; the evaluation is (re)run when the run has no report, or
+its report compared against another champion or used other gate rules. The alias moves by
+compare-and-swap from the value read before the evaluation started, so a promotion that raced
+another one fails with RegistryConflict instead of overwriting it.
+"""
+from __future__ import annotations
+
+import io
+import json
+import tempfile
+from typing import Any
+
+from mlops_ray.errors import GateFailed, PermissionDenied
+from mlops_ray.registry import Registry, open_registry
+
+# files of a registered version, all covered by its content hash
+FILES = ("model.pt", "meta.json", "preprocessor.json", "signature.json", "reference.json",
+         "config.json", "lineage.json", "gate_report.json", "model_card.md")
+
+
+def signature(pre: Any, dataset: dict[str, Any], threshold: float,
+              needs_sensitive: bool) -> dict[str, Any]:
+    """Input/output contract: what serving validates requests against."""
+    inputs = [{"name": c, "kind": "numeric", "datatype": "FP64", "required": True}
+              for c in pre.numeric]
+    inputs += [{"name": c, "kind": "categorical", "datatype": "BYTES", "required": True,
+                "categories": pre.categories[c]} for c in pre.categorical]
+    used = {i["name"] for i in inputs}
+    optional = [{"name": c, "kind": "categorical", "datatype": "BYTES",
+                 "required": needs_sensitive, "role": "sensitive"}
+                for c in dataset["sensitive"] if c not in used]
+    return {"inputs": inputs + optional,
+            "outputs": [{"name": "probability", "datatype": "FP32", "shape": [-1]},
+                        {"name": "label", "datatype": "INT64", "shape": [-1]}],
+            "label": dataset["label"], "positive": dataset.get("positive", 1),
+            "threshold": threshold}
+
+
+def _rule_key(rules: list[dict[str, Any]]) -> list[tuple]:
+    return sorted((r["name"], r["metric"], r["op"], float(r["threshold"]),
+                   r.get("compare", r.get("on"))) for r in rules)
+
+
+def needs_evaluation(report: dict | None, rec: dict, champion_run: str | None,
+                     rules: list[dict[str, Any]]) -> str | None:
+    """Why the run's stored gate report cannot be used for this promotion (None: it can)."""
+    if report is None:
+        return "the run has no gate report"
+    if report["lineage"]["run"] != rec["run_uri"]:
+        return "the report belongs to another run"
+    compared = (report.get("champion") or {}).get("run")
+    if compared != champion_run:
+        return (f"its champion gate compared against {compared or 'nothing'}, production is "
+                f"{champion_run or 'unset'}")
+    stored = [{**g, "compare": g["on"]} for g in report["gates"] if g["name"] != "champion"]
+    if _rule_key(stored) != _rule_key(rules):
+        return "it was judged by other gate rules than this job's"
+    return None
+
+
+def version_files(job: dict[str, Any], rec: dict[str, Any], report: dict[str, Any]
+                  ) -> dict[str, bytes]:
+    import torch
+
+    from mlops_ray.data import prepare
+    from mlops_ray.data.profile import profile
+    from mlops_ray.evaluation.job import _checkpoint_dir
+    from mlops_ray.train import checkpoint as ckpt_io
+    cfg = rec["config"]
+    with tempfile.TemporaryDirectory() as tmp:
+        d = _checkpoint_dir(rec["checkpoints"]["best"], job["storage"], tmp)
+        model, pre, meta = ckpt_io.load_model(d)
+        buf = io.BytesIO()
+        torch.save(model.state_dict(), buf)  # weights only: no optimizer state, no RNG
+        files = {"model.pt": buf.getvalue(), "meta.json": (d / "meta.json").read_bytes(),
+                 "preprocessor.json": (d / "preprocessor.json").read_bytes()}
+    prepared = prepare(cfg["dataset"], cfg["seed"], storage=job["storage"])
+    train_rows = prepared.frame.iloc[prepared.splits["train"]]
+    cats = list(dict.fromkeys(pre.categorical + [c for c in cfg["dataset"]["sensitive"]
+                                                 if c in train_rows.columns]))
+    mitigation = report.get("mitigation") or {}
+    needs_sensitive = bool(mitigation.get("requires_sensitive_at_prediction"))
+    lineage = {**report["lineage"], "run_name": rec["run_name"],
+               "dataset_uri": cfg["dataset"]["uri"]}
+
+    def dumps(obj: Any) -> bytes:
+        return json.dumps(obj, indent=1, sort_keys=True, default=float).encode()
+    files.update({
+        "signature.json": dumps(signature(pre, cfg["dataset"], report["threshold"]["value"],
+                                          needs_sensitive)),
+        "reference.json": dumps(profile(train_rows, pre.numeric, cats, seed=cfg["seed"])),
+        "config.json": dumps(cfg), "lineage.json": dumps(lineage),
+        "gate_report.json": dumps({k: v for k, v in report.items() if k != "curves"}),
+    })
+    from mlops_ray.storage import resolve
+    card = resolve(report["model_card"].rsplit("/", 1)[0], job["storage"].get("endpoint_url"),
+                   job["storage"].get("region"))
+    files["model_card.md"] = card.read_bytes("model_card.md")
+    if mitigation.get("artifact"):
+        src = resolve(mitigation["artifact"].rsplit("/", 1)[0],
+                      job["storage"].get("endpoint_url"), job["storage"].get("region"))
+        files["threshold_optimizer.pkl"] = src.read_bytes("threshold_optimizer.pkl")
+    return files
+
+
+def headline(report: dict[str, Any]) -> dict[str, Any]:
+    t, cv = report["test"]["metrics"], report["cv"]["summary"]
+    return {"test/auc": t.get("test/auc"), "test/accuracy": t.get("test/accuracy"),
+            "cv/auc_mean": cv.get("cv/auc_mean"),
+            "failed_gates": [g["name"] for g in report["gates"] if not g["passed"]]}
+
+
+def promote(job: dict[str, Any], log: Any = print, registry: Registry | None = None
+            ) -> dict[str, Any]:
+    from mlops_ray.evaluation import gates as gmod
+    from mlops_ray.evaluation.job import expand_rules, resolve_run, run_evaluation
+    reg = registry or open_registry(job)
+    p = job["promote"]
+    rec, run_store = resolve_run(job["run"], job["storage"])
+    model = p["model"] or rec["config"]["name"]
+    prod = reg.alias_target(model, "production")
+    expected = prod.version if prod else None  # the CAS token: production as we found it
+    champion_run = prod.run_uri if prod else None
+    if prod is not None and prod.run_uri == rec["run_uri"]:
+        log(f"{rec['run_name']} is already {model}@production ({prod.ref}); nothing to do")
+        return {"model": model, "version": prod.version, "passed": prod.gate_passed,
+                "production_before": expected, "production": expected,
+                "artifact": prod.artifact_uri, "report": None, "table": ""}
+    report = run_store.read_json("eval", "gate_report.json") \
+        if run_store.exists("eval", "gate_report.json") else None
+    attrs = job["fairness"]["attributes"] or rec["config"]["dataset"]["sensitive"]
+    why = needs_evaluation(report, rec, champion_run, expand_rules(job["gates"]["rules"], attrs))
+    if why:
+        log(f"evaluating {rec['run_name']} first: {why}")
+        report = run_evaluation({**job, "champion": champion_run}, log=log)
+    v = reg.register(model, version_files(job, rec, report), {
+        "run_uri": rec["run_uri"], "run_name": rec["run_name"],
+        "data_version": rec["dataset"]["version"], "dataset_uri": rec["config"]["dataset"]["uri"],
+        "config_hash": rec["config_hash"], "code_version": rec["code_version"],
+        "study": rec.get("tune"), "gate_passed": bool(report["passed"]),
+        "champion_run": champion_run, "metrics": headline(report)})
+    log(f"registered {v.ref} ({'gates passed' if v.gate_passed else 'gates FAILED'}) "
+        f"at {v.artifact_uri}")
+    for alias in p["aliases"]:
+        reg.set_alias(model, alias, v.version, reason=p["reason"])
+    out = {"model": model, "version": v.version, "passed": v.gate_passed,
+           "production_before": expected, "production": expected, "artifact": v.artifact_uri,
+           "report": report, "table": gmod.verdict_table(report["gates"])}
+    if p["approval"] == "manual":
+        log(f"approval is manual: production stays at {expected}; an approver runs\n"
+            f"  python -m jobs.registry approve {v.ref} --reason '...'")
+        return out
+    try:
+        reg.set_alias(model, "production", v.version, expected=expected, reason=p["reason"],
+                      force=p["force"])
+    except PermissionDenied:
+        if not v.gate_passed and not p["force"]:
+            raise GateFailed(headline(report)["failed_gates"], out["table"] + (
+                f"\n{v.ref} is registered; production stays at {expected}")) from None
+        raise
+    out["production"] = v.version
+    log(f"{model}@production: {expected} -> {v.version}")
+    return out
+
