@@ -73,8 +73,11 @@ def ray_2_cpus():
     client processes, they get RAY_AUTH_MODE=token and the token through the environment.
     """
     import ray
+    # Prometheus text of Ray's metrics agent (custom metrics included) on this port
+    os.environ["MLOPS_TEST_RAY_METRICS_PORT"] = str(free_port())
     ctx = ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING",
-                   _node_ip_address="127.0.0.1")
+                   _node_ip_address="127.0.0.1",
+                   _metrics_export_port=int(os.environ["MLOPS_TEST_RAY_METRICS_PORT"]))
     yield ctx.address_info["gcs_address"]
     ray.shutdown()
 

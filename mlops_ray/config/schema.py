@@ -520,3 +520,132 @@ class RegistryJobCfg(Strict):
     storage: StorageCfg = StorageCfg()
     db: DbCfg = DbCfg()
     registry: RegistryCfg = RegistryCfg()
+
+
+# jobs.serve
+
+class ServeDeploymentCfg(Strict):
+    num_replicas: int = Field(1, ge=1)
+    max_ongoing_requests: int = Field(64, ge=1)
+    ray_actor_options: dict[str, Any] = {"num_cpus": 0.25}
+    autoscaling_config: dict[str, Any] | None = None
+    chaos_error_rate: float = Field(0.0, ge=0, le=1)
+
+
+class BatchingCfg(Strict):
+    max_batch_size: int = Field(64, ge=1)
+    batch_wait_timeout_s: float = Field(0.002, ge=0)
+
+
+class LimitsCfg(Strict):
+    max_rows: int = Field(1000, ge=1)
+    max_body_bytes: int = Field(1048576, ge=1024)
+    unknown_categories: Literal["allow", "reject"] = "allow"
+
+
+class CacheCfg(Strict):
+    enabled: bool = True
+    max_entries: int = Field(10000, ge=1)
+    ttl_s: float = Field(300, gt=0)
+
+
+class AuthCfg(Strict):
+    api_keys: list[str] = []
+    api_keys_env: str | None = "MLOPS_RAY_SERVE_API_KEYS"
+    key_file: str | None = None
+
+
+class DriftCfg(Strict):
+    window: int = Field(1000, ge=10)
+    min_rows: int = Field(200, ge=10)
+    check_every_rows: int = Field(50, ge=1)
+    psi_threshold: float = Field(0.2, gt=0)
+    js_threshold: float = Field(0.15, gt=0, le=1)
+    p_value: float = Field(0.01, gt=0, lt=1)
+    webhook_url: str | None = None
+
+
+class FeedbackCfg(Strict):
+    window: int = Field(5000, ge=10)
+    max_pending: int = Field(10000, ge=10)
+
+
+class RolloutCfg(Strict):
+    strategy: Literal["canary", "bluegreen", "ab", "shadow"] = "canary"
+    steps: list[int] = [10, 50, 100]
+    bake_s: float = Field(30, ge=0)
+    poll_s: float = Field(0.5, gt=0)
+    min_requests: int = Field(20, ge=1)
+    max_error_rate: float = Field(0.02, ge=0, le=1)
+    max_p99_ms: float = Field(250, gt=0)
+    max_prediction_shift: float = Field(0.1, ge=0, le=1)
+    ab_weights: list[float] = [50, 50]
+    ab_key: str | None = None
+
+    @model_validator(mode="after")
+    def _steps(self) -> RolloutCfg:
+        if not self.steps or any(not 0 < s <= 100 for s in self.steps) \
+                or self.steps != sorted(self.steps):
+            raise ValueError(f"serve.rollout.steps={self.steps}: increasing percentages in "
+                             "(0, 100]")
+        if len(self.ab_weights) != 2 or min(self.ab_weights) < 0 or sum(self.ab_weights) <= 0:
+            raise ValueError(f"serve.rollout.ab_weights={self.ab_weights}: two weights >= 0")
+        return self
+
+
+class GrpcCfg(Strict):
+    enabled: bool = False
+    port: int = Field(9000, ge=1, le=65535)
+    servicer_functions: list[str] = []
+
+
+class ServeCfg(Strict):
+    app_name: str | None = None
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    route_prefix: str = "/"
+    detach: bool = False
+    ready_timeout_s: float = Field(180, gt=0)
+    ingress: ServeDeploymentCfg = ServeDeploymentCfg(max_ongoing_requests=256)
+    model: ServeDeploymentCfg = ServeDeploymentCfg()
+    batching: BatchingCfg = BatchingCfg()
+    limits: LimitsCfg = LimitsCfg()
+    cache: CacheCfg = CacheCfg()
+    auth: AuthCfg = AuthCfg()
+    drift: DriftCfg = DriftCfg()
+    feedback: FeedbackCfg = FeedbackCfg()
+    rollout: RolloutCfg = RolloutCfg()
+    grpc: GrpcCfg = GrpcCfg()
+
+    @model_validator(mode="after")
+    def _serve(self) -> ServeCfg:
+        if self.model.autoscaling_config is not None:
+            from ray.serve.config import AutoscalingConfig
+            try:
+                AutoscalingConfig(**self.model.autoscaling_config)
+            except Exception as e:  # noqa: BLE001 - Ray's own validation names the field
+                raise ValueError(f"serve.model.autoscaling_config: {e}") from None
+        if not self.route_prefix.startswith("/"):
+            raise ValueError(f"serve.route_prefix={self.route_prefix!r}: must start with '/'")
+        if self.grpc.enabled and not self.grpc.servicer_functions:
+            raise ValueError("serve.grpc.enabled=true needs serve.grpc.servicer_functions")
+        return self
+
+
+class ServeJobCfg(Strict):
+    model: str
+    alias: str = "production"
+    to: str | None = None
+    strategy: Literal["canary", "bluegreen", "ab", "shadow"] | None = None
+    serve: ServeCfg = ServeCfg()
+    storage: StorageCfg = StorageCfg()
+    db: DbCfg = DbCfg()
+    registry: RegistryCfg = RegistryCfg()
+    ray: RayCfg = RayCfg()
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, v: str) -> str:
+        if not _NAME_RE.match(v):
+            raise ValueError("use letters, digits, '_', '-', '.' (a registry model name)")
+        return v

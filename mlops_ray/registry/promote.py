@@ -30,7 +30,8 @@ def signature(pre: Any, dataset: dict[str, Any], threshold: float,
                 "categories": pre.categories[c]} for c in pre.categorical]
     used = {i["name"] for i in inputs}
     optional = [{"name": c, "kind": "categorical", "datatype": "BYTES",
-                 "required": needs_sensitive, "role": "sensitive"}
+                 "required": False, "role": "sensitive",
+                 "mitigation_needs_it": needs_sensitive}
                 for c in dataset["sensitive"] if c not in used]
     return {"inputs": inputs + optional,
             "outputs": [{"name": "probability", "datatype": "FP32", "shape": [-1]},

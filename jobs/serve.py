@@ -1,0 +1,96 @@
+"""Serve registry versions on Ray Serve, roll them out and back.
+
+    python -m jobs.serve model=adult_mlp                  # adult_mlp@production on 127.0.0.1:8000 until Ctrl-C
+    python -m jobs.serve model=adult_mlp ray.address=auto serve.detach=true   # leave it on a running cluster
+    python -m jobs.serve rollout model=adult_mlp to=canary strategy=canary    # 10% -> 50% -> 100%, auto rollback
+    python -m jobs.serve rollout model=adult_mlp to=challenger strategy=shadow   # or ab, bluegreen
+    python -m jobs.serve status model=adult_mlp
+    python -m jobs.serve drift model=adult_mlp
+    python -m jobs.serve rollback model=adult_mlp
+
+Verbs other than `serve` join the running cluster (ray.address=auto unless given). Every
+traffic change is in `python -m jobs.registry history adult_mlp`. Exit 10 when a deployment
+fails or a canary was rolled back.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from mlops_ray.config import compose, user_errors, validate
+from mlops_ray.config.schema import ServeJobCfg
+from mlops_ray.errors import ConfigError
+
+VERBS = ("serve", "rollout", "status", "drift", "rollback")
+
+
+def job_from_args(args: list[str]) -> dict:
+    """Compose conf/serve.yaml. `model` is also a config group (the network) that Hydra would
+    try to select, so `model=NAME` (a registry model name here) is set after composition."""
+    names = [a.split("=", 1)[1] for a in args if a.startswith("model=")]
+    cfg = compose("serve", [a for a in args if not a.startswith("model=")])
+    if names:
+        cfg["model"] = names[-1]
+    if cfg.get("model") is None:
+        raise ConfigError("model: required (the registry model to serve, e.g. model=adult_mlp)")
+    return validate(cfg, ServeJobCfg).model_dump(by_alias=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    verb = args.pop(0) if args and args[0] in VERBS else "serve"
+    bad = [a for a in args if "=" not in a]
+    if bad:
+        print(f"error: unknown argument(s) {bad}; verbs: {', '.join(VERBS)}; settings are "
+              "key=value", file=sys.stderr)
+        sys.exit(2)
+    with user_errors():
+        job = job_from_args(args)
+        if verb != "serve" and not job["ray"]["address"]:
+            job["ray"]["address"] = "auto"  # talk to the cluster that serves the app
+        if job["ray"]["address"] and "RAY_AUTH_MODE" not in os.environ \
+                and (Path.home() / ".ray" / "auth_token").exists():
+            os.environ["RAY_AUTH_MODE"] = "token"  # Ray 2.60: a client process must opt in
+        if job["serve"]["detach"] and not job["ray"]["address"]:
+            raise ConfigError("serve.detach=true needs ray.address (a cluster that outlives "
+                              "this process); a local Ray started here stops when it exits")
+        from mlops_ray.registry import open_registry
+        from mlops_ray.serving import control
+        reg = open_registry(job)
+        facts = control.start(job)
+        s = job["serve"]
+        if verb == "serve":
+            control.serve_alias(job, reg, job["alias"])
+            url = f"http://{s['host']}:{s['port']}{s['route_prefix'].rstrip('/')}"
+            print(f"endpoint   {url}/predict  {url}/v2/models/{job['model']}/infer  {url}/docs\n"
+                  f"dashboard  {facts['dashboard_url'] or '(the cluster dashboard)'}", flush=True)
+            if s["detach"]:
+                return
+            try:
+                while True:
+                    time.sleep(3600)
+            except KeyboardInterrupt:
+                from ray import serve
+                serve.shutdown()
+                print("stopped", flush=True)
+        elif verb == "rollout":
+            to = job["to"] or "canary"
+            control.rollout(job, reg, to, job["strategy"] or s["rollout"]["strategy"])
+        elif verb == "status":
+            from ray import serve
+            st = control.stats(job)
+            apps = {k: v.status for k, v in serve.status().applications.items()}
+            print(json.dumps({"applications": apps, **st}, indent=1, default=str))
+        elif verb == "drift":
+            from mlops_ray.serving.drift import format_table
+            for ref, rows in control.drift(job).items():
+                print(f"{ref}\n{format_table(rows)}\n")
+        elif verb == "rollback":
+            control.rollback(job, reg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,450 @@
+"""Ray Serve, over real HTTP on 127.0.0.1, on the shared local cluster: the protocols and their
+validation, auth, caching, blue-green / canary / A/B / shadow rollouts under continuous client
+load, drift alerts, delayed-label feedback, Ray metrics and autoscaling.
+
+Registry versions are made here from small models fitted in-process on Adult (a few seconds),
+so each rollout test has a good, an equivalent and a skewed version without training runs."""
+from __future__ import annotations
+
+import io
+import json
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+
+from mlops_ray.data import prepare
+from mlops_ray.registry import Policy, Registry
+from mlops_ray.serving import control
+from mlops_ray.serving.predictor import Predictor
+from mlops_ray.storage import resolve
+from tests.conftest import free_port, wait_until
+
+pytestmark = pytest.mark.ray
+MODEL = "adult_mlp"
+
+
+def make_version(reg: Registry, prepared, seed: int, bias: float = 0.0):
+    """Fit a small MLP for a few hundred steps; `bias` shifts its logits afterwards (a version
+    with other bytes that predicts the same, or a skewed one)."""
+    import torch
+
+    from mlops_ray.data.profile import profile
+    from mlops_ray.models.mlp import MLP
+    from mlops_ray.registry.promote import signature
+    torch.manual_seed(seed)
+    x, y = prepared.xy("train")
+    model = MLP(prepared.preprocessor.n_features, hidden=[16], dropout=0.0)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    for _ in range(150):
+        idx = torch.randint(0, len(xt), (1024,))
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(xt[idx]), yt[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        model.net[-1].bias += bias
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    pre = prepared.preprocessor
+    ds = {"label": prepared.label, "positive": prepared.positive, "sensitive": prepared.sensitive}
+    rows = prepared.frame.iloc[prepared.splits["train"]]
+    dumps = json.dumps
+    files = {
+        "model.pt": buf.getvalue(),
+        "meta.json": dumps({"model": {"_target_": "mlops_ray.models.mlp.MLP", "hidden": [16],
+                                      "dropout": 0.0},
+                            "in_features": pre.n_features}).encode(),
+        "preprocessor.json": dumps(pre.to_dict()).encode(),
+        "signature.json": dumps(signature(pre, ds, 0.5, False)).encode(),
+        "reference.json": dumps(profile(rows, pre.numeric, pre.categorical + ["sex", "race"]
+                                        )).encode(),
+    }
+    return reg.register(MODEL, files, {"run_uri": f"run-{seed}-{bias}", "gate_passed": True,
+                                       "data_version": prepared.version})
+
+
+@pytest.fixture(scope="module")
+def env(ray_2_cpus, tmp_path_factory):
+    from ray import serve
+
+    from jobs.serve import job_from_args
+    from mlops_ray.config import compose
+    store = tmp_path_factory.mktemp("serve")
+    port = free_port()
+    job = job_from_args([f"model={MODEL}", f"storage.uri={store}", f"serve.port={port}",
+                         f"ray.address={ray_2_cpus}", "serve.rollout.bake_s=4",
+                         "serve.rollout.poll_s=0.2", "serve.rollout.min_requests=10",
+                         "serve.drift.min_rows=300", "serve.drift.window=600"])
+    reg = Registry(f"sqlite:///{store / 'reg.db'}", resolve(str(store)), Policy.default())
+    prepared = prepare(compose("train", ["+experiment=adult_mlp"])["dataset"], 0)
+    versions = {"good": make_version(reg, prepared, 0),
+                "equal": make_version(reg, prepared, 0, bias=0.01),
+                "skewed": make_version(reg, prepared, 0, bias=4.0)}
+    reg.set_alias(MODEL, "production", versions["good"].version, expected=None)
+    control.start(job)
+    control.serve_alias(job, reg, "production", log=lambda _: None)
+    test_rows = prepared.frame.iloc[prepared.splits["test"]]
+    cols = [f["name"] for f in json.loads(
+        (Path(versions["good"].artifact_uri.removeprefix("file://")) / "signature.json")
+        .read_text())["inputs"]]
+    records = json.loads(test_rows[cols].to_json(orient="records"))
+    yield {"job": job, "reg": reg, "v": versions, "url": f"http://127.0.0.1:{port}",
+           "records": records, "rows": test_rows, "prepared": prepared}
+    serve.shutdown()
+
+
+def post(url: str, body, headers=None, timeout: float = 30):
+    return requests.post(url, data=json.dumps(body), timeout=timeout,
+                         headers={"Content-Type": "application/json", **(headers or {})})
+
+
+def offline(reg: Registry, ref: str, rows) -> np.ndarray:
+    v, folder = reg.fetch(ref)
+    return Predictor.load(folder, v.ref).predict_proba(rows)
+
+
+def reset(env, alias: str = "production") -> None:
+    """Serve `alias` alone again (a previous test may have left another routing)."""
+    job, reg = env["job"], env["reg"]
+    v = reg.get(f"{MODEL}@{alias}")
+    spec = control.deploy_version(job, v)
+    routing = {"arms": [{**spec, "weight": 100.0, "role": "stable"}], "mode": "weighted",
+               "previous": None}
+    control.set_routing(job, routing)
+    control._cleanup(job, routing)
+
+
+class Load:
+    """Closed-loop clients posting single rows until stopped; records every answer."""
+
+    def __init__(self, url: str, records: list, threads: int = 4, headers=None):
+        self.url, self.records, self.headers = url, records, headers or {}
+        self.ok, self.failed, self.versions = 0, [], []
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self.run, args=(i,), daemon=True)
+                        for i in range(threads)]
+
+    def run(self, i: int) -> None:
+        s = requests.Session()
+        n = i
+        while not self.stop.is_set():
+            rec = self.records[n % len(self.records)]
+            n += len(self.threads)
+            try:
+                r = s.post(self.url + "/predict", json={"records": [rec]}, timeout=30,
+                           headers=self.headers)
+                if r.status_code == 200:
+                    self.ok += 1
+                    self.versions.append(r.json()["version"])
+                else:
+                    self.failed.append((r.status_code, r.text[:200]))
+            except requests.RequestException as e:
+                self.failed.append((0, str(e)))
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        wait_until(lambda: self.ok >= 5, 60, what="the first answers under load")
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        for t in self.threads:
+            t.join(30)
+
+
+def test_protocols_answer_like_the_offline_model(env):
+    url, reg, recs = env["url"], env["reg"], env["records"][:50]
+    want = offline(reg, f"{MODEL}@production", env["rows"].head(50))
+    r = post(url + "/predict", {"records": recs})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"] == MODEL and body["version"] == env["v"]["good"].version
+    np.testing.assert_allclose(body["probabilities"], want, rtol=0, atol=1e-6)
+    assert body["labels"] == [int(p >= 0.5) for p in want]
+    cols = list(recs[0])
+    inputs = [{"name": c, "shape": [len(recs)], "data": [x[c] for x in recs],
+               "datatype": "BYTES" if any(isinstance(x[c], str) for x in recs) else "FP64"}
+              for c in cols]
+    r = post(url + f"/v2/models/{MODEL}/infer", {"id": "req-1", "inputs": inputs})
+    assert r.status_code == 200, r.text
+    out = {o["name"]: o for o in r.json()["outputs"]}
+    assert r.json()["id"] == "req-1" and out["probability"]["shape"] == [50]
+    np.testing.assert_allclose(out["probability"]["data"], want, atol=1e-6)
+    meta = requests.get(url + f"/v2/models/{MODEL}", timeout=10).json()
+    assert {"name": "workclass", "datatype": "BYTES", "shape": [-1]} in meta["inputs"]
+    assert requests.get(url + "/v2/health/ready", timeout=10).json() == {"ready": True}
+    assert requests.get(url + "/v2/health/live", timeout=10).status_code == 200
+    assert requests.get(url + f"/v2/models/{MODEL}/ready", timeout=10).json()["ready"]
+    assert requests.get(url + "/v2/models/nope", timeout=10).status_code == 404
+    assert "/predict" in requests.get(url + "/openapi.json", timeout=10).json()["paths"]
+
+
+def test_bad_payloads_get_4xx_naming_every_field(env):
+    from ray import serve
+    url, rec = env["url"], env["records"][0]
+    h = serve.get_deployment_handle("Model", f"{MODEL}-v{env['v']['good'].version}")
+    pid = h.info.remote().result()["pid"]
+    bad = {**rec, "age": "old", "hours_per_week": "NaN", "zodiac": "leo"}
+    del bad["education"]
+    r = post(url + "/predict", {"records": [rec, bad]})
+    assert r.status_code == 422
+    probs = r.json()["problems"]
+    assert any(p.startswith("records[1].age='old'") for p in probs)
+    assert any("records[1].hours_per_week" in p for p in probs)
+    assert any("records[1].zodiac: unknown field" in p for p in probs)
+    assert any("records[1].education: required field is missing" in p for p in probs)
+    assert not any(p.startswith("records[0]") for p in probs)
+    for body in ({"rows": []}, {"records": []}, {"records": "x"}, [1, 2], {"records": [5]}):
+        assert post(url + "/predict", body).status_code == 422, body
+    r = requests.post(url + "/predict", data=b"{not json", timeout=10,
+                      headers={"Content-Type": "application/json"})
+    assert r.status_code == 422
+    assert post(url + "/predict", {"records": [rec] * 1001}).status_code == 413
+    r = post(url + f"/v2/models/{MODEL}/infer", {"inputs": [{"name": "age", "shape": [2],
+                                                             "datatype": "FP64", "data": [1]}]})
+    assert r.status_code == 422 and "shape says 2 values, data has 1" in r.text
+    assert h.info.remote().result()["pid"] == pid  # the replica never saw a bad row
+    assert post(url + "/predict", {"records": [rec]}).status_code == 200
+
+
+def test_fuzzed_requests_never_get_a_5xx(env):
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+    url, rec = env["url"], env["records"][0]
+    scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True),
+                        st.text(max_size=8))
+    values = st.one_of(scalars, st.lists(scalars, max_size=3),
+                       st.dictionaries(st.text(max_size=5), scalars, max_size=3))
+    record = st.fixed_dictionaries({k: st.one_of(st.just(v), values) for k, v in rec.items()})
+    bodies = st.one_of(values, st.fixed_dictionaries({"records": st.lists(record, max_size=3)}),
+                       st.fixed_dictionaries({"inputs": st.lists(st.fixed_dictionaries(
+                           {"name": st.sampled_from(list(rec)), "shape": st.lists(
+                               st.integers(-1, 3), max_size=3), "datatype": st.sampled_from(
+                               ["FP64", "BYTES", "XX"]), "data": st.lists(scalars, max_size=3)}),
+                           max_size=3)}))
+    s = requests.Session()
+
+    @settings(max_examples=120, deadline=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    @given(body=bodies, path=st.sampled_from(["/predict", f"/v2/models/{MODEL}/infer",
+                                              "/feedback"]))
+    def check(body, path):
+        r = s.post(url + path, data=json.dumps(body, allow_nan=True), timeout=30,
+                   headers={"Content-Type": "application/json"})
+        assert r.status_code < 500, (path, body, r.text)
+    check()
+
+
+def test_cache_is_keyed_on_the_version(env):
+    url, rec = env["url"], env["records"][1]
+    before = control.stats(env["job"])["cache"]
+    a = post(url + "/predict", {"records": [rec]}).json()
+    b = post(url + "/predict", {"records": [dict(reversed(list(rec.items())))]}).json()
+    after = control.stats(env["job"])["cache"]
+    assert a["probabilities"] == b["probabilities"]
+    assert after["hits"] >= before["hits"] + 1
+
+
+def test_blue_green_switch_fails_no_request(env):
+    job, reg, v = env["job"], env["reg"], env["v"]
+    reset(env)
+    reg.set_alias(MODEL, "blue", v["equal"].version)
+    rec = env["records"][2]
+    old = post(env["url"] + "/predict", {"records": [rec]}).json()
+    pid = control.stats(job)["pid"]
+    with Load(env["url"], env["records"]) as load:
+        control.rollout(job, reg, "blue", "bluegreen", log=lambda _: None)
+        n = load.ok
+        wait_until(lambda: load.ok >= n + 20, 60, what="answers after the switch")
+    assert load.failed == [] and load.ok > 40
+    assert control.stats(job)["pid"] == pid  # traffic moved by reconfigure, no restart
+    assert load.versions[0] == v["good"].version and load.versions[-1] == v["equal"].version
+    new = post(env["url"] + "/predict", {"records": [rec]}).json()
+    assert new["version"] == v["equal"].version != old["version"]  # not the cached answer
+    traffic = [a for a in reg.audit_log(MODEL) if a["action"] == "traffic"]
+    assert json.loads(traffic[-1]["details"])["strategy"] == "bluegreen"
+    # rollback returns traffic to the previous version
+    control.rollback(job, reg, log=lambda _: None)
+    assert post(env["url"] + "/predict", {"records": [rec]}).json()["version"] == \
+        v["good"].version
+
+
+def test_canary_with_errors_rolls_back_automatically(env):
+    job, reg, v = env["job"], env["reg"], env["v"]
+    reset(env)
+    reg.set_alias(MODEL, "canary", v["equal"].version)
+    broken = {**job, "serve": {**job["serve"], "model": {**job["serve"]["model"],
+                                                         "chaos_error_rate": 0.5}}}
+    with Load(env["url"], env["records"]) as load:
+        t0 = time.monotonic()
+        with pytest.raises(control.ServeError, match="error rate") as err:
+            control.rollout(broken, reg, "canary", "canary", log=lambda _: None)
+        took = time.monotonic() - t0
+    assert took < job["serve"]["rollout"]["bake_s"] + 30
+    assert "answered" in str(err.value)
+    assert control.current_routing(job)["arms"][0]["ref"] == v["good"].ref
+    rb = [a for a in reg.audit_log(MODEL) if a["action"] == "rollback"][-1]
+    d = json.loads(rb["details"])
+    assert d["automatic"] and d["canary_requests"] >= 10 and d["canary_answered"] >= 0
+    assert all(code == 503 for code, _ in load.failed)  # the canary's own errors only
+
+
+def test_canary_with_skewed_predictions_rolls_back(env):
+    job, reg, v = env["job"], env["reg"], env["v"]
+    reset(env)
+    reg.set_alias(MODEL, "canary", v["skewed"].version)
+    with Load(env["url"], env["records"]), pytest.raises(control.ServeError,
+                                                         match="prediction shift"):
+        control.rollout(job, reg, "canary", "canary", log=lambda _: None)
+    assert [a["ref"] for a in control.current_routing(job)["arms"]] == [v["good"].ref]
+
+
+def test_good_canary_completes(env):
+    job, reg, v = env["job"], env["reg"], env["v"]
+    reset(env)
+    reg.set_alias(MODEL, "canary", v["equal"].version)
+    steps: list[str] = []
+    with Load(env["url"], env["records"]) as load:
+        routing = control.rollout(job, reg, "canary", "canary", log=steps.append)
+    assert [a["ref"] for a in routing["arms"]] == [v["equal"].ref]
+    assert load.failed == [] and set(load.versions) == {v["good"].version, v["equal"].version}
+    assert any("10%" in s for s in steps) and any("50%" in s for s in steps)
+
+
+def test_shadow_never_changes_an_answer(env):
+    job, reg, v = env["job"], env["reg"], env["v"]
+    reset(env)
+    reg.set_alias(MODEL, "challenger", v["skewed"].version)
+    control.rollout(job, reg, "challenger", "shadow", log=lambda _: None)
+    recs = env["records"][100:160]
+    want = offline(reg, v["good"].ref, env["rows"].iloc[100:160])
+    got = [post(env["url"] + "/predict", {"records": [r]}).json() for r in recs]
+    assert {g["version"] for g in got} == {v["good"].version}
+    np.testing.assert_allclose([g["probabilities"][0] for g in got], want, atol=1e-6)
+    st = wait_until(lambda: (s := control.stats(job))["shadow"]["compared"] >= 60 and s, 30,
+                    what="shadow comparisons")
+    assert st["shadow"]["label_disagreements"] > 0  # the skewed challenger disagrees...
+    assert st["arms"][v["skewed"].ref]["requests"] >= 60  # ...on copies of real traffic
+
+
+def test_ab_assignment_is_sticky(env):
+    job, reg, v = env["job"], env["reg"], env["v"]
+    reset(env)
+    reg.set_alias(MODEL, "b", v["equal"].version)
+    control.rollout(job, reg, "b", "ab", log=lambda _: None)
+    rec = env["records"][3]
+
+    def arm(key: str) -> int:
+        return post(env["url"] + "/predict", {"records": [rec]}, {"X-AB-Key": key}).json()[
+            "version"]
+    seen = {k: arm(k) for k in (f"user-{i}" for i in range(30))}
+    assert set(seen.values()) == {v["good"].version, v["equal"].version}
+    assert all(arm(k) == want for k, want in list(seen.items())[:10])  # sticky
+    arms = control.stats(job)["arms"]
+    assert arms[v["equal"].ref]["requests"] > 0 and arms[v["good"].ref]["requests"] > 0
+
+
+def test_drift_alerts_for_the_shifted_feature_only(env):
+    job = env["job"]
+    reset(env)
+    url = env["url"]
+    # a fresh routing resets nothing in the monitor: use rows the window has not seen
+    rows = env["records"][1000:1600]
+    for i in range(0, len(rows), 50):
+        assert post(url + "/predict", {"records": rows[i:i + 50]}).status_code == 200
+    table = control.drift(job)[env["v"]["good"].ref]
+    assert not [r["feature"] for r in table if r.get("alert")], table
+    shifted = [{**r, "age": r["age"] + 15} for r in env["records"][2000:2600]]
+    for i in range(0, len(shifted), 50):
+        post(url + "/predict", {"records": shifted[i:i + 50]})
+    table = control.drift(job)[env["v"]["good"].ref]
+    assert [r["feature"] for r in table if r.get("alert")] == ["age"]
+
+
+def test_feedback_gives_live_auc_and_group_gaps(env):
+    url = env["url"]
+    reset(env)
+    rows = env["rows"].iloc[3000:3600]
+    labels = env["prepared"].labels(rows).astype(int).tolist()
+    recs = [{**r, "sex": s} for r, s in zip(env["records"][3000:3600], rows["sex"])]
+    for i in range(0, 600, 60):
+        ans = post(url + "/predict", {"records": recs[i:i + 60]}).json()
+        ok = post(url + "/feedback", {"request_id": ans["request_id"],
+                                      "labels": labels[i:i + 60]})
+        assert ok.status_code == 200, ok.text
+    assert post(url + "/feedback", {"request_id": "nope", "labels": [1]}).status_code == 404
+    live = control.stats(env["job"])["feedback"][env["v"]["good"].ref]
+    assert live["labelled_rows"] == 600 and live["auc"] > 0.8
+    assert 0 <= live["tpr_gap_sex"] <= 1
+
+
+def test_metrics_reach_rays_prometheus_endpoint(env):
+    import os
+    port = os.environ["MLOPS_TEST_RAY_METRICS_PORT"]
+    post(env["url"] + "/predict", {"records": env["records"][:3]})
+
+    def scraped():
+        text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        names = ("ray_mlops_serve_requests_total", "ray_mlops_serve_latency_ms_bucket",
+                 "ray_mlops_serve_batch_rows_bucket", "ray_mlops_serve_cache_total",
+                 "ray_mlops_serve_probability_bucket", "ray_mlops_serve_drift")
+        return all(n in text for n in names) and text
+    text = wait_until(scraped, 60, interval=2, what="serving metrics on Ray's endpoint")
+    line = next(x for x in text.splitlines() if x.startswith("ray_mlops_serve_requests_total{"))
+    assert f'model="{MODEL}"' in line and 'endpoint="predict"' in line
+
+
+def test_api_keys(env):
+    """A second app with API keys: 401 without the key, health endpoints open."""
+    from ray import serve
+    job = {**env["job"], "serve": {**env["job"]["serve"], "app_name": "secure",
+                                   "route_prefix": "/secure",
+                                   "auth": {"api_keys": ["k-123"], "api_keys_env": None,
+                                            "key_file": None}}}
+    control.serve_alias(job, env["reg"], "production", log=lambda _: None)
+    url, rec = env["url"] + "/secure", env["records"][0]
+    try:
+        assert post(url + "/predict", {"records": [rec]}).status_code == 401
+        assert post(url + "/predict", {"records": [rec]},
+                    {"Authorization": "Bearer wrong"}).status_code == 401
+        assert requests.get(url + f"/v2/models/{MODEL}", timeout=10).status_code == 401
+        assert requests.get(url + "/v2/health/ready", timeout=10).status_code == 200
+        assert post(url + "/predict", {"records": [rec]},
+                    {"Authorization": "Bearer k-123"}).status_code == 200
+    finally:
+        serve.delete("secure")
+        control._cleanup(job, {"arms": []})
+
+
+def test_model_replicas_follow_load(env):
+    """autoscaling_config (Ray's names): replicas rise under load and fall after it."""
+    from ray import serve
+    job = {**env["job"], "serve": {**env["job"]["serve"], "app_name": "scale",
+                                   "route_prefix": "/scale",
+                                   "cache": {**env["job"]["serve"]["cache"], "enabled": False},
+                                   "model": {**env["job"]["serve"]["model"],
+                                             "autoscaling_config": {
+                                                 "min_replicas": 1, "max_replicas": 3,
+                                                 "target_ongoing_requests": 1,
+                                                 "upscale_delay_s": 1, "downscale_delay_s": 3,
+                                                 "look_back_period_s": 1}}}}
+    control.serve_alias(job, env["reg"], "production", log=lambda _: None)
+    app = f"scale-v{env['v']['good'].version}"
+
+    def running() -> int:
+        d = serve.status().applications[app].deployments["Model"]
+        return d.replica_states.get("RUNNING", 0)
+    try:
+        assert running() == 1
+        with Load(env["url"] + "/scale", env["records"], threads=12):
+            wait_until(lambda: running() > 1, 90, interval=0.5, what="a scale-up under load")
+        wait_until(lambda: running() == 1, 90, interval=0.5, what="a scale-down after load")
+    finally:
+        serve.delete("scale")
+        control._cleanup(job, {"arms": []})
