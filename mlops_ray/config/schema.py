@@ -606,6 +606,8 @@ class ServeCfg(Strict):
     route_prefix: str = "/"
     detach: bool = False
     ready_timeout_s: float = Field(180, gt=0)
+    ingress_mode: Literal["inline", "handle"] = "inline"
+    access_log: bool = False
     ingress: ServeDeploymentCfg = ServeDeploymentCfg(max_ongoing_requests=256)
     model: ServeDeploymentCfg = ServeDeploymentCfg()
     batching: BatchingCfg = BatchingCfg()
@@ -619,12 +621,19 @@ class ServeCfg(Strict):
 
     @model_validator(mode="after")
     def _serve(self) -> ServeCfg:
-        if self.model.autoscaling_config is not None:
+        for part in ("ingress", "model"):
+            auto = getattr(self, part).autoscaling_config
+            if auto is None:
+                continue
             from ray.serve.config import AutoscalingConfig
             try:
-                AutoscalingConfig(**self.model.autoscaling_config)
+                AutoscalingConfig(**auto)
             except Exception as e:  # noqa: BLE001 - Ray's own validation names the field
-                raise ValueError(f"serve.model.autoscaling_config: {e}") from None
+                raise ValueError(f"serve.{part}.autoscaling_config: {e}") from None
+        if self.model.autoscaling_config and self.ingress_mode == "inline":
+            raise ValueError("serve.model.autoscaling_config scales the model deployments, "
+                             "which serve.ingress_mode=inline does not use: set "
+                             "serve.ingress_mode=handle, or serve.ingress.autoscaling_config")
         if not self.route_prefix.startswith("/"):
             raise ValueError(f"serve.route_prefix={self.route_prefix!r}: must start with '/'")
         if self.grpc.enabled and not self.grpc.servicer_functions:

@@ -3,6 +3,7 @@ inference reproduces it exactly: numeric -> median impute + standardise; categor
 over the training categories (unseen and missing values encode as all zeros)."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -55,8 +56,38 @@ class Preprocessor:
             j += len(cats)
         return out
 
+    def transform_records(self, records: list[dict[str, Any]]) -> np.ndarray:
+        """`transform` for a few rows given as dicts, without pandas (online serving: about
+        100x faster for one row). Same encoding: None/NaN/non-numbers -> median, categories
+        compared as strings, unseen -> all zeros."""
+        lookup = self.__dict__.get("_lookup")
+        if lookup is None:
+            offsets, j = {}, len(self.numeric)
+            for c in self.categorical:
+                offsets[c] = {v: j + k for k, v in enumerate(self.categories[c])}
+                j += len(self.categories[c])
+            lookup = self.__dict__["_lookup"] = offsets
+        out = np.zeros((len(records), self.n_features), dtype=np.float32)
+        for r, rec in enumerate(records):
+            for i, c in enumerate(self.numeric):
+                v = rec.get(c)
+                try:
+                    v = float(v)
+                except (TypeError, ValueError):
+                    v = math.nan
+                if math.isnan(v):
+                    v = self.medians[c]
+                out[r, i] = (v - self.means[c]) / self.stds[c]
+            for c, idx in lookup.items():
+                v = rec.get(c)
+                if v is not None and v == v:
+                    j = idx.get(str(v))
+                    if j is not None:
+                        out[r, j] = 1.0
+        return out
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if not k.startswith("_")}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Preprocessor:

@@ -72,13 +72,9 @@ class ModelServer:
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002)
     async def predict_batch(self, requests: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
-        import pandas as pd
         sizes = [len(r) for r in requests]
-        rows = pd.DataFrame.from_records([row for r in requests for row in r])
-        cols = [f["name"] for f in self.p.signature["inputs"]]
-        rows = rows.reindex(columns=cols)
-        p, y = self.p.predict(rows)
-        self.batch_rows.observe(len(rows), tags={"version": self.ref})
+        p, y = self.p.predict_records([row for r in requests for row in r])
+        self.batch_rows.observe(len(p), tags={"version": self.ref})
         out, i = [], 0
         for n in sizes:
             out.append({"probabilities": p[i:i + n].tolist(), "labels": y[i:i + n].tolist()})
@@ -149,8 +145,11 @@ class Ingress:
         self.keys = set(cfg.get("api_keys") or [])
         self.cache = TTLCache(cfg["cache"]["max_entries"], cfg["cache"]["ttl_s"]) \
             if cfg["cache"]["enabled"] else None
+        self.inline = cfg["mode"] == "inline"  # run versions here instead of via handles
         self.arms: dict[str, Arm] = {}  # ref -> Arm
         self.handles: dict[str, Any] = {}
+        self.predictors: dict[str, Any] = {}
+        self.load_error: str | None = None
         self.sigs: dict[str, dict] = {}
         self.drift: dict[str, Any] = {}
         self.routing: dict[str, Any] = {"arms": [], "mode": "weighted"}
@@ -181,28 +180,57 @@ class Ingress:
 
     # --- routing state (user_config) -------------------------------------------------------
     def reconfigure(self, routing: dict[str, Any]) -> None:
+        """Load every new arm first; only when all loaded does the routing table change, so a
+        version that fails to load never receives traffic (the old routing stays)."""
         from mlops_ray.serving.drift import DriftMonitor
-        for spec in routing["arms"]:
-            ref = spec["ref"]
-            if ref not in self.handles:
-                self.handles[ref] = serve.get_deployment_handle("Model", app_name=spec["app"])
+        from mlops_ray.serving.predictor import Predictor
+        loaded: dict[str, tuple] = {}
+        try:
+            for spec in routing["arms"]:
+                ref = spec["ref"]
+                if ref in self.sigs:
+                    continue
                 folder = _load(spec["artifact_uri"], spec["content_hash"], self.cfg["storage"])
-                self.sigs[ref] = json.loads((folder / "signature.json").read_text())
-                self.drift[ref] = DriftMonitor(json.loads((folder / "reference.json").read_text()),
-                                               self.cfg["drift"])
-            arm = self.arms.get(ref)
+                pred = Predictor.load(folder, ref) if self.inline else None
+                handle = None if self.inline else serve.get_deployment_handle(
+                    "Model", app_name=spec["app"])
+                loaded[ref] = (json.loads((folder / "signature.json").read_text()),
+                               DriftMonitor(json.loads((folder / "reference.json").read_text()),
+                                            self.cfg["drift"]), pred, handle)
+        except Exception as e:  # noqa: BLE001 - reported through routing_state()
+            self.load_error = f"{type(e).__name__}: {e}"
+            log.error("routing not applied, a version failed to load: %s", self.load_error)
+            return
+        for ref, (sig, mon, pred, handle) in loaded.items():
+            self.sigs[ref], self.drift[ref] = sig, mon
+            if pred is not None:
+                self.predictors[ref] = pred
+            if handle is not None:
+                self.handles[ref] = handle
+        for spec in routing["arms"]:
+            arm = self.arms.get(spec["ref"])
             if arm is None:
-                self.arms[ref] = Arm(spec)
+                self.arms[spec["ref"]] = Arm(spec)
             else:
                 arm.spec = spec
         live = {s["ref"] for s in routing["arms"]}
         for ref in list(self.arms):
             if ref not in live:
                 del self.arms[ref]
-        self.routing = routing
+        self.routing, self.load_error = routing, None
 
     def routing_state(self) -> dict[str, Any]:
-        return self.routing
+        return {**self.routing, "load_error": self.load_error}
+
+    async def _infer(self, arm: Arm, records: list[dict]) -> dict[str, Any]:
+        ref = arm.spec["ref"]
+        if not self.inline:
+            return await self.handles[ref].predict.remote(records)
+        rate = arm.spec.get("chaos_error_rate") or 0.0
+        if rate and random.random() < rate:
+            raise RuntimeError(f"injected failure on {ref} (chaos_error_rate)")
+        p, y = self.predictors[ref].predict_records(records)
+        return {"probabilities": p.tolist(), "labels": y.tolist()}
 
     def stats(self) -> dict[str, Any]:
         from scipy.stats import ks_2samp
@@ -279,7 +307,7 @@ class Ingress:
         arm.requests += 1  # answered by this arm, from its cache or its model
         if result is None:
             try:
-                result = await self.handles[ref].predict.remote(records)
+                result = await self._infer(arm, records)
             except Exception:
                 arm.errors += 1
                 self.m_errors.inc(tags={**tags, "kind": "model"})
@@ -305,7 +333,7 @@ class Ingress:
         arm.requests += 1
         t0 = time.perf_counter()
         try:
-            got = await self.handles[arm.spec["ref"]].predict.remote(records)
+            got = await self._infer(arm, records)
         except Exception as e:  # noqa: BLE001 - a failing shadow must never affect clients
             arm.errors += 1
             log.warning("shadow %s failed: %s", arm.spec["ref"], e)

@@ -48,7 +48,8 @@ def api_keys(auth: dict[str, Any]) -> list[str]:
 
 def ingress_config(job: dict[str, Any]) -> dict[str, Any]:
     s = job["serve"]
-    return {"model_name": job["model"], "storage": job["storage"], "cache": s["cache"],
+    return {"model_name": job["model"], "mode": s["ingress_mode"], "storage": job["storage"],
+            "cache": s["cache"],
             "limits": s["limits"], "drift": s["drift"], "feedback": s["feedback"],
             "api_keys": api_keys(s["auth"])}
 
@@ -91,6 +92,11 @@ def deploy_version(job: dict[str, Any], v: Version) -> dict[str, Any]:
     s, name = job["serve"], f"{app_name(job)}-v{v.version}"
     if v.status == "deleted":
         raise ServeError(f"{v.ref} was deleted from the registry")
+    spec = {"ref": v.ref, "version": v.version, "app": name, "artifact_uri": v.artifact_uri,
+            "content_hash": v.content_hash,
+            "chaos_error_rate": float(s["model"]["chaos_error_rate"] or 0.0)}
+    if s["ingress_mode"] == "inline":  # the ingress loads it (and checks it) before routing
+        return {**spec, "app": None}
     # an app being deleted (a version that just lost its traffic) must be gone before re-use
     wait_gone = time.monotonic() + s["ready_timeout_s"]
     while (st := serve.status().applications.get(name)) is not None \
@@ -99,6 +105,7 @@ def deploy_version(job: dict[str, Any], v: Version) -> dict[str, Any]:
     # serve.run is idempotent: an unchanged app is left alone, a new user_config is applied
     m = s["model"]
     opts = {k: m[k] for k in ("max_ongoing_requests", "ray_actor_options")}
+    opts["logging_config"] = {"enable_access_log": s["access_log"]}
     if m["autoscaling_config"]:
         opts["autoscaling_config"] = m["autoscaling_config"]
     else:
@@ -109,8 +116,7 @@ def deploy_version(job: dict[str, Any], v: Version) -> dict[str, Any]:
     serve.run(ModelServer.options(**opts, _internal=True).bind(*args),
               name=name, route_prefix=None, blocking=False)
     wait_ready(name, s["ready_timeout_s"])
-    return {"ref": v.ref, "version": v.version, "app": name, "artifact_uri": v.artifact_uri,
-            "content_hash": v.content_hash}
+    return spec
 
 
 def current_routing(job: dict[str, Any]) -> dict[str, Any] | None:
@@ -136,18 +142,26 @@ def set_routing(job: dict[str, Any], routing: dict[str, Any]) -> None:
     from mlops_ray.serving.app import Ingress
     s = job["serve"]
     ing = s["ingress"]
-    opts = {k: ing[k] for k in ("num_replicas", "max_ongoing_requests", "ray_actor_options")}
+    opts = {k: ing[k] for k in ("max_ongoing_requests", "ray_actor_options")}
+    opts["logging_config"] = {"enable_access_log": s["access_log"]}
+    if ing["autoscaling_config"]:
+        opts["autoscaling_config"] = ing["autoscaling_config"]
+    else:
+        opts["num_replicas"] = ing["num_replicas"]
     cfg = ingress_config(job)
     serve.run(Ingress.options(**opts, user_config=routing, version=code_version(cfg, opts),
                               _internal=True).bind(cfg),
               name=app_name(job), route_prefix=s["route_prefix"], blocking=False)
     wait_ready(app_name(job), s["ready_timeout_s"])
+    got = current_routing(job) or {}
+    if [a["ref"] for a in got.get("arms", [])] != [a["ref"] for a in routing["arms"]]:
+        raise ServeError(f"the ingress kept its routing: {got.get('load_error') or 'unknown'}")
 
 
 def _cleanup(job: dict[str, Any], routing: dict[str, Any]) -> list[str]:
     """Delete version apps that receive no traffic any more."""
     from ray import serve
-    keep = {a["app"] for a in routing["arms"]}
+    keep = {a["app"] for a in routing["arms"] if a.get("app")}
     prefix = f"{app_name(job)}-v"
     gone = [a for a in serve.status().applications if a.startswith(prefix) and a not in keep]
     for a in gone:

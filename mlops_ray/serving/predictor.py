@@ -47,3 +47,11 @@ class Predictor:
     def predict(self, rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
         p = self.predict_proba(rows)
         return p, (p >= self.threshold).astype(np.int64)
+
+    def predict_records(self, records: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
+        """Online path: validated records straight to numbers (no pandas)."""
+        import torch
+        with torch.inference_mode():
+            p = torch.sigmoid(self.model(torch.from_numpy(self.pre.transform_records(records))))
+        p = p.numpy().astype(np.float64)
+        return p, (p >= self.threshold).astype(np.int64)

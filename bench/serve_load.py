@@ -1,0 +1,253 @@
+"""Closed-loop HTTP load on the served Adult MLP, every arm in one run on this machine.
+
+    python bench/serve_load.py                       # concurrency 1, 16, 64; 8 s per point
+    python bench/serve_load.py --duration 15 --concurrency 16 --arms a d
+
+Arms (one POST /predict of one Adult row per request, load from `wrk` on the same machine):
+  (a) jobs.serve's app as configured by default (conf/serve.yaml, conf/ray/local.yaml), cache off
+  (b) the same with its response cache on, every request the same row
+  (c) Ray Serve with Ray's defaults: one FastAPI deployment doing the same work, default proxy
+  (d) bare FastAPI + uvicorn in one process doing the same work (validation, preprocessing, model)
+  (h) (a) behind Serve's HAProxy ingress (RAY_SERVE_ENABLE_HA_PROXY=1; opt-in, see the README)
+Prints req/s, p50, p99 and errors per arm and concurrency, and the ratios of (a) and (b) to (c)
+and (d). Needs `wrk` (apt-get install wrk).
+"""
+# no `from __future__ import annotations`: FastAPI must see the real Request type
+
+import argparse
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+MODEL = "adult_mlp"
+
+
+def make_registry(work: Path) -> dict:
+    """A registry with one version of the default model (MLP 256-256 on 108 inputs)."""
+    import torch
+
+    from mlops_ray.config import compose
+    from mlops_ray.data import prepare
+    from mlops_ray.data.profile import profile
+    from mlops_ray.registry import Policy, Registry
+    from mlops_ray.registry.promote import signature
+    from mlops_ray.storage import resolve
+    from mlops_ray.utils import build
+    cfg = compose("train", ["+experiment=adult_mlp"])
+    p = prepare(cfg["dataset"], cfg["seed"])
+    torch.manual_seed(0)
+    model = build(cfg["model"], in_features=p.preprocessor.n_features)  # weights don't matter here
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    rows = p.frame.iloc[p.splits["train"]]
+    ds = {"label": p.label, "positive": p.positive, "sensitive": p.sensitive}
+    sig = signature(p.preprocessor, ds, 0.5, False)
+    files = {"model.pt": buf.getvalue(),
+             "meta.json": json.dumps({"model": cfg["model"],
+                                      "in_features": p.preprocessor.n_features}).encode(),
+             "preprocessor.json": json.dumps(p.preprocessor.to_dict()).encode(),
+             "signature.json": json.dumps(sig).encode(),
+             "reference.json": json.dumps(profile(rows, p.preprocessor.numeric,
+                                                  p.preprocessor.categorical)).encode()}
+    reg = Registry(f"sqlite:///{work / 'mlops_ray.db'}", resolve(str(work)), Policy.default())
+    v = reg.register(MODEL, files, {"run_uri": "bench", "gate_passed": True})
+    reg.set_alias(MODEL, "production", v.version, expected=None)
+    test = p.frame.iloc[p.splits["test"]]
+    cols = [f["name"] for f in sig["inputs"]]
+    record = json.loads(test[cols].head(1).to_json(orient="records"))[0]
+    return {"folder": v.artifact_uri.removeprefix("file://"), "ref": v.ref, "record": record,
+            "features": p.preprocessor.n_features}
+
+
+# ------------------------------------------------------------------------------ servers
+def bare_app(folder: str, ref: str):
+    """(d): the same per-request work as the Serve arms, in one uvicorn process."""
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse
+
+    from mlops_ray.serving.predictor import Predictor
+    from mlops_ray.serving.schema import RequestInvalid, validate_records
+    pred = Predictor.load(folder, ref)
+    app = FastAPI()
+
+    @app.post("/predict")
+    async def predict(request: Request):
+        try:
+            recs = validate_records((await request.json())["records"], pred.signature, 1000)
+        except RequestInvalid as e:
+            return JSONResponse({"error": str(e)}, status_code=422)
+        p, y = pred.predict_records(recs)
+        return {"model": MODEL, "version": ref, "probabilities": p.tolist(), "labels": y.tolist()}
+    return app
+
+
+def serve_defaults_app(folder: str, ref: str):
+    """(c): the same work as one Serve deployment with every option at Ray's default."""
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse
+    from ray import serve
+    api = FastAPI()
+
+    @serve.deployment
+    @serve.ingress(api)
+    class Plain:
+        def __init__(self):
+            from mlops_ray.serving.predictor import Predictor
+            self.pred = Predictor.load(folder, ref)
+
+        @api.post("/predict")
+        async def predict(self, request: Request):
+            from mlops_ray.serving.schema import RequestInvalid, validate_records
+            try:
+                recs = validate_records((await request.json())["records"],
+                                        self.pred.signature, 1000)
+            except RequestInvalid as e:
+                return JSONResponse({"error": str(e)}, status_code=422)
+            p, y = self.pred.predict_records(recs)
+            return {"model": MODEL, "version": ref, "probabilities": p.tolist(),
+                    "labels": y.tolist()}
+    return Plain.bind()
+
+
+def run_server(arm: str, work: Path, port: int, info: dict) -> None:
+    """Runs in a child process until SIGTERM."""
+    stop = {"now": False}
+    signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
+    if arm == "d":
+        import uvicorn
+        uvicorn.run(bare_app(info["folder"], info["ref"]), host="127.0.0.1", port=port,
+                    log_level="warning", access_log=False)
+        return
+    import ray
+    from ray import serve
+    if arm == "c":
+        ray.init(address="local", num_cpus=2, include_dashboard=False,
+                 _node_ip_address="127.0.0.1", logging_level="WARNING")
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(serve_defaults_app(info["folder"], info["ref"]), name="plain",
+                  route_prefix="/")
+    else:
+        if arm == "h":  # Serve's HAProxy ingress instead of its Python proxy (opt-in)
+            os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
+        from jobs.serve import job_from_args
+        from mlops_ray.registry import open_registry
+        from mlops_ray.serving import control
+        job = job_from_args([f"model={MODEL}", f"storage.uri={work}", f"serve.port={port}",
+                             "ray.num_cpus=2", "ray.include_dashboard=false",
+                             f"serve.cache.enabled={'true' if arm == 'b' else 'false'}"])
+        control.start(job)
+        control.serve_alias(job, open_registry(job), "production", log=lambda _: None)
+    print("READY", flush=True)
+    while not stop["now"]:
+        time.sleep(0.2)
+    serve.shutdown()
+    ray.shutdown()
+
+
+# ------------------------------------------------------------------------------ load
+def wrk(url: str, body: str, conns: int, duration: float) -> dict:
+    script = Path(tempfile.mkstemp(suffix=".lua")[1])
+    script.write_text("wrk.method = 'POST'\nwrk.headers['Content-Type'] = 'application/json'\n"
+                      f"wrk.body = {json.dumps(body)}\n")
+    out = subprocess.run(["wrk", f"-t{min(2, conns)}", f"-c{conns}", f"-d{max(1, round(duration))}s",
+                          "--latency", "--timeout", "10s", "-s", str(script), url],
+                         capture_output=True, text=True, check=True).stdout
+    script.unlink()
+
+    def ms(label: str) -> float:
+        m = re.search(rf"^\s+{label}\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+        v, unit = float(m.group(1)), m.group(2)
+        return v / 1000 if unit == "us" else v * 1000 if unit == "s" else v
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    total = int(re.search(r"(\d+) requests in", out).group(1))
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    errors = (int(non2xx.group(1)) if non2xx else 0) + (sum(map(int, sock.groups()))
+                                                       if sock else 0)
+    return {"rps": rps, "p50": ms("50%"), "p99": ms("99%"), "errors": errors, "requests": total}
+
+
+def wait_http(url: str, body: bytes, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            req = urllib.request.Request(url, data=body,
+                                         headers={"Content-Type": "application/json"})
+            if urllib.request.urlopen(req, timeout=5).status == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{url} did not answer in {timeout} s")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--duration", type=float, default=8)
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
+    ap.add_argument("--arms", nargs="+", default=["a", "b", "h", "c", "d"])
+    ap.add_argument("--serve", help=argparse.SUPPRESS)  # child: run one server
+    ap.add_argument("--work", help=argparse.SUPPRESS)
+    ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.serve:
+        run_server(args.serve, Path(args.work), args.port,
+                   json.loads((Path(args.work) / "info.json").read_text()))
+        return
+    if not shutil.which("wrk"):
+        sys.exit("bench/serve_load.py needs wrk (apt-get install wrk)")
+    from tests.conftest import free_port
+    work = Path(tempfile.mkdtemp(prefix="serve-bench-"))
+    info = make_registry(work)
+    (work / "info.json").write_text(json.dumps(info))
+    body = json.dumps({"records": [info["record"]]})
+    results: dict[str, dict[int, dict]] = {}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled"}
+    for arm in args.arms:
+        port = free_port()
+        t0 = time.monotonic()
+        proc = subprocess.Popen([sys.executable, __file__, "--serve", arm, "--work", str(work),
+                                 "--port", str(port)], env=env, stdout=subprocess.DEVNULL,
+                                stderr=open(work / f"server-{arm}.log", "w"))
+        try:
+            url = f"http://127.0.0.1:{port}/predict"
+            wait_http(url, body.encode())
+            print(f"({arm}) up in {time.monotonic() - t0:.1f} s", flush=True)
+            wrk(url, body, 4, 2)  # warm-up
+            results[arm] = {}
+            for c in args.concurrency:
+                results[arm][c] = r = wrk(url, body, c, args.duration)
+                print(f"({arm}) c={c:<3} {r['rps']:8.1f} req/s  p50 {r['p50']:7.1f} ms  "
+                      f"p99 {r['p99']:7.1f} ms  errors {r['errors']}", flush=True)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    print("\nconcurrency  arm  req/s     p50 ms   p99 ms  errors  vs (c)  vs (d)")
+    for c in args.concurrency:
+        for arm in args.arms:
+            r = results[arm][c]
+            rc = results.get("c", {}).get(c)
+            rd = results.get("d", {}).get(c)
+            print(f"{c:<12} ({arm})  {r['rps']:8.1f} {r['p50']:8.1f} {r['p99']:8.1f} "
+                  f"{r['errors']:6d}  {r['rps'] / rc['rps'] if rc else float('nan'):6.2f}x "
+                  f"{r['rps'] / rd['rps'] if rd else float('nan'):6.2f}x")
+    print(f"\nlogs and registry: {work}")
+
+
+if __name__ == "__main__":
+    main()
