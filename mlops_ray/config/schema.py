@@ -558,7 +558,7 @@ class AuthCfg(Strict):
 class DriftCfg(Strict):
     window: int = Field(1000, ge=10)
     min_rows: int = Field(200, ge=10)
-    check_every_rows: int = Field(50, ge=1)
+    check_interval_s: float = Field(5, gt=0)
     psi_threshold: float = Field(0.2, gt=0)
     js_threshold: float = Field(0.15, gt=0, le=1)
     p_value: float = Field(0.01, gt=0, lt=1)

@@ -44,6 +44,16 @@ def _load(artifact_uri: str, content_hash: str, storage_cfg: dict[str, Any]) -> 
     return fetch(artifact_uri, content_hash, from_cfg(storage_cfg))
 
 
+def _post(url: str, payload: dict[str, Any]) -> None:
+    import urllib.request
+    try:
+        req = urllib.request.Request(url, data=json.dumps(payload, default=str).encode(),
+                                     headers={"Content-Type": "application/json"})
+        urllib.request.urlopen(req, timeout=5).read()
+    except OSError as e:
+        log.warning("drift webhook %s failed: %s", url, e)
+
+
 @serve.deployment(name="Model", max_ongoing_requests=64, ray_actor_options={"num_cpus": 0.25},
                   max_surge_percent=100)
 class ModelServer:
@@ -157,7 +167,7 @@ class Ingress:
         self.pending: OrderedDict[str, dict] = OrderedDict()  # request_id -> rows, for feedback
         self.feedback: dict[str, dict[str, deque]] = {}
         self.alerted: set[str] = set()
-        self._drift_checked: dict[str, int] = {}
+        self._drift_task: asyncio.Task | None = None
         tags = ("model", "version")
         self.m_requests = metrics.Counter("mlops_serve_requests", "requests answered",
                                           tag_keys=(*tags, "endpoint"))
@@ -293,6 +303,8 @@ class Ingress:
 
     async def _predict(self, request: Request, records_in: Any, endpoint: str
                        ) -> tuple[Arm, dict[str, Any], str]:
+        if self._drift_task is None:  # started with the first request, inside Serve's loop
+            self._drift_task = asyncio.get_running_loop().create_task(self._drift_loop())
         arm, shadow = self._choose(request, records_in if isinstance(records_in, list) else [{}])
         ref = arm.spec["ref"]
         records = validate_records(records_in, self.sigs[ref],
@@ -374,14 +386,27 @@ class Ingress:
             out[ref] = d
         return out
 
-    def _check_drift(self, ref: str) -> None:
-        mon = self.drift[ref]
-        every = int(self.cfg["drift"]["check_every_rows"])
-        if mon.added // every == self._drift_checked.get(ref, 0):  # not every request
-            return
-        self._drift_checked[ref] = mon.added // every
+    async def _drift_loop(self) -> None:
+        """Every check_interval_s: drift tables off the request path (a worker thread, on a
+        snapshot of the windows), gauges, and an alert (log line, metric, webhook) when a
+        feature starts drifting."""
+        loop = asyncio.get_running_loop()
+        seen: dict[str, int] = {}
+        while True:
+            await asyncio.sleep(float(self.cfg["drift"]["check_interval_s"]))
+            for ref, mon in list(self.drift.items()):
+                if ref not in self.arms or seen.get(ref) == mon.added:
+                    continue
+                seen[ref] = mon.added
+                try:
+                    rows = await loop.run_in_executor(None, mon.table, mon.snapshot())
+                    self._publish(ref, rows)
+                except Exception:  # noqa: BLE001 - monitoring must never stop serving
+                    log.exception("drift check of %s failed", ref)
+
+    def _publish(self, ref: str, rows: list[dict[str, Any]]) -> None:
         version = ref.split(":")[-1]
-        for row in mon.table():
+        for row in rows:
             if "alert" not in row:
                 continue
             tags = {"model": self.name, "version": version, "feature": row["feature"]}
@@ -459,7 +484,6 @@ class Ingress:
             records = oip_to_records(raw, self.sigs[arm.spec["ref"]],
                                      int(self.cfg["limits"]["max_rows"]))
             arm, res, rid = await self._predict(request, records, "infer")
-            self._check_drift(arm.spec["ref"])
         except Exception as e:  # noqa: BLE001 - every failure becomes a JSON answer
             return self._error(e)
         n = len(res["labels"])
@@ -479,7 +503,6 @@ class Ingress:
             if not isinstance(raw, dict) or "records" not in raw:
                 raise RequestInvalid(["body: must be an object with a 'records' list"])
             arm, res, rid = await self._predict(request, raw["records"], "predict")
-            self._check_drift(arm.spec["ref"])
         except Exception as e:  # noqa: BLE001 - every failure becomes a JSON answer
             return self._error(e)
         return {"model": self.name, "version": arm.spec["version"], "request_id": rid,
@@ -521,12 +544,3 @@ class Ingress:
     def admin_drift(self, request: Request) -> Any:
         return self._auth(request) or self.drift_table()
 
-
-def _post(url: str, payload: dict[str, Any]) -> None:
-    import urllib.request
-    try:
-        req = urllib.request.Request(url, data=json.dumps(payload, default=str).encode(),
-                                     headers={"Content-Type": "application/json"})
-        urllib.request.urlopen(req, timeout=5).read()
-    except OSError as e:
-        log.warning("drift webhook %s failed: %s", url, e)

@@ -61,7 +61,8 @@ def start(job: dict[str, Any]) -> dict[str, Any]:
     from mlops_ray.runtime import ensure_ray
     facts = ensure_ray(job["ray"])
     s = job["serve"]
-    kw: dict[str, Any] = {"http_options": {"host": s["host"], "port": s["port"]}}
+    kw: dict[str, Any] = {"http_options": {"host": s["host"], "port": s["port"]},
+                          "logging_config": {"enable_access_log": s["access_log"]}}
     if s["grpc"]["enabled"]:  # Ray 2.60's gRPC proxy binds every interface: opt-in only
         kw["grpc_options"] = {"port": s["grpc"]["port"],
                               "grpc_servicer_functions": s["grpc"]["servicer_functions"]}

@@ -41,9 +41,16 @@ class DriftMonitor:
                 v = r.get(c)
                 q.append("<missing>" if v is None or v != v else str(v))
 
-    def table(self) -> list[dict[str, Any]]:
+    def snapshot(self) -> dict[str, list]:
+        """A copy of the windows (cheap), so `table` can run in another thread while requests
+        keep appending."""
+        return {c: list(q) for c, q in (*self.num.items(), *self.cat.items())}
+
+    def table(self, snap: dict[str, list] | None = None) -> list[dict[str, Any]]:
         cfg, out = self.cfg, []
-        for c, q in self.num.items():
+        snap = snap if snap is not None else self.snapshot()
+        for c in self.num:
+            q = snap[c]
             ref = self.ref["numeric"][c]
             row: dict[str, Any] = {"feature": c, "kind": "numeric", "n": len(q)}
             if len(q) >= cfg["min_rows"]:
@@ -53,7 +60,8 @@ class DriftMonitor:
                 row["live_mean"], row["ref_mean"] = float(x.mean()), ref["mean"]
                 row["alert"] = row["psi"] > cfg["psi_threshold"] and row["ks_p"] < cfg["p_value"]
             out.append(row)
-        for c, q in self.cat.items():
+        for c in self.cat:
+            q = snap[c]
             shares = self.ref["categorical"][c]["shares"]
             row = {"feature": c, "kind": "categorical", "n": len(q)}
             if len(q) >= cfg["min_rows"]:

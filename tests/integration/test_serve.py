@@ -77,10 +77,12 @@ def env(ray_2_cpus, tmp_path_factory):
     from mlops_ray.config import compose
     store = tmp_path_factory.mktemp("serve")
     port = free_port()
+    hook = Webhook()
     job = job_from_args([f"model={MODEL}", f"storage.uri={store}", f"serve.port={port}",
                          f"ray.address={ray_2_cpus}", "serve.rollout.bake_s=4",
                          "serve.rollout.poll_s=0.2", "serve.rollout.min_requests=10",
-                         "serve.drift.min_rows=300", "serve.drift.window=600"])
+                         "serve.drift.min_rows=300", "serve.drift.window=600",
+                         "serve.drift.check_interval_s=1", f"serve.drift.webhook_url={hook.url}"])
     reg = Registry(f"sqlite:///{store / 'reg.db'}", resolve(str(store)), Policy.default())
     prepared = prepare(compose("train", ["+experiment=adult_mlp"])["dataset"], 0)
     versions = {"good": make_version(reg, prepared, 0),
@@ -95,8 +97,29 @@ def env(ray_2_cpus, tmp_path_factory):
         .read_text())["inputs"]]
     records = json.loads(test_rows[cols].to_json(orient="records"))
     yield {"job": job, "reg": reg, "v": versions, "url": f"http://127.0.0.1:{port}",
-           "records": records, "rows": test_rows, "prepared": prepared}
+           "records": records, "rows": test_rows, "prepared": prepared, "hook": hook}
     serve.shutdown()
+    hook.server.shutdown()
+
+
+class Webhook:
+    """A local HTTP server collecting the JSON alerts POSTed to it."""
+
+    def __init__(self):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        received = self.received = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 - http.server's name
+                received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/alerts"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
 
 def post(url: str, body, headers=None, timeout: float = 30):
@@ -364,6 +387,8 @@ def test_drift_alerts_for_the_shifted_feature_only(env):
         post(url + "/predict", {"records": shifted[i:i + 50]})
     table = control.drift(job)[env["v"]["good"].ref]
     assert [r["feature"] for r in table if r.get("alert")] == ["age"]
+    alerts = wait_until(lambda: env["hook"].received, 30, what="the drift webhook")
+    assert {a["feature"] for a in alerts} == {"age"} and alerts[0]["psi"] > 0.2
 
 
 def test_feedback_gives_live_auc_and_group_gaps(env):
