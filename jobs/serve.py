@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
-import time
+import threading
 from pathlib import Path
 
 from mlops_ray.config import compose, user_errors, validate
@@ -60,6 +61,8 @@ def main(argv: list[str] | None = None) -> None:
         from mlops_ray.registry import open_registry
         from mlops_ray.serving import control
         reg = open_registry(job)
+        if verb == "serve":
+            reg.get(f"{job['model']}@{job['alias']}")  # a bad name fails before Ray starts
         facts = control.start(job)
         s = job["serve"]
         if verb == "serve":
@@ -69,13 +72,14 @@ def main(argv: list[str] | None = None) -> None:
                   f"dashboard  {facts['dashboard_url'] or '(the cluster dashboard)'}", flush=True)
             if s["detach"]:
                 return
-            try:
-                while True:
-                    time.sleep(3600)
-            except KeyboardInterrupt:
-                from ray import serve
-                serve.shutdown()
-                print("stopped", flush=True)
+            stop = threading.Event()  # Ray resets SIGINT's handler: install ours after it
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, lambda *_: stop.set())
+            while not stop.wait(0.5):
+                pass
+            from ray import serve
+            serve.shutdown()
+            print("stopped", flush=True)
         elif verb == "rollout":
             to = job["to"] or "canary"
             control.rollout(job, reg, to, job["strategy"] or s["rollout"]["strategy"])

@@ -70,3 +70,59 @@ def test_make_run_job_standalone_reaches_target_auc(tmp_path):
     for where in ("checkpoint", "run record", "W&B"):
         assert where in out.stdout
     assert str(record_path.parent) in out.stdout
+
+
+def test_serve_cli_answers_then_stops_on_ctrl_c(tmp_path):
+    """`python -m jobs.serve model=adult_mlp` as the README runs it (its own local Ray)."""
+    import json
+    import signal
+    import subprocess
+    import sys
+
+    import requests
+
+    from mlops_ray.config import compose
+    from mlops_ray.data import prepare
+    from mlops_ray.registry import Policy, Registry
+    from mlops_ray.storage import resolve
+    from tests.conftest import REPO, free_port, job_env, wait_until
+    from tests.serving import make_version
+    reg = Registry(f"sqlite:///{tmp_path / 'mlops_ray.db'}", resolve(str(tmp_path)),
+                   Policy.default())
+    prepared = prepare(compose("train", ["+experiment=adult_mlp"])["dataset"], 0)
+    v = make_version(reg, prepared, 0)
+    reg.set_alias("adult_mlp", "production", v.version, expected=None)
+    bad = run_job(["jobs.serve", "model=adult_mlp", f"storage.uri={tmp_path}", "alias=nope"])
+    assert bad.returncode == 6 and "adult_mlp@nope: no such alias" in bad.stderr
+    bad = run_job(["jobs.serve", f"storage.uri={tmp_path}"])
+    assert bad.returncode == 2 and "model: required" in bad.stderr
+    bad = run_job(["jobs.serve", "model=adult_mlp", "serve.rollout.steps=[50,10]"])
+    assert bad.returncode == 2 and "serve.rollout.steps" in bad.stderr
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.serve", "model=adult_mlp",
+                             f"storage.uri={tmp_path}", f"serve.port={port}", "ray.num_cpus=2",
+                             "ray.include_dashboard=false"], cwd=REPO,
+                            env=job_env(RAY_AUTH_MODE=None, RAY_AUTH_TOKEN=None),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+
+        def ready():
+            try:
+                return requests.get(url + "/v2/health/ready", timeout=2).status_code == 200
+            except requests.RequestException:
+                return False
+        wait_until(ready, 180, interval=1, what="jobs.serve to answer")
+        rec = json.loads(prepared.frame[[c for c in prepared.frame.columns
+                                         if c not in ("income", "uci_split")]]
+                         .head(1).to_json(orient="records"))
+        r = requests.post(url + "/predict", json={"records": rec}, timeout=30)
+        assert r.status_code == 200 and r.json()["version"] == v.version
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0 and "endpoint   http://127.0.0.1" in out and "stopped" in out
+    deploys = [a for a in reg.audit_log("adult_mlp") if a["action"] == "deploy"]
+    assert deploys and json.loads(deploys[-1]["details"])["arms"] == [v.ref]
