@@ -10,7 +10,7 @@ TORCH_INDEX ?=
 EXPERIMENT ?= adult_mlp
 PYTEST_ARGS ?=
 
-.PHONY: help install run train tune test test-unit test-ray lint bench clean
+.PHONY: help install run train tune serve test test-unit test-ray lint bench clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-11s %s\n", $$1, $$2}'
@@ -32,6 +32,9 @@ train: run ## alias of run
 
 tune: install ## tune the default experiment (Optuna TPE + ASHA on Ray Tune)
 	$(PY) -m jobs.tune +experiment=$(EXPERIMENT)
+
+serve: install ## serve the experiment's production version on 127.0.0.1:8000 (after jobs.promote)
+	$(PY) -m jobs.serve model=$(EXPERIMENT)
 
 test: install ## run every test tier (unit, Ray integration, e2e); < 20 min on 2 cores
 	$(PY) -m pytest $(PYTEST_ARGS)

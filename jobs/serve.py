@@ -66,19 +66,26 @@ def main(argv: list[str] | None = None) -> None:
         facts = control.start(job)
         s = job["serve"]
         if verb == "serve":
-            control.serve_alias(job, reg, job["alias"])
-            url = f"http://{s['host']}:{s['port']}{s['route_prefix'].rstrip('/')}"
-            print(f"endpoint   {url}/predict  {url}/v2/models/{job['model']}/infer  {url}/docs\n"
-                  f"dashboard  {facts['dashboard_url'] or '(the cluster dashboard)'}", flush=True)
-            if s["detach"]:
-                return
-            stop = threading.Event()  # Ray resets SIGINT's handler: install ours after it
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                signal.signal(sig, lambda *_: stop.set())
-            while not stop.wait(0.5):
+            try:
+                control.serve_alias(job, reg, job["alias"])
+                url = f"http://{s['host']}:{s['port']}{s['route_prefix'].rstrip('/')}"
+                print(f"endpoint   {url}/predict  {url}/v2/models/{job['model']}/infer  "
+                      f"{url}/docs\ndashboard  {facts['dashboard_url'] or '(see the cluster)'}",
+                      flush=True)
+                if s["detach"]:
+                    return
+                stop = threading.Event()
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    signal.signal(sig, lambda *_: stop.set())
+                while not stop.wait(0.5):
+                    pass
+            except KeyboardInterrupt:  # Ctrl-C while the app was still starting
                 pass
+            print("stopping", flush=True)
+            import ray
             from ray import serve
             serve.shutdown()
+            ray.shutdown()
             print("stopped", flush=True)
         elif verb == "rollout":
             to = job["to"] or "canary"

@@ -596,7 +596,8 @@ class RolloutCfg(Strict):
 class GrpcCfg(Strict):
     enabled: bool = False
     port: int = Field(9000, ge=1, le=65535)
-    servicer_functions: list[str] = []
+    servicer_functions: list[str] = [
+        "mlops_ray.serving.proto.inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server"]
 
 
 class ServeCfg(Strict):

@@ -111,7 +111,8 @@ def _tuner(job: dict[str, Any], trainable: Any, storage: Storage, study: str, ur
            ) -> tuple[Any, bool]:
     from optuna.storages import RDBStorage
     from ray import tune
-    from ray.tune.search.optuna import OptunaSearch
+
+    from mlops_ray.tune.resumable_search import ResumableOptunaSearch
     t = job["tune"]
     path = storage.path("tune", study)
     fs = None if storage.is_local else storage.fs
@@ -121,7 +122,7 @@ def _tuner(job: dict[str, Any], trainable: Any, storage: Storage, study: str, ur
                                   resume_errored=True, storage_filesystem=fs), True
     base, _ = split_job(job)
     first = default_point(base, job["space"]) if t["include_defaults"] else None
-    search = OptunaSearch(space=define_by_run(job["space"]), metric=t["metric"], mode=t["mode"],
+    search = ResumableOptunaSearch(space=define_by_run(job["space"]), metric=t["metric"], mode=t["mode"],
                           points_to_evaluate=[first] if first else None,
                           sampler=_sampler(job["search"]), study_name=study,
                           storage=RDBStorage(url, heartbeat_interval=None))

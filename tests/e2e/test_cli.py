@@ -99,11 +99,12 @@ def test_serve_cli_answers_then_stops_on_ctrl_c(tmp_path):
     bad = run_job(["jobs.serve", "model=adult_mlp", "serve.rollout.steps=[50,10]"])
     assert bad.returncode == 2 and "serve.rollout.steps" in bad.stderr
     port = free_port()
+    log = open(tmp_path / "serve.log", "w")  # a file, not a pipe: Ray's logs would fill a pipe
     proc = subprocess.Popen([sys.executable, "-m", "jobs.serve", "model=adult_mlp",
                              f"storage.uri={tmp_path}", f"serve.port={port}", "ray.num_cpus=2",
                              "ray.include_dashboard=false"], cwd=REPO,
                             env=job_env(RAY_AUTH_MODE=None, RAY_AUTH_TOKEN=None),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=log, stderr=subprocess.STDOUT, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
 
@@ -113,16 +114,21 @@ def test_serve_cli_answers_then_stops_on_ctrl_c(tmp_path):
             except requests.RequestException:
                 return False
         wait_until(ready, 180, interval=1, what="jobs.serve to answer")
+        wait_until(lambda: "endpoint   http" in (tmp_path / "serve.log").read_text(), 60,
+                   what="jobs.serve to print its endpoint")
         rec = json.loads(prepared.frame[[c for c in prepared.frame.columns
                                          if c not in ("income", "uci_split")]]
                          .head(1).to_json(orient="records"))
         r = requests.post(url + "/predict", json={"records": rec}, timeout=30)
-        assert r.status_code == 200 and r.json()["version"] == v.version
+        assert r.status_code == 200 and r.json()["version"] == v.version, r.text
         proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=120)
+        proc.wait(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 0 and "endpoint   http://127.0.0.1" in out and "stopped" in out
+        log.close()
+    out = (tmp_path / "serve.log").read_text()
+    assert proc.returncode == 0, out[-3000:]
+    assert "endpoint   http://127.0.0.1" in out and "stopped" in out
     deploys = [a for a in reg.audit_log("adult_mlp") if a["action"] == "deploy"]
     assert deploys and json.loads(deploys[-1]["details"])["arms"] == [v.ref]

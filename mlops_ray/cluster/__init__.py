@@ -1,0 +1,1 @@
+"""Cluster-side helpers (run on cluster nodes, not by the jobs)."""
