@@ -12,6 +12,8 @@ production meanwhile (nothing changed; run again).
 """
 from __future__ import annotations
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
@@ -23,6 +25,9 @@ from mlops_ray.config.schema import PromoteJobCfg
 def main(cfg: DictConfig) -> None:
     with user_errors():
         job = validate(cfg, PromoteJobCfg).model_dump(by_alias=True)
+        if job["cluster"]["mode"] == "remote":  # submit this very command to the cluster
+            from mlops_ray.cluster.submit import submit
+            sys.exit(submit("jobs.promote", sys.argv[1:], job["cluster"]))
         from mlops_ray.registry.promote import promote
         out = promote(job)
         print(out["table"])

@@ -4,11 +4,14 @@
     python -m jobs.train +experiment=german_mlp scaling.num_workers=2
     python -m jobs.train +experiment=adult_mlp storage=s3 storage.uri=s3://bucket/prefix
     python -m jobs.train +experiment=adult_mlp ray.address=auto   # join `ray start --head`
+    python -m jobs.train +experiment=adult_mlp cluster=remote cluster.address=http://<head>:8265
     python -m jobs.train +experiment=adult_mlp --cfg job          # print the composed config
 
 Rerunning the same command resumes from the run's last checkpoint.
 """
 from __future__ import annotations
+
+import sys
 
 import hydra
 from omegaconf import DictConfig
@@ -21,6 +24,9 @@ from mlops_ray.config.schema import TrainJobCfg
 def main(cfg: DictConfig) -> None:
     with user_errors():
         job = validate(cfg, TrainJobCfg).model_dump(by_alias=True)
+        if job["cluster"]["mode"] == "remote":  # submit this very command to the cluster
+            from mlops_ray.cluster.submit import submit
+            sys.exit(submit("jobs.train", sys.argv[1:], job["cluster"]))
         if job["from_tune"]:  # the best parameters of a tuning run, validated again
             from mlops_ray.tune.tuner import with_tuned_params
             job = validate(with_tuned_params(job), TrainJobCfg).model_dump(by_alias=True)

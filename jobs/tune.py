@@ -10,6 +10,8 @@ ones resume from their checkpoints, and the total stays tune.num_samples.
 """
 from __future__ import annotations
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
@@ -20,9 +22,12 @@ from mlops_ray.config.schema import TuneJobCfg
 @hydra.main(version_base="1.3", config_path="../conf", config_name="tune")
 def main(cfg: DictConfig) -> None:
     with user_errors():
-        job = validate(cfg, TuneJobCfg)
+        job = validate(cfg, TuneJobCfg).model_dump(by_alias=True)
+        if job["cluster"]["mode"] == "remote":  # submit this very command to the cluster
+            from mlops_ray.cluster.submit import submit
+            sys.exit(submit("jobs.tune", sys.argv[1:], job["cluster"]))
         from mlops_ray.tune.tuner import run_tuning, summary_lines
-        summary = run_tuning(job.model_dump(by_alias=True))
+        summary = run_tuning(job)
         print("\n".join(summary_lines(summary)), flush=True)
 
 

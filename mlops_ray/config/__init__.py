@@ -22,8 +22,13 @@ CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 def to_dict(cfg: Any) -> dict[str, Any]:
     """OmegaConf -> plain dict with interpolations resolved (drops the `hydra` node)."""
     from omegaconf import DictConfig, OmegaConf
+    from omegaconf.errors import MissingMandatoryValue
     if isinstance(cfg, DictConfig):
-        cfg = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+        try:
+            cfg = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+        except MissingMandatoryValue as e:  # `???` left in the composed config
+            key = getattr(e, "full_key", None) or str(e).splitlines()[0]
+            raise ConfigError(f"{key}: required key is missing (give {key}=...)") from None
     return {k: v for k, v in dict(cfg).items() if k != "hydra"}
 
 

@@ -213,6 +213,27 @@ def _check_metric(field: str, value: str | None) -> list[str]:
     return []
 
 
+class ClusterCfg(Strict):
+    mode: Literal["local", "remote"] = "local"
+    address: str | None = None  # remote: the Jobs API, http://<head>:8265
+    working_dir: str = "."
+    excludes: list[str] = []
+    pip: list[str] | None = None
+    python: str = "python"
+    env_vars: dict[str, str] = {}
+    entrypoint_num_cpus: float = Field(0, ge=0)
+    entrypoint_resources: dict[str, float] | None = None
+    poll_s: float = Field(1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _remote(self) -> ClusterCfg:
+        if self.mode == "remote" and not (self.address or "").startswith(("http://",
+                                                                          "https://")):
+            raise ValueError(f"cluster.address={self.address!r}: cluster=remote needs the "
+                             "head's Jobs API URL, e.g. http://<head>:8265")
+        return self
+
+
 class TrainJobCfg(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     seed: int = 0
@@ -225,6 +246,7 @@ class TrainJobCfg(Strict):
     storage: StorageCfg = StorageCfg()
     tracking: TrackingCfg = TrackingCfg()
     ray: RayCfg = RayCfg()
+    cluster: ClusterCfg = ClusterCfg()
     train: TrainCfg = TrainCfg()
     from_tune: str | None = None  # a tune.json / tuning run URI: train with its best config
 
@@ -263,7 +285,7 @@ class TrainJobCfg(Strict):
             if attr is None or attr not in self.dataset.sensitive:
                 p.append(f"train.fairness_penalty.attribute={attr!r} must be one of "
                          f"dataset.sensitive={self.dataset.sensitive}")
-        if self.ray.address is None:  # a local cluster: we know exactly what it has
+        if self.ray.address is None and self.cluster.mode == "local":  # we know what it has
             p += _fits_local(self.scaling, self.ray, workers=hi)
         if p:
             raise ValueError("; ".join(p))
@@ -411,8 +433,9 @@ class TuneJobCfg(TrainJobCfg):
         lo, hi = self.scaling.bounds()
         per_trial = hi * self.scaling.per_worker("CPU") + (
             self.tune.driver_resources.get("CPU", 0) if self.tune.backend(hi) == "train" else 0)
-        cpus = self.tune.cluster_cpus or (self.ray.num_cpus or os.cpu_count() or 1
-                                          if self.ray.address is None else None)
+        cpus = self.tune.cluster_cpus or (
+            self.ray.num_cpus or os.cpu_count() or 1
+            if self.ray.address is None and self.cluster.mode == "local" else None)
         want = self.tune.max_concurrent_trials * per_trial
         if cpus is not None and want > cpus + 1e-9:
             p.append(f"tune.max_concurrent_trials={self.tune.max_concurrent_trials} x {hi} "

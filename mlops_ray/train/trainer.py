@@ -25,7 +25,7 @@ from mlops_ray.train import checkpoint as ckpt_io
 from mlops_ray.utils import stable_hash
 
 # sections that change where or how a run executes, not what it computes
-NOT_HASHED = ("storage", "tracking", "ray", "failure", "checkpoint", "from_tune")
+NOT_HASHED = ("storage", "tracking", "ray", "cluster", "failure", "checkpoint", "from_tune")
 
 
 def config_hash(cfg: dict[str, Any]) -> str:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -132,3 +133,77 @@ def test_serve_cli_answers_then_stops_on_ctrl_c(tmp_path):
     assert "endpoint   http://127.0.0.1" in out and "stopped" in out
     deploys = [a for a in reg.audit_log("adult_mlp") if a["action"] == "deploy"]
     assert deploys and json.loads(deploys[-1]["details"])["arms"] == [v.ref]
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    """A real head (`ray start --head --block`, token auth, 127.0.0.1), stopped by the test
+    through its own process handle."""
+    import secrets
+    import signal
+    import subprocess
+    import sys
+
+    import requests
+
+    from tests.conftest import free_port, job_env, wait_until
+    token = secrets.token_hex(16)
+    env = job_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
+    dash = free_port()
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    head = subprocess.Popen([ray_bin, "start", "--head", "--block", f"--port={free_port()}",
+                             "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
+                             f"--dashboard-port={dash}", "--num-cpus=2", "--include-dashboard=true",
+                             "--disable-usage-stats"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=open(tmp_path / "head.log", "w"), start_new_session=True)
+    url = f"http://127.0.0.1:{dash}"
+
+    def up():
+        try:
+            return requests.get(url + "/api/version", timeout=2,
+                                headers={"Authorization": f"Bearer {token}"}).ok
+        except requests.RequestException:
+            return False
+    try:
+        wait_until(up, 120, interval=1, what="the head's Jobs API")
+        yield {"url": url, "env": {"RAY_AUTH_TOKEN": token, "RAY_AUTH_MODE": None}}
+    finally:
+        head.send_signal(signal.SIGTERM)  # `ray start --block` stops its processes on SIGTERM
+        try:
+            head.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+
+
+def test_cluster_remote_submits_streams_and_stops(ray_head, tmp_path):
+    """`jobs.train cluster=remote` against a real head: logs streamed, exit code of the job;
+    Ctrl-C stops the remote job and reports it stopped."""
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, job_env, wait_until
+    common = ["+experiment=german_mlp", "tracking=none", f"storage.uri={tmp_path / 'out'}",
+              "cluster=remote", f"cluster.address={ray_head['url']}",
+              f"cluster.python={sys.executable}"]
+    out = run_job(["jobs.train", *common, "train.epochs=1"], timeout=600, **ray_head["env"])
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    assert "submitted raysubmit_" in out.stdout and "SUCCEEDED" in out.stdout
+    assert "run record" in out.stdout  # the remote job's own summary, streamed here
+    assert list((tmp_path / "out" / "runs").glob("german_mlp-*/run.json"))
+    log = tmp_path / "stop.log"
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.train", *common, "train.epochs=200",
+                             "name=long"], cwd=REPO, env=job_env(**ray_head["env"]),
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: "starting in" in log.read_text(), 300, interval=1,
+                   what="the remote training to start")
+        proc.send_signal(signal.SIGINT)
+        proc.wait(120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text()
+    assert proc.returncode == 130 and "STOPPED" in text, text[-3000:]
+    bad = run_job(["jobs.train", *common[:-3], "cluster=remote"], timeout=60)
+    assert bad.returncode == 2 and "cluster.address" in bad.stderr

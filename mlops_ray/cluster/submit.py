@@ -1,0 +1,88 @@
+"""`cluster=remote`: a job submits itself to a Ray cluster through the Jobs API.
+
+The entrypoint is the same command with the same overrides plus `cluster=local`, run by the
+cluster's Python in an uploaded copy of this checkout (`runtime_env.working_dir`), where Ray sets
+RAY_ADDRESS so the job joins that cluster. Logs are streamed here; the exit code is the remote
+job's (0 SUCCEEDED, its driver's exit code when FAILED, 130 when STOPPED). Ctrl-C stops the
+remote job and waits until Ray reports it stopped.
+
+Ray 2.60 token auth: a separate client process must set RAY_AUTH_MODE=token and have the token
+(RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token); this module sets the mode when a
+token is available.
+"""
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from mlops_ray.errors import MlopsError
+
+EXIT = {"SUCCEEDED": 0, "STOPPED": 130}
+
+
+class SubmissionError(MlopsError):
+    """The Jobs API refused the job or could not be reached."""
+
+    exit_code = 11
+
+
+def _token_available() -> bool:
+    return bool(os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
+                or (Path.home() / ".ray" / "auth_token").exists())
+
+
+def entrypoint(module: str, overrides: list[str], python: str) -> str:
+    kept = [o for o in overrides if not o.lstrip("+~").startswith("cluster")]
+    return " ".join([shlex.quote(python), "-m", module, *map(shlex.quote, kept),
+                     "cluster=local"])
+
+
+def submit(module: str, overrides: list[str], cfg: dict[str, Any], log: Any = print) -> int:
+    """Submit `python -m module overrides... cluster=local`, follow it, return its exit code."""
+    if "RAY_AUTH_MODE" not in os.environ and _token_available():
+        os.environ["RAY_AUTH_MODE"] = "token"
+    from ray.job_submission import JobStatus, JobSubmissionClient
+    runtime_env: dict[str, Any] = {"working_dir": str(Path(cfg["working_dir"]).resolve()),
+                                   "excludes": list(cfg["excludes"]),
+                                   "env_vars": {"PYTHONUNBUFFERED": "1", **cfg["env_vars"]}}
+    if cfg["pip"]:
+        runtime_env["pip"] = list(cfg["pip"])
+    try:
+        client = JobSubmissionClient(cfg["address"])
+        job_id = client.submit_job(
+            entrypoint=entrypoint(module, overrides, cfg["python"]), runtime_env=runtime_env,
+            entrypoint_num_cpus=cfg["entrypoint_num_cpus"],
+            entrypoint_resources=cfg["entrypoint_resources"] or None)
+    except Exception as e:  # noqa: BLE001 - connection, auth and validation errors alike
+        raise SubmissionError(f"cluster.address={cfg['address']}: the job was not submitted "
+                              f"({type(e).__name__}: {e})") from None
+    log(f"submitted {job_id} to {cfg['address']} (stop it with Ctrl-C)")
+    shown = 0
+    final = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
+    stopping = False
+    while True:
+        try:
+            status = client.get_job_status(job_id)
+            logs = client.get_job_logs(job_id)
+            if len(logs) > shown:
+                sys.stdout.write(logs[shown:])
+                sys.stdout.flush()
+                shown = len(logs)
+            if status in final:
+                break
+            time.sleep(cfg["poll_s"])
+        except KeyboardInterrupt:
+            if stopping:
+                raise
+            stopping = True
+            log(f"stopping {job_id} ...")
+            client.stop_job(job_id)
+    info = client.get_job_info(job_id)
+    log(f"job {job_id} {status.value}" + (f": {info.message}" if info.message else ""))
+    if status == JobStatus.FAILED:
+        return int(getattr(info, "driver_exit_code", None) or 1)
+    return EXIT[status.value]
