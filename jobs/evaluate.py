@@ -9,8 +9,6 @@ table, and exits 0 when every gate passed, 5 otherwise (2/3 for bad config or da
 """
 from __future__ import annotations
 
-import sys
-
 import hydra
 from omegaconf import DictConfig
 
@@ -22,9 +20,8 @@ from mlops_ray.config.schema import EvaluateJobCfg
 def main(cfg: DictConfig) -> None:
     with user_errors():
         job = validate(cfg, EvaluateJobCfg).model_dump(by_alias=True)
-        if job["cluster"]["mode"] == "remote":  # submit this very command to the cluster
-            from mlops_ray.cluster.submit import submit
-            sys.exit(submit("jobs.evaluate", sys.argv[1:], job["cluster"]))
+        from mlops_ray.cluster.submit import submit_if_remote
+        submit_if_remote("jobs.evaluate", job)  # cluster=remote: run there, exit with its status
         from mlops_ray.evaluation.gates import enforce, verdict_table
         from mlops_ray.evaluation.job import run_evaluation
         report = run_evaluation(job)

@@ -12,8 +12,6 @@ production meanwhile (nothing changed; run again).
 """
 from __future__ import annotations
 
-import sys
-
 import hydra
 from omegaconf import DictConfig
 
@@ -25,9 +23,8 @@ from mlops_ray.config.schema import PromoteJobCfg
 def main(cfg: DictConfig) -> None:
     with user_errors():
         job = validate(cfg, PromoteJobCfg).model_dump(by_alias=True)
-        if job["cluster"]["mode"] == "remote":  # submit this very command to the cluster
-            from mlops_ray.cluster.submit import submit
-            sys.exit(submit("jobs.promote", sys.argv[1:], job["cluster"]))
+        from mlops_ray.cluster.submit import submit_if_remote
+        submit_if_remote("jobs.promote", job)  # cluster=remote: run there, exit with its status
         from mlops_ray.registry.promote import promote
         out = promote(job)
         print(out["table"])

@@ -11,8 +11,6 @@ Rerunning the same command resumes from the run's last checkpoint.
 """
 from __future__ import annotations
 
-import sys
-
 import hydra
 from omegaconf import DictConfig
 
@@ -24,9 +22,8 @@ from mlops_ray.config.schema import TrainJobCfg
 def main(cfg: DictConfig) -> None:
     with user_errors():
         job = validate(cfg, TrainJobCfg).model_dump(by_alias=True)
-        if job["cluster"]["mode"] == "remote":  # submit this very command to the cluster
-            from mlops_ray.cluster.submit import submit
-            sys.exit(submit("jobs.train", sys.argv[1:], job["cluster"]))
+        from mlops_ray.cluster.submit import submit_if_remote
+        submit_if_remote("jobs.train", job)  # cluster=remote: run there, exit with its status
         if job["from_tune"]:  # the best parameters of a tuning run, validated again
             from mlops_ray.tune.tuner import with_tuned_params
             job = validate(with_tuned_params(job), TrainJobCfg).model_dump(by_alias=True)

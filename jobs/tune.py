@@ -10,8 +10,6 @@ ones resume from their checkpoints, and the total stays tune.num_samples.
 """
 from __future__ import annotations
 
-import sys
-
 import hydra
 from omegaconf import DictConfig
 
@@ -23,9 +21,8 @@ from mlops_ray.config.schema import TuneJobCfg
 def main(cfg: DictConfig) -> None:
     with user_errors():
         job = validate(cfg, TuneJobCfg).model_dump(by_alias=True)
-        if job["cluster"]["mode"] == "remote":  # submit this very command to the cluster
-            from mlops_ray.cluster.submit import submit
-            sys.exit(submit("jobs.tune", sys.argv[1:], job["cluster"]))
+        from mlops_ray.cluster.submit import submit_if_remote
+        submit_if_remote("jobs.tune", job)  # cluster=remote: run there, exit with its status
         from mlops_ray.tune.tuner import run_tuning, summary_lines
         summary = run_tuning(job)
         print("\n".join(summary_lines(summary)), flush=True)

@@ -41,6 +41,12 @@ def entrypoint(module: str, overrides: list[str], python: str) -> str:
                      "cluster=local"])
 
 
+def submit_if_remote(module: str, job: dict[str, Any]) -> None:
+    """With cluster=remote, run this very command on the cluster and exit with its status."""
+    if job["cluster"]["mode"] == "remote":
+        sys.exit(submit(module, sys.argv[1:], job["cluster"]))
+
+
 def submit(module: str, overrides: list[str], cfg: dict[str, Any], log: Any = print) -> int:
     """Submit `python -m module overrides... cluster=local`, follow it, return its exit code."""
     if "RAY_AUTH_MODE" not in os.environ and _token_available():

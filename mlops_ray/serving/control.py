@@ -54,6 +54,18 @@ def ingress_config(job: dict[str, Any]) -> dict[str, Any]:
             "api_keys": api_keys(s["auth"])}
 
 
+def deployment_options(s: dict[str, Any], part: str) -> dict[str, Any]:
+    """`.options()` of the ingress or model deployment from `serve.<part>` (Ray's names)."""
+    d = s[part]
+    opts = {k: d[k] for k in ("max_ongoing_requests", "ray_actor_options")}
+    opts["logging_config"] = {"enable_access_log": s["access_log"]}
+    if d["autoscaling_config"]:
+        opts["autoscaling_config"] = d["autoscaling_config"]
+    else:
+        opts["num_replicas"] = d["num_replicas"]
+    return opts
+
+
 def start(job: dict[str, Any]) -> dict[str, Any]:
     """Ray (local or joined) and Serve's proxies, bound to serve.host."""
     from ray import serve
@@ -104,14 +116,8 @@ def deploy_version(job: dict[str, Any], v: Version) -> dict[str, Any]:
             and st.status == "DELETING" and time.monotonic() < wait_gone:
         time.sleep(0.25)
     # serve.run is idempotent: an unchanged app is left alone, a new user_config is applied
-    m = s["model"]
-    opts = {k: m[k] for k in ("max_ongoing_requests", "ray_actor_options")}
-    opts["logging_config"] = {"enable_access_log": s["access_log"]}
-    if m["autoscaling_config"]:
-        opts["autoscaling_config"] = m["autoscaling_config"]
-    else:
-        opts["num_replicas"] = m["num_replicas"]
-    opts["user_config"] = {"chaos_error_rate": float(m.get("chaos_error_rate") or 0.0)}
+    opts = deployment_options(s, "model")
+    opts["user_config"] = {"chaos_error_rate": float(s["model"]["chaos_error_rate"] or 0.0)}
     args = (v.artifact_uri, v.content_hash, v.ref, job["storage"], s["batching"])
     opts["version"] = code_version(args, {k: v for k, v in opts.items() if k != "user_config"})
     serve.run(ModelServer.options(**opts, _internal=True).bind(*args),
@@ -142,13 +148,7 @@ def set_routing(job: dict[str, Any], routing: dict[str, Any]) -> None:
 
     from mlops_ray.serving.app import Ingress
     s = job["serve"]
-    ing = s["ingress"]
-    opts = {k: ing[k] for k in ("max_ongoing_requests", "ray_actor_options")}
-    opts["logging_config"] = {"enable_access_log": s["access_log"]}
-    if ing["autoscaling_config"]:
-        opts["autoscaling_config"] = ing["autoscaling_config"]
-    else:
-        opts["num_replicas"] = ing["num_replicas"]
+    opts = deployment_options(s, "ingress")
     cfg = ingress_config(job)
     serve.run(Ingress.options(**opts, user_config=routing, version=code_version(cfg, opts),
                               _internal=True).bind(cfg),

@@ -192,8 +192,8 @@ def test_cluster_remote_submits_streams_and_stops(ray_head, tmp_path):
     assert "run record" in out.stdout  # the remote job's own summary, streamed here
     assert list((tmp_path / "out" / "runs").glob("german_mlp-*/run.json"))
     log = tmp_path / "stop.log"
-    proc = subprocess.Popen([sys.executable, "-m", "jobs.train", *common, "train.epochs=200",
-                             "name=long"], cwd=REPO, env=job_env(**ray_head["env"]),
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.train", *common, "train.epochs=5000",
+                             "train.early_stopping=null", "name=long"], cwd=REPO, env=job_env(**ray_head["env"]),
                             stdout=open(log, "w"), stderr=subprocess.STDOUT)
     try:
         wait_until(lambda: "starting in" in log.read_text(), 300, interval=1,

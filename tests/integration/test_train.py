@@ -87,7 +87,9 @@ def test_killed_driver_resumes_to_identical_weights(ray_2_cpus, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     resumed = json.loads((run_dir / "run.json").read_text())
     assert resumed["status"] == "finished" and resumed["resumed"] is True
-    assert resumed["restored_from"]["epoch"] >= 3
+    # the newest checkpoint *committed* before the kill: the third one's folder may still have
+    # been in flight, so at least the second (resumed mid-run, not from scratch)
+    assert resumed["restored_from"]["epoch"] >= 2
     a, b = final_weights(reference), final_weights(resumed)
     assert a.keys() == b.keys()
     for k in a:
