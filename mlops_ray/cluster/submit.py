@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -57,36 +59,44 @@ def submit(module: str, overrides: list[str], cfg: dict[str, Any], log: Any = pr
                                    "env_vars": {"PYTHONUNBUFFERED": "1", **cfg["env_vars"]}}
     if cfg["pip"]:
         runtime_env["pip"] = list(cfg["pip"])
-    try:
-        client = JobSubmissionClient(cfg["address"])
-        job_id = client.submit_job(
-            entrypoint=entrypoint(module, overrides, cfg["python"]), runtime_env=runtime_env,
-            entrypoint_num_cpus=cfg["entrypoint_num_cpus"],
-            entrypoint_resources=cfg["entrypoint_resources"] or None)
-    except Exception as e:  # noqa: BLE001 - connection, auth and validation errors alike
-        raise SubmissionError(f"cluster.address={cfg['address']}: the job was not submitted "
-                              f"({type(e).__name__}: {e})") from None
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            client = JobSubmissionClient(cfg["address"])
+            job_id = client.submit_job(
+                entrypoint=entrypoint(module, overrides, cfg["python"]), runtime_env=runtime_env,
+                entrypoint_num_cpus=cfg["entrypoint_num_cpus"],
+                entrypoint_resources=cfg["entrypoint_resources"] or None)
+            break
+        except Exception as e:  # noqa: BLE001 - connection, auth and validation errors alike
+            # a head that just started answers before its job agent is up: wait for it
+            if "No available agent" in str(e) and time.monotonic() < deadline:
+                time.sleep(2)
+                continue
+            raise SubmissionError(f"cluster.address={cfg['address']}: the job was not "
+                                  f"submitted ({type(e).__name__}: {e})") from None
     log(f"submitted {job_id} to {cfg['address']} (stop it with Ctrl-C)")
     shown = 0
     final = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
+    # an explicit handler: a process started in the background inherits SIGINT ignored
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     stopping = False
     while True:
-        try:
-            status = client.get_job_status(job_id)
-            logs = client.get_job_logs(job_id)
-            if len(logs) > shown:
-                sys.stdout.write(logs[shown:])
-                sys.stdout.flush()
-                shown = len(logs)
-            if status in final:
-                break
-            time.sleep(cfg["poll_s"])
-        except KeyboardInterrupt:
-            if stopping:
-                raise
+        status = client.get_job_status(job_id)
+        logs = client.get_job_logs(job_id)
+        if len(logs) > shown:
+            sys.stdout.write(logs[shown:])
+            sys.stdout.flush()
+            shown = len(logs)
+        if status in final:
+            break
+        if stop.is_set() and not stopping:
             stopping = True
             log(f"stopping {job_id} ...")
             client.stop_job(job_id)
+        stop.wait(cfg["poll_s"])
     info = client.get_job_info(job_id)
     log(f"job {job_id} {status.value}" + (f": {info.message}" if info.message else ""))
     if status == JobStatus.FAILED:

@@ -154,6 +154,13 @@ def ray_head(tmp_path):
     head = subprocess.Popen([ray_bin, "start", "--head", "--block", f"--port={free_port()}",
                              "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
                              f"--dashboard-port={dash}", "--num-cpus=2", "--include-dashboard=true",
+                             # free ports, not Ray's fixed defaults (52365...): another Ray on
+                             # this machine (the test session's own) would hold those
+                             f"--dashboard-agent-listen-port={free_port()}",
+                             f"--dashboard-agent-grpc-port={free_port()}",
+                             f"--metrics-export-port={free_port()}",
+                             f"--runtime-env-agent-port={free_port()}",
+                             f"--ray-client-server-port={free_port()}",
                              "--disable-usage-stats"], env=env, stdout=subprocess.DEVNULL,
                             stderr=open(tmp_path / "head.log", "w"), start_new_session=True)
     url = f"http://127.0.0.1:{dash}"
