@@ -77,9 +77,6 @@ class ModelServer:
         # fault injection for rollout drills: a share of requests fails on this version
         self.chaos_error_rate = float((cfg or {}).get("chaos_error_rate", 0.0))
 
-    def info(self) -> dict[str, Any]:
-        return {"version": self.ref, "signature": self.p.signature, "pid": os.getpid()}
-
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002)
     async def predict_batch(self, requests: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
         sizes = [len(r) for r in requests]
@@ -102,6 +99,13 @@ api = FastAPI(title="mlops_ray model server",
               description="Predictions of registry versions: plain JSON and the Open Inference "
                           "Protocol v2. Non-health endpoints need `Authorization: Bearer <key>` "
                           "when API keys are configured.")
+
+
+def _openapi_body(model: type[BaseModel]) -> dict[str, Any]:
+    """OpenAPI request body from a pydantic model, for the docs only: the handlers read the raw
+    body once and validate it against the version's signature (no second parse by FastAPI)."""
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": model.model_json_schema(ref_template="#/$defs/{model}")}}}}
 
 
 class PredictRequest(BaseModel):
@@ -475,8 +479,8 @@ class Ingress:
                                           f"{self.name!r}"}, status_code=404)
         return None
 
-    @api.post("/v2/models/{name}/infer")
-    async def infer(self, name: str, request: Request, body: InferRequest | None = None) -> Any:
+    @api.post("/v2/models/{name}/infer", openapi_extra=_openapi_body(InferRequest))
+    async def infer(self, name: str, request: Request) -> Any:
         if (denied := self._auth(request)) or (denied := self._unknown(name)):
             return denied
         try:
@@ -495,8 +499,8 @@ class Ingress:
                             {"name": "label", "datatype": "INT64", "shape": [n],
                              "data": res["labels"]}]}
 
-    @api.post("/predict")
-    async def predict(self, request: Request, body: PredictRequest | None = None) -> Any:
+    @api.post("/predict", openapi_extra=_openapi_body(PredictRequest))
+    async def predict(self, request: Request) -> Any:
         if denied := self._auth(request):
             return denied
         try:
@@ -509,8 +513,8 @@ class Ingress:
         return {"model": self.name, "version": arm.spec["version"], "request_id": rid,
                 "probabilities": res["probabilities"], "labels": res["labels"]}
 
-    @api.post("/feedback")
-    async def feedback(self, request: Request, body: FeedbackRequest | None = None) -> Any:
+    @api.post("/feedback", openapi_extra=_openapi_body(FeedbackRequest))
+    async def feedback(self, request: Request) -> Any:
         if denied := self._auth(request):
             return denied
         try:

@@ -44,10 +44,6 @@ class Predictor:
         with torch.inference_mode():
             return torch.sigmoid(self.model(torch.from_numpy(x))).numpy().astype(np.float64)
 
-    def predict(self, rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-        p = self.predict_proba(rows)
-        return p, (p >= self.threshold).astype(np.int64)
-
     def predict_records(self, records: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
         """Online path: validated records straight to numbers (no pandas)."""
         import torch
