@@ -1,9 +1,11 @@
 """Start or join Ray, and describe the code and library versions of a run."""
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +29,47 @@ def ensure_ray(ray_cfg: dict[str, Any]) -> dict[str, Any]:
                       dashboard_host=ray_cfg.get("dashboard_host", "127.0.0.1"),
                       _node_ip_address="127.0.0.1")  # a laptop cluster listens on loopback only
         ctx = ray.init(**kw)
+        if address == "local":
+            claim_address_file(ctx.address_info["gcs_address"])
         dash = getattr(ctx, "dashboard_url", None)
     else:
         dash = None
     return {"dashboard_url": f"http://{dash}" if dash else None,
             "resources": ray.cluster_resources()}
+
+
+def claim_address_file(gcs_address: str) -> None:
+    """Make /tmp/ray/ray_current_cluster name the local cluster we started, unless it names a
+    live one (then warn), and remove it again when this process exits.
+
+    `ray.init(address="local")` does not write that file, but Ray Train's placement-group
+    cleaner and the State API read it inside our workers. A stale one (left by a `ray start`
+    head that was killed, not stopped) makes every run end with a 12 s timeout; one naming
+    another live cluster points them at the wrong GCS.
+    """
+    import atexit
+    import socket
+
+    from ray._private.utils import get_ray_address_file, read_ray_address, write_ray_address
+    current = read_ray_address()
+    if current and current != gcs_address:
+        host, _, port = current.rpartition(":")
+        try:
+            socket.create_connection((host, int(port)), timeout=1).close()
+            print(f"warning: another Ray cluster ({current}) is this machine's default; this "
+                  f"run uses a new local one ({gcs_address}). To use that cluster instead, set "
+                  f"ray.address={current}", file=sys.stderr)
+            return
+        except (OSError, ValueError):
+            pass  # stale: nothing answers there
+    write_ray_address(gcs_address)
+    path = get_ray_address_file(None)
+
+    def release() -> None:
+        if read_ray_address() == gcs_address:
+            with contextlib.suppress(OSError):
+                os.remove(path)
+    atexit.register(release)
 
 
 def code_version() -> dict[str, Any]:

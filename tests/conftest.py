@@ -78,6 +78,8 @@ def ray_2_cpus():
     ctx = ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING",
                    _node_ip_address="127.0.0.1",
                    _metrics_export_port=int(os.environ["MLOPS_TEST_RAY_METRICS_PORT"]))
+    from mlops_ray.runtime import claim_address_file
+    claim_address_file(ctx.address_info["gcs_address"])
     yield ctx.address_info["gcs_address"]
     ray.shutdown()
 

@@ -22,6 +22,7 @@ from mlops_ray.evaluation.metrics import binary_metrics
 from mlops_ray.runtime import code_version, ensure_ray, library_versions
 from mlops_ray.storage import Storage, from_cfg
 from mlops_ray.train import checkpoint as ckpt_io
+from mlops_ray.train.resume import repair_run_dir
 from mlops_ray.utils import stable_hash
 
 # sections that change where or how a run executes, not what it computes
@@ -185,6 +186,8 @@ def run_training(cfg: dict[str, Any], *, prepared: Prepared | None = None,
         storage.write_json(record, "runs", run_name, "run.json")  # a finished record stays put
     log(f"run {run_name}: {'resuming' if had_run else 'starting'} in {record['run_uri']}"
         + (f" (dashboard {cluster['dashboard_url']})" if cluster["dashboard_url"] else ""))
+    if had_run:
+        repair_run_dir(storage, "runs", run_name, log=log)
     trainer = build_trainer(cfg, prepared, run_name, storage)
     from ray.train.v2.api.exceptions import TrainingFailedError
     try:

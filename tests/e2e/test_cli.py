@@ -149,9 +149,9 @@ def ray_head(tmp_path):
     from tests.conftest import free_port, job_env, wait_until
     token = secrets.token_hex(16)
     env = job_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
-    dash = free_port()
+    dash, gcs_port = free_port(), free_port()
     ray_bin = str(Path(sys.executable).with_name("ray"))
-    head = subprocess.Popen([ray_bin, "start", "--head", "--block", f"--port={free_port()}",
+    head = subprocess.Popen([ray_bin, "start", "--head", "--block", f"--port={gcs_port}",
                              "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
                              f"--dashboard-port={dash}", "--num-cpus=2", "--include-dashboard=true",
                              # free ports, not Ray's fixed defaults (52365...): another Ray on
@@ -180,6 +180,11 @@ def ray_head(tmp_path):
             head.wait(60)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
+        # `ray start` made this head the machine's default cluster; a stale default would send
+        # Ray Train's placement-group cleaner (in later runs) to a dead GCS
+        from ray._private.utils import get_ray_address_file, read_ray_address
+        if read_ray_address() == f"127.0.0.1:{gcs_port}":
+            os.remove(get_ray_address_file(None))
 
 
 def test_cluster_remote_submits_streams_and_stops(ray_head, tmp_path):
