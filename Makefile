@@ -10,7 +10,7 @@ TORCH_INDEX ?=
 EXPERIMENT ?= adult_mlp
 PYTEST_ARGS ?=
 
-.PHONY: help install run train tune serve test test-unit test-ray lint bench clean
+.PHONY: help install run train tune serve test test-unit test-multinode lint bench clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-11s %s\n", $$1, $$2}'
@@ -36,8 +36,12 @@ tune: install ## tune the default experiment (Optuna TPE + ASHA on Ray Tune)
 serve: install ## serve the experiment's production version on 127.0.0.1:8000 (after jobs.promote)
 	$(PY) -m jobs.serve model=$(EXPERIMENT)
 
-test: install ## run every test tier (unit, Ray integration, e2e); < 20 min on 2 cores
-	$(PY) -m pytest $(PYTEST_ARGS)
+test: install ## run every test tier (unit, Ray integration, e2e, multi-node); ~25 min on 2 cores
+	$(PY) -m pytest -m "not multinode" $(PYTEST_ARGS)
+	$(PY) -m pytest -m multinode $(PYTEST_ARGS)
+
+test-multinode: install ## node loss, preemption, tuning and elastic scenarios on a local multi-node cluster
+	$(PY) -m pytest -m multinode $(PYTEST_ARGS)
 
 test-unit: install ## unit tests only (no Ray, seconds)
 	$(PY) -m pytest -m "not ray and not slow" $(PYTEST_ARGS)

@@ -7,6 +7,7 @@
     python -m jobs.serve status model=adult_mlp
     python -m jobs.serve drift model=adult_mlp
     python -m jobs.serve rollback model=adult_mlp
+    python -m jobs.serve export model=adult_mlp out=serve_config.yaml   # for serve deploy / a RayService
 
 Verbs other than `serve` join the running cluster (ray.address=auto unless given). Every
 traffic change is in `python -m jobs.registry history adult_mlp`. Exit 10 when a deployment
@@ -25,7 +26,7 @@ from mlops_ray.config import compose, user_errors, validate
 from mlops_ray.config.schema import ServeJobCfg
 from mlops_ray.errors import ConfigError
 
-VERBS = ("serve", "rollout", "status", "drift", "rollback")
+VERBS = ("serve", "rollout", "status", "drift", "rollback", "export")
 
 
 def job_from_args(args: list[str]) -> dict:
@@ -61,6 +62,9 @@ def main(argv: list[str] | None = None) -> None:
         from mlops_ray.registry import open_registry
         from mlops_ray.serving import control
         reg = open_registry(job)
+        if verb == "export":  # no Ray needed: resolve the alias, write the Serve config file
+            export(job, control.export_config(job, reg))
+            return
         if verb == "serve":
             reg.get(f"{job['model']}@{job['alias']}")  # a bad name fails before Ray starts
         facts = control.start(job)
@@ -101,6 +105,26 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"{ref}\n{format_table(rows)}\n")
         elif verb == "rollback":
             control.rollback(job, reg)
+
+
+def export(job: dict, config: dict) -> None:
+    import yaml
+    auth = job["serve"]["auth"]
+    if auth["api_keys"] or auth["key_file"]:
+        print(f"note: API keys are not written into the file; the replicas read them from "
+              f"${auth['api_keys_env']} (a Kubernetes secret, or runtime_env env_vars)",
+              file=sys.stderr)
+    text = yaml.safe_dump(config, sort_keys=False)
+    if not job["out"]:
+        print(text, end="")
+        return
+    out = Path(job["out"])
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, out)
+    arm = config["applications"][0]["deployments"][0]["user_config"]["arms"][0]
+    print(f"wrote {out}: {arm['ref']} ({arm['artifact_uri']}); deploy with `serve deploy {out}` "
+          "or paste it into cluster/kuberay/rayservice.yaml's serveConfigV2")
 
 
 if __name__ == "__main__":

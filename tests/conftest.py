@@ -77,7 +77,9 @@ def ray_2_cpus():
     os.environ["MLOPS_TEST_RAY_METRICS_PORT"] = str(free_port())
     ctx = ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING",
                    _node_ip_address="127.0.0.1",
-                   _metrics_export_port=int(os.environ["MLOPS_TEST_RAY_METRICS_PORT"]))
+                   _metrics_export_port=int(os.environ["MLOPS_TEST_RAY_METRICS_PORT"]),
+                   # metrics reach the endpoint within ~2 s instead of Ray's 10 s
+                   _system_config={"metrics_report_interval_ms": 2000})
     from mlops_ray.runtime import claim_address_file
     claim_address_file(ctx.address_info["gcs_address"])
     yield ctx.address_info["gcs_address"]

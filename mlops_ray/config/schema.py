@@ -103,6 +103,8 @@ class ScalingCfg(Strict):
     resources_per_worker: dict[str, float] | None = None
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     accelerator_type: str | None = None
+    # elastic runs only: how often Ray Train checks whether more workers could start
+    elastic_resize_monitor_interval_s: float = Field(60.0, gt=0)
 
     @field_validator("num_workers")
     @classmethod
@@ -122,12 +124,16 @@ class ScalingCfg(Strict):
         return float(res.get(key, default))
 
     def ray_kwargs(self) -> dict[str, Any]:
-        return self.model_dump(exclude_none=True)
+        out = self.model_dump(exclude_none=True)
+        if isinstance(self.num_workers, int):  # only elastic runs take the monitor interval
+            out.pop("elastic_resize_monitor_interval_s")
+        return out
 
 
 class CheckpointCfg(Strict):
     """Ray's CheckpointConfig arguments plus how often the loop saves one."""
     every_n_epochs: int = Field(1, ge=1)
+    every_n_steps: int = Field(0, ge=0)  # also mid-epoch, every N optimizer steps; 0 = off
     num_to_keep: int | None = Field(2, ge=1)
     checkpoint_score_attribute: str | None = "val/auc"
     checkpoint_score_order: Literal["max", "min"] = "max"
@@ -144,6 +150,8 @@ class FailureCfg(Strict):
     max_failures: int = Field(3, ge=-1)  # worker/node errors; -1 = unlimited
     max_preemption_failures: int = Field(-1, ge=-1)  # drained (spot) nodes; budgeted separately
     controller_failure_limit: int = Field(-1, ge=-1)
+    relax_collectives_on_preemption: bool = False
+    preemption_grace_s: float = Field(0.0, ge=0)
 
     def ray_kwargs(self) -> dict[str, Any]:
         return self.model_dump()
@@ -206,6 +214,12 @@ class RayCfg(Strict):
     # exported before Ray starts; Ray Train propagates RAY_TRAIN_* to its controller and workers
     env_vars: dict[str, str] = {}
 
+    @field_validator("env_vars", mode="before")
+    @classmethod
+    def _env_strings(cls, v: Any) -> Any:  # `ray.env_vars.X=10` arrives as an int
+        return {k: str(x).lower() if isinstance(x, bool) else str(x) for k, x in v.items()} \
+            if isinstance(v, dict) else v
+
 
 def _check_metric(field: str, value: str | None) -> list[str]:
     if value is not None and value not in TRAIN_METRICS:
@@ -234,6 +248,19 @@ class ClusterCfg(Strict):
         return self
 
 
+class PoolPrice(Strict):
+    price: float = Field(ge=0)                   # per node-hour as billed (spot: the spot price)
+    on_demand: float | None = Field(None, ge=0)  # the same node on demand; None = price
+
+
+class CostCfg(Strict):
+    """Price table for the node-hours in run records (mlops_ray.cluster.cost)."""
+    currency: str = "USD"
+    sample_s: float = Field(10.0, gt=0)
+    pools: dict[str, PoolPrice] = {}
+    default: PoolPrice = PoolPrice(price=0.0)
+
+
 class TrainJobCfg(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     seed: int = 0
@@ -247,6 +274,7 @@ class TrainJobCfg(Strict):
     tracking: TrackingCfg = TrackingCfg()
     ray: RayCfg = RayCfg()
     cluster: ClusterCfg = ClusterCfg()
+    cost: CostCfg = CostCfg()
     train: TrainCfg = TrainCfg()
     from_tune: str | None = None  # a tune.json / tuning run URI: train with its best config
 
@@ -669,6 +697,7 @@ class ServeJobCfg(Strict):
     model: str
     alias: str = "production"
     to: str | None = None
+    out: str | None = None  # export: the Serve config file to write (None: stdout)
     strategy: Literal["canary", "bluegreen", "ab", "shadow"] | None = None
     serve: ServeCfg = ServeCfg()
     storage: StorageCfg = StorageCfg()

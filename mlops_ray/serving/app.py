@@ -157,6 +157,9 @@ class Ingress:
         self.cfg = cfg
         self.name = cfg["model_name"]
         self.keys = set(cfg.get("api_keys") or [])
+        if cfg.get("api_keys_env"):  # a Serve config file carries the variable's name only
+            self.keys |= {k.strip() for k in os.environ.get(cfg["api_keys_env"], "").split(",")
+                          if k.strip()}
         self.cache = TTLCache(cfg["cache"]["max_entries"], cfg["cache"]["ttl_s"]) \
             if cfg["cache"]["enabled"] else None
         self.inline = cfg["mode"] == "inline"  # run versions here instead of via handles
@@ -650,3 +653,11 @@ class Ingress:
     def admin_drift(self, request: Request) -> Any:
         return self._auth(request) or self.drift_table()
 
+
+
+def build_app(args: dict[str, Any]) -> Any:
+    """Application builder for Serve config files (`import_path: mlops_ray.serving.app:build_app`,
+    as `python -m jobs.serve export` writes them for `serve deploy` or a KubeRay RayService):
+    the ingress with its config; the routing (pinned registry versions) arrives as the
+    deployment's user_config, so a new config with only new routing reconfigures in place."""
+    return Ingress.bind(args["ingress"])

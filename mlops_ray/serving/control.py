@@ -126,6 +126,43 @@ def deploy_version(job: dict[str, Any], v: Version) -> dict[str, Any]:
     return spec
 
 
+def export_config(job: dict[str, Any], reg: Registry) -> dict[str, Any]:
+    """A Serve config file (ServeDeploySchema) serving `model@alias`, pinned to the version the
+    alias names now: its artifact URI and content hash are written into the config, so the
+    cluster needs the artifact storage but not the registry database, and re-exporting after a
+    promotion and re-applying it is the rollout (the ingress reconfigures in place)."""
+    from ray.serve.schema import ServeDeploySchema
+    s = job["serve"]
+    if s["ingress_mode"] != "inline":
+        raise ServeError("serve.ingress_mode=handle deploys one application per version from "
+                         "this process; a config file holds the inline ingress only")
+    v = reg.get(f"{job['model']}@{job['alias']}")
+    if v.status == "deleted":
+        raise ServeError(f"{v.ref} was deleted from the registry")
+    spec = {"ref": v.ref, "version": v.version, "app": None, "artifact_uri": v.artifact_uri,
+            "content_hash": v.content_hash, "chaos_error_rate": 0.0}
+    routing = {"arms": [_arm(spec, 100, "stable")], "mode": "weighted", "previous": None}
+    opts = deployment_options(s, "ingress")
+    dep = {"name": "Ingress", "user_config": routing,
+           "max_ongoing_requests": opts["max_ongoing_requests"],
+           "ray_actor_options": opts["ray_actor_options"],
+           **({"autoscaling_config": opts["autoscaling_config"]} if "autoscaling_config" in opts
+              else {"num_replicas": opts["num_replicas"]})}
+    config = {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": s["host"], "port": s["port"]},
+        "logging_config": {"enable_access_log": s["access_log"]},
+        "applications": [{"name": app_name(job), "route_prefix": s["route_prefix"],
+                          "import_path": "mlops_ray.serving.app:build_app",
+                          # keys never go into the file: the replicas read the variable
+                          "args": {"ingress": {**ingress_config(job), "api_keys": [],
+                                              "api_keys_env": s["auth"]["api_keys_env"]}},
+                          "deployments": [dep]}],
+    }
+    ServeDeploySchema.parse_obj(config)  # Serve's own validation of the file we write
+    return config
+
+
 def current_routing(job: dict[str, Any]) -> dict[str, Any] | None:
     from ray import serve
     if app_name(job) not in serve.status().applications:

@@ -4,11 +4,17 @@ Spot-safe by construction:
 * restores from `ray.train.get_checkpoint()` first (a retry, or a rerun of the same run name);
 * shuffling and dropout are reseeded from (seed, epoch, step, rank), so a resumed run replays
   exactly the batches and masks an uninterrupted one would: equal final weights on CPU;
-* reports metrics every epoch and a checkpoint every `every_n_epochs`, and a just-in-time
-  checkpoint as soon as `ray.train.get_preemption_info()` says a node is draining.
+* reports metrics every epoch and a checkpoint every `every_n_epochs` (and, for long epochs,
+  every `every_n_steps` optimizer steps), and a just-in-time checkpoint as soon as
+  `ray.train.get_preemption_info()` says a node is draining; then it holds still until Ray Train
+  tears the group down at the drain deadline, so no completed step is redone after the restart.
+
+With MLOPS_RAY_STEP_LOG=<path> in the driver's environment rank 0 appends one line per step and per checkpoint
+("<unix time> step|ckpt|start <epoch> <step> [seconds]") for `bench/preemption.py`.
 """
 from __future__ import annotations
 
+import math
 import tempfile
 import time
 from typing import Any
@@ -21,6 +27,14 @@ from mlops_ray.train import checkpoint as ckpt_io
 from mlops_ray.utils import build
 
 _MIX = (1_000_003, 10_007, 101)
+_METRICS = {  # what each published gauge means (Ray exports them as ray_mlops_train_<name>)
+    "samples_per_second": "training samples per second in the last epoch",
+    "epoch_seconds": "wall time of the last epoch",
+    "checkpoint_seconds": "wall time of the last checkpoint save and upload",
+    "epoch": "epochs completed",
+    "preemptions_survived": "restarts from a just-in-time (preemption) checkpoint",
+    "restarts": "restarts of the worker group (failures and preemptions)",
+}
 
 
 def _seed_for(seed: int, epoch: int, step: int = 0, rank: int = 0) -> int:
@@ -83,7 +97,30 @@ class _TrainSession:
         self.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=name)
 
     def preempted(self) -> bool:  # a barrier: every rank calls it at the same points
-        return self.train.get_preemption_info() is not None
+        self.info = self.train.get_preemption_info()
+        return self.info is not None
+
+    def hold(self, grace_s: float) -> None:
+        """After a just-in-time checkpoint: wait for Ray Train to tear this group down at the
+        drain deadline instead of training steps that the restart would redo. A drain that
+        never ends in a restart (the notice was withdrawn) lets training go on."""
+        until = self.info.deadline_ms / 1000 + grace_s + 30 if self.info else time.time()
+        while time.time() < until:
+            time.sleep(0.2)
+
+    def publish(self, values: dict[str, float], run: str) -> None:
+        """Gauges on the Ray dashboard / Prometheus (rank 0 only): `ray_mlops_train_*`."""
+        if self.rank != 0:
+            return
+        if not hasattr(self, "_gauges"):
+            from ray.util.metrics import Gauge
+            self._gauges: dict[str, Any] = {}
+            self._Gauge = Gauge
+        for name, v in values.items():
+            if name not in self._gauges:
+                self._gauges[name] = self._Gauge(f"mlops_train_{name}", tag_keys=("run",),
+                                                 description=_METRICS[name])
+            self._gauges[name].set(float(v), tags={"run": run})
 
 
 class _TuneSession(_TrainSession):
@@ -109,6 +146,9 @@ class _TuneSession(_TrainSession):
 
     def preempted(self) -> bool:
         return False  # a drained node kills the trial actor; Tune retries it from its checkpoint
+
+    def publish(self, values: dict[str, float], run: str) -> None:
+        pass
 
 
 class _LocalSession(_TuneSession):
@@ -176,7 +216,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                  opt, lambda _: 1.0))
     start_epoch, start_step, loss_sum, history, stopped = 0, 0, 0.0, [], False
     stopper = EarlyStopping(config["early_stopping"])
-    restored_from = None
+    restored_from, survived, restarts = None, 0, 0
     if (ckpt := session.get_checkpoint()) is not None:
         with ckpt.as_directory() as d:
             st = ckpt_io.load_state(d)
@@ -186,33 +226,56 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         sched.load_state_dict(st["scheduler"])
         start_epoch, start_step, loss_sum = st["epoch"], st["step"], st["loss_sum"]
         history, stopper = st["history"], EarlyStopping(config["early_stopping"], st["early_stop"])
-        restored_from = {"epoch": start_epoch, "step": start_step}
+        survived, restarts = st.get("preemptions_survived", 0), st.get("restarts", 0) + 1
+        survived += bool(st.get("jit"))
+        restored_from = {"epoch": start_epoch, "step": start_step, "jit": bool(st.get("jit"))}
     model = session.prepare(net, device)
     bare = getattr(model, "module", model)
     loss_fn = torch.nn.functional.binary_cross_entropy_with_logits
     preempt_every = config["preemption_check_every_n_steps"]
+    # mid-epoch checkpoints only under Ray Train (a Tune trial reports once per epoch for its
+    # scheduler); their score is NaN, which Ray ranks below every number: never "best"
+    every_steps = config.get("every_n_steps", 0) if kind not in ("tune", "local") else 0
+    score_attr = config.get("score_attribute")
+    step_log = open(config["step_log"], "a", buffering=1) \
+        if rank == 0 and config.get("step_log") else None
+    ckpt_s = 0.0
 
-    def save_and_report(metrics: dict[str, Any], epoch: int, step: int, keep: bool) -> None:
+    def log_step(event: str, epoch: int, step: int, extra: str = "") -> None:
+        if step_log:
+            step_log.write(f"{time.time():.3f} {event} {epoch} {step} {extra}\n")
+
+    def save_and_report(metrics: dict[str, Any], epoch: int, step: int, keep: bool,
+                        jit: bool = False) -> None:
         """All ranks call this (a barrier); rank 0 attaches the checkpoint when `keep`."""
+        nonlocal ckpt_s
         if not keep or rank != 0:
             session.report(metrics)
             return
+        t = time.perf_counter()
         state = {"model": bare.state_dict(), "optimizer": opt.state_dict(),
                  "scheduler": sched.state_dict(), "epoch": epoch, "step": step,
                  "loss_sum": loss_sum, "history": history, "early_stop": stopper.state(),
-                 "stopped": stop,
+                 "stopped": stop, "jit": jit, "preemptions_survived": survived,
+                 "restarts": restarts,
                  "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state()}}
         meta = {"model": config["model"], "in_features": int(x_tr.shape[1]),
                 "feature_names": config["feature_names"], "run_name": config["run_name"],
-                "epoch": epoch, "step": step, "metrics": metrics}
+                "epoch": epoch, "step": step, "metrics": metrics, "jit": jit}
         with tempfile.TemporaryDirectory() as tmp:
             ckpt_io.save(tmp, state, meta, config["preprocessor"])
             session.report(metrics, tmp, f"checkpoint_e{epoch:04d}_s{step:05d}")
+        ckpt_s = time.perf_counter() - t
+        log_step("ckpt", epoch, step, f"{ckpt_s:.4f}")
+        session.publish({"checkpoint_seconds": ckpt_s}, config["run_name"])
 
     preempted = session.preempted
 
     last: dict[str, Any] = history[-1] if history else {}
     stop, drained = stopped, False  # a run that stopped early stays stopped when rerun
+    session.publish({"preemptions_survived": survived, "restarts": restarts,
+                     "epoch": start_epoch}, config["run_name"])
+    log_step("start", start_epoch, start_step)
     for epoch in range(start_epoch, epochs if not stopped else start_epoch):
         t0 = time.perf_counter()
         order = torch.randperm(len(x_tr), generator=torch.Generator().manual_seed(
@@ -235,32 +298,50 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             loss.backward()
             opt.step()
             loss_sum += loss.item()
-            if preempt_every and (step + 1) % preempt_every == 0 and step + 1 < steps_per_epoch \
-                    and preempted() and not drained:
+            log_step("step", epoch, step + 1)
+            if step + 1 == steps_per_epoch:
+                break  # the epoch end below reports (and checks for a drain)
+            if preempt_every and (step + 1) % preempt_every == 0 and not drained \
+                    and preempted():
                 # just-in-time checkpoint at (epoch, step+1), once per drain; the drained node
                 # dies after this. Metrics of these weights, so scoring stays honest.
                 drained = True
                 save_and_report({**last, **_evaluate(bare, x_val, y_val), "epoch": epoch,
-                                 "preempted": 1}, epoch, step + 1, True)
+                                 "preempted": 1}, epoch, step + 1, True, jit=True)
+                session.hold(config.get("preemption_grace_s", 0.0))
+            elif every_steps and (step + 1) % every_steps == 0:
+                mid = {"epoch": epoch, "step": step + 1, "mid_epoch": 1}
+                if score_attr:
+                    mid[score_attr] = math.nan
+                save_and_report(mid, epoch, step + 1, True)
         sched.step()
         seconds = time.perf_counter() - t0
-        metrics = {"epoch": epoch, "epochs_done": epoch + 1,
+        metrics = {"epoch": epoch, "epochs_done": epoch + 1, "world_size": world,
                    "restored_from_epoch": restored_from["epoch"] if restored_from else -1,
                    "train/loss": loss_sum / max(1, steps_per_epoch),
                    **_evaluate(bare, x_val, y_val), "lr": sched.get_last_lr()[0],
                    "time/epoch_s": seconds, "time/at": time.time(),
+                   "time/checkpoint_s": ckpt_s,
                    "time/samples_per_s": (steps_per_epoch - first) * config["batch_size"] / seconds}
         stop = stopper.update(metrics)
         metrics["early_stopped"] = int(stop)
         history.append(metrics)
         last = metrics
+        session.publish({"samples_per_second": metrics["time/samples_per_s"],
+                         "epoch_seconds": seconds, "epoch": epoch + 1}, config["run_name"])
         done = stop or epoch == epochs - 1
         # a just-in-time checkpoint when a drain was announced, else on the schedule
-        draining = preempted()  # a barrier: every rank calls it here, whatever `done` is
+        draining = preempted() and not drained  # a barrier: every rank calls it here
         keep = done or (epoch + 1) % config["every_n_epochs"] == 0 or draining
         loss_sum = 0.0
-        save_and_report(metrics, epoch + 1, 0, keep)
+        save_and_report(metrics, epoch + 1, 0, keep, jit=draining)
+        if draining and not done:
+            drained = True
+            session.hold(config.get("preemption_grace_s", 0.0))
         if stop:
             break
+    if step_log:
+        step_log.close()
     return {"history": history, "restored_from": restored_from, "stopped_early": stop,
+            "preemptions_survived": survived, "restarts": restarts,
             "rank": rank, "world_size": world}

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from mlops_ray.cluster.cost import NodeHours
+from mlops_ray.cluster.cost import summary_line as cost_line
 from mlops_ray.data import Prepared, prepare
 from mlops_ray.errors import TrainingFailed
 from mlops_ray.evaluation.metrics import binary_metrics
@@ -26,7 +28,8 @@ from mlops_ray.train.resume import repair_run_dir
 from mlops_ray.utils import stable_hash
 
 # sections that change where or how a run executes, not what it computes
-NOT_HASHED = ("storage", "tracking", "ray", "cluster", "failure", "checkpoint", "from_tune")
+NOT_HASHED = ("storage", "tracking", "ray", "cluster", "cost", "failure", "checkpoint",
+              "from_tune")
 
 
 def config_hash(cfg: dict[str, Any]) -> str:
@@ -58,6 +61,11 @@ def loop_config(cfg: dict[str, Any], prepared: Prepared | dict[str, Any], data_r
         "model": cfg["model"], "optim": {**cfg["optim"], "_partial_": True},
         "every_n_epochs": cfg["checkpoint"]["every_n_epochs"],
         "preemption_check_every_n_steps": cfg["checkpoint"]["preemption_check_every_n_steps"],
+        "every_n_steps": cfg["checkpoint"]["every_n_steps"],
+        "preemption_grace_s": cfg["failure"]["preemption_grace_s"],
+        # a per-step log for bench/preemption.py (a path every node can write: a local cluster)
+        "step_log": os.environ.get("MLOPS_RAY_STEP_LOG"),
+        "score_attribute": cfg["checkpoint"]["checkpoint_score_attribute"],
         **(data_meta(prepared) if isinstance(prepared, Prepared) else prepared),
         "data_ref": data_ref,
     }
@@ -121,8 +129,10 @@ def trainer_for(cfg: dict[str, Any], loop_cfg: dict[str, Any], run_name: str, st
 
     from mlops_ray.train.loop import train_loop_per_worker
     scaling = {k: v for k, v in cfg["scaling"].items() if v is not None}
-    if isinstance(scaling["num_workers"], list):
+    if isinstance(scaling["num_workers"], (list, tuple)):
         scaling["num_workers"] = tuple(scaling["num_workers"])
+    else:  # only elastic runs take the monitor interval
+        scaling.pop("elastic_resize_monitor_interval_s", None)
     ck = cfg["checkpoint"]
     return TorchTrainer(
         train_loop_per_worker,
@@ -142,7 +152,8 @@ def trainer_for(cfg: dict[str, Any], loop_cfg: dict[str, Any], run_name: str, st
 def _best_checkpoint(result: Any, cfg: dict[str, Any]) -> Any:
     attr, order = cfg["checkpoint"]["checkpoint_score_attribute"], \
         cfg["checkpoint"]["checkpoint_score_order"]
-    scored = [(c, m) for c, m in (result.best_checkpoints or []) if attr and attr in m]
+    scored = [(c, m) for c, m in (result.best_checkpoints or [])
+              if attr and attr in m and m[attr] == m[attr]]  # NaN: a mid-epoch checkpoint
     if not scored:
         return result.checkpoint
     return (max if order == "max" else min)(scored, key=lambda cm: cm[1][attr])[0]
@@ -191,9 +202,11 @@ def run_training(cfg: dict[str, Any], *, prepared: Prepared | None = None,
     trainer = build_trainer(cfg, prepared, run_name, storage)
     from ray.train.v2.api.exceptions import TrainingFailedError
     try:
-        result = trainer.fit()
+        with NodeHours(cfg["cost"]["sample_s"]) as node_hours:
+            result = trainer.fit()
     except TrainingFailedError as e:
-        record.update(status="failed", error=str(e).splitlines()[0][:2000])
+        record.update(status="failed", error=str(e).splitlines()[0][:2000],
+                      cost=node_hours.report(cfg["cost"]))
         storage.write_json(record, "runs", run_name, "run.json")
         raise TrainingFailed(f"run {run_name} failed after its retries: {record['error']} "
                              f"(checkpoints kept in {record['run_uri']}; rerun to resume)") from None
@@ -203,6 +216,8 @@ def run_training(cfg: dict[str, Any], *, prepared: Prepared | None = None,
     record.update(
         status="finished", history=history, restored_from=ret.get("restored_from"),
         stopped_early=ret.get("stopped_early"), world_size=ret.get("world_size"),
+        preemptions_survived=ret.get("preemptions_survived", 0), restarts=ret.get("restarts", 0),
+        cost=node_hours.report(cfg["cost"]),
         final={k: v for k, v in (history[-1] if history else {}).items()},
         checkpoints={"latest": checkpoint_uri(storage, result.checkpoint.path),
                      "best": checkpoint_uri(storage, best_ckpt.path)},
@@ -245,5 +260,10 @@ def summary_lines(record: dict[str, Any]) -> list[str]:
     ]
     if record.get("tracking_dir"):
         lines.append(f"W&B        {record['tracking_dir']} (offline: `wandb sync` it to upload)")
+    if record.get("restarts"):
+        lines.append(f"restarts   {record['restarts']} ({record.get('preemptions_survived', 0)} "
+                     "from a preemption checkpoint)")
+    if line := cost_line(record.get("cost")):
+        lines.append(line)
     lines.append(f"wall time  {record.get('wall_s')} s")
     return lines

@@ -13,6 +13,7 @@ import math
 import time
 from typing import Any
 
+from mlops_ray.cluster.cost import NodeHours
 from mlops_ray.data import Prepared, prepare
 from mlops_ray.db import db_url
 from mlops_ray.runtime import ensure_ray
@@ -136,7 +137,8 @@ def _tuner(job: dict[str, Any], trainable: Any, storage: Storage, study: str, ur
         run_config=tune.RunConfig(
             name=study, **storage.ray_args("tune"),
             failure_config=tune.FailureConfig(max_failures=t["max_failures"]),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=2), verbose=0),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2), verbose=0,
+            callbacks=[metrics_callback(study, t["metric"], t["mode"])]),
     ), False
 
 
@@ -237,7 +239,8 @@ def run_tuning(job: dict[str, Any], *, prepared: Prepared | None = None,
         f"({job['search']['algorithm']} + {job['scheduler']['name']}, "
         f"{job['tune']['num_samples']} trials, {backend} trials) in {storage.uri_of('tune', study)}"
         + (f"; dashboard {cluster['dashboard_url']}" if cluster["dashboard_url"] else ""))
-    results = tuner.fit()
+    with NodeHours(job["cost"]["sample_s"]) as node_hours:
+        results = tuner.fit()
     s = _summarise(results, job, storage)
     t, best = job["tune"], s["best"]
     summary: dict[str, Any] = {
@@ -250,6 +253,9 @@ def run_tuning(job: dict[str, Any], *, prepared: Prepared | None = None,
         "trials": [{k: v for k, v in x.items() if k != "_rows"} for x in s["trials"]],
         "curve": _curve(s["trials"], t["metric"], t["mode"]),
         "tune_uri": storage.uri_of("tune", study),
+        # trials that restarted from their own checkpoint (a lost node, a killed driver)
+        "resumed_trials": sum(x["restored_from_epoch"] >= 0 for x in s["trials"]),
+        "cost": node_hours.report(job["cost"]),
     }
     if best:
         best_cfg = apply(base, best["params"])
@@ -270,6 +276,53 @@ def run_tuning(job: dict[str, Any], *, prepared: Prepared | None = None,
         plot_curves({f"{summary['algorithm']}+{summary['scheduler']}": summary["curve"]},
                     t["metric"], storage.path("tune", study, "tune_curve.png"))
     return summary
+
+
+def metrics_callback(study: str, metric: str, mode: str) -> Any:
+    """A Tune callback publishing trial counts by state and the best value so far as
+    `ray_mlops_tune_trials{study,state}` / `ray_mlops_tune_best{study}` (Ray dashboard,
+    Prometheus)."""
+    from ray import tune
+    from ray.util.metrics import Gauge
+
+    class TuneMetrics(tune.Callback):
+        def __init__(self) -> None:
+            self.trials = Gauge("mlops_tune_trials", "trials of the study by state",
+                                tag_keys=("study", "state"))
+            self.best = Gauge("mlops_tune_best", "best reported value of the tuned metric",
+                              tag_keys=("study",))
+            self.value: float | None = None
+
+        def _publish(self, trials: list[Any]) -> None:
+            counts: dict[str, int] = {}
+            for t in trials:
+                counts[t.status] = counts.get(t.status, 0) + 1
+            for state in ("PENDING", "RUNNING", "PAUSED", "TERMINATED", "ERROR"):
+                self.trials.set(counts.get(state, 0), tags={"study": study, "state": state})
+
+        def on_trial_result(self, iteration: int, trials: list[Any], trial: Any,
+                            result: dict[str, Any], **info: Any) -> None:
+            v = result.get(metric)
+            better = self.value is None or (v > self.value if mode == "max" else v < self.value) \
+                if isinstance(v, (int, float)) and v == v else False
+            if better:
+                self.value = float(v)
+                self.best.set(self.value, tags={"study": study})
+            self._publish(trials)
+
+        def on_trial_start(self, iteration: int, trials: list[Any], trial: Any,
+                           **info: Any) -> None:
+            self._publish(trials)
+
+        def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any,
+                              **info: Any) -> None:
+            self._publish(trials)
+
+        def on_trial_error(self, iteration: int, trials: list[Any], trial: Any,
+                           **info: Any) -> None:
+            self._publish(trials)
+
+    return TuneMetrics()
 
 
 def _checkpoint(uri: str, storage: Storage) -> Any:
@@ -302,6 +355,9 @@ def summary_lines(s: dict[str, Any]) -> list[str]:
         lines += [f"best       {b['trial_id']} {s['metric']}={b['value']:.4f} "
                   f"test/auc={b['test']['test/auc']:.4f} params {b['params']}",
                   f"best run   {b['run_uri']}/run.json (use: from_tune={s['tune_uri']})"]
+    from mlops_ray.cluster.cost import summary_line
+    if line := summary_line(s.get("cost")):
+        lines.append(line)
     lines.append(f"summary    {s['tune_uri']}/tune.json")
     return lines
 

@@ -49,6 +49,37 @@ def test_run_record_lineage_metrics_and_wandb(ray_2_cpus, tmp_path):
     assert list(wandb_dir.rglob("*.wandb")), "offline W&B run file missing"
 
 
+def test_training_publishes_dashboard_metrics(ray_2_cpus, tmp_path):
+    """samples/s, epoch and checkpoint time reach Ray's Prometheus endpoint while it trains."""
+    import os
+    import threading
+
+    import requests
+    cfg = job_cfg(*ADULT_SHORT, f"storage.uri={tmp_path}", "train.epochs=15")
+    run = run_name_for(cfg, dataset_version(load_table("builtin://adult")))
+    done = threading.Event()
+    t = threading.Thread(target=lambda: (run_training(cfg), done.set()), daemon=True)
+    t.start()
+    names = ("samples_per_second", "epoch_seconds", "checkpoint_seconds", "epoch",
+             "preemptions_survived", "restarts")
+
+    def scraped():
+        text = requests.get(f"http://127.0.0.1:{os.environ['MLOPS_TEST_RAY_METRICS_PORT']}"
+                            "/metrics", timeout=10).text
+        got = {n: x for x in text.splitlines() for n in names
+               if x.startswith(f"ray_mlops_train_{n}{{") and f'run="{run}"' in x}
+        return got if len(got) == len(names) else None
+    try:
+        got = wait_until(lambda: scraped() or done.is_set(), 180, interval=1,
+                         what="training metrics on Ray's endpoint")
+        assert got is not True, "the run ended before its metrics were scraped"
+        assert float(got["samples_per_second"].rsplit(" ", 1)[1]) > 0
+        assert float(got["restarts"].rsplit(" ", 1)[1]) == 0
+    finally:
+        t.join(300)
+    assert done.is_set()
+
+
 def test_ddp_two_workers(ray_2_cpus, tmp_path):
     rec = run_training(job_cfg("+experiment=german_mlp", f"storage.uri={tmp_path}",
                                "train.epochs=2", "tracking=none", "scaling.num_workers=2",

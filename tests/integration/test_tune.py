@@ -48,6 +48,12 @@ def test_tpe_asha_summary_best_run_and_retrain(ray_2_cpus, tmp_path):
     n = db.execute("select count(*) from trials t join studies s using(study_id) "
                    "where s.study_name=? and t.state='COMPLETE'", (s["study"],)).fetchone()[0]
     assert n == 6
+    # the study's own gauges reach Ray's Prometheus endpoint (what the dashboard charts)
+    text = wait_until(lambda: _scrape(f'study="{s["study"]}"'), 90, interval=2,
+                      what="ray_mlops_tune_trials on the metrics endpoint")
+    done = [x for x in text.splitlines() if x.startswith("ray_mlops_tune_trials{")
+            and f'study="{s["study"]}"' in x and 'state="TERMINATED"' in x]
+    assert done and float(done[0].rsplit(" ", 1)[1]) == 6, done
     # `jobs.train from_tune=...` trains the best parameters
     train = validate(compose("train", [*GERMAN, f"storage.uri={tmp_path}", "train.epochs=2",
                                        f"from_tune={s['tune_uri']}"]), TrainJobCfg)
@@ -57,6 +63,15 @@ def test_tpe_asha_summary_best_run_and_retrain(ray_2_cpus, tmp_path):
         assert tuned[section][name] == value
     assert run_training(validate(tuned, TrainJobCfg).model_dump(by_alias=True))["status"] == \
         "finished"
+
+
+def _scrape(needle: str) -> str | None:
+    import os
+
+    import requests
+    text = requests.get(f"http://127.0.0.1:{os.environ['MLOPS_TEST_RAY_METRICS_PORT']}/metrics",
+                        timeout=10).text
+    return text if needle in text and "ray_mlops_tune_best{" in text else None
 
 
 def _complete_params(db_path: Path, study: str) -> list[str]:

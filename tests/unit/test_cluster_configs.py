@@ -495,6 +495,23 @@ def test_kuberay_manifest_kinds_and_entrypoints(manifests):
     assert apps[0]["import_path"] == "mlops_ray.serving.app:build_app"
 
 
+def test_rayservice_embeds_a_serve_config_like_jobs_serve_export(manifests):
+    """Serve's schema accepts it, and its ingress settings are the ones the code reads today."""
+    from ray.serve.schema import ServeDeploySchema
+
+    from jobs.serve import job_from_args
+    from mlops_ray.serving.control import ingress_config
+    cfg = yaml.safe_load(manifests["rayservice.yaml"]["spec"]["serveConfigV2"])
+    ServeDeploySchema.parse_obj(cfg)
+    ingress = cfg["applications"][0]["args"]["ingress"]
+    current = ingress_config(job_from_args(["model=adult_mlp"]))
+    assert set(ingress) == set(current) | {"api_keys_env"}
+    for section in ("cache", "limits", "drift", "feedback"):
+        assert set(ingress[section]) == set(current[section]), section
+    arm = cfg["applications"][0]["deployments"][0]["user_config"]["arms"][0]
+    assert {"ref", "artifact_uri", "content_hash", "weight", "role"} <= set(arm)
+
+
 def _mutated(manifests, name, mutate):
     doc = copy.deepcopy(manifests[name])
     mutate(doc)
