@@ -322,6 +322,9 @@ def metrics_callback(study: str, metric: str, mode: str) -> Any:
                            **info: Any) -> None:
             self._publish(trials)
 
+        def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
+            self._publish(trials)  # a completing trial's status changes after its callback
+
     return TuneMetrics()
 
 

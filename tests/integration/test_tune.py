@@ -49,11 +49,13 @@ def test_tpe_asha_summary_best_run_and_retrain(ray_2_cpus, tmp_path):
                    "where s.study_name=? and t.state='COMPLETE'", (s["study"],)).fetchone()[0]
     assert n == 6
     # the study's own gauges reach Ray's Prometheus endpoint (what the dashboard charts)
-    text = wait_until(lambda: _scrape(f'study="{s["study"]}"'), 90, interval=2,
-                      what="ray_mlops_tune_trials on the metrics endpoint")
-    done = [x for x in text.splitlines() if x.startswith("ray_mlops_tune_trials{")
-            and f'study="{s["study"]}"' in x and 'state="TERMINATED"' in x]
-    assert done and float(done[0].rsplit(" ", 1)[1]) == 6, done
+    def terminated() -> float | None:
+        text = _scrape(f'study="{s["study"]}"') or ""
+        done = [x for x in text.splitlines() if x.startswith("ray_mlops_tune_trials{")
+                and f'study="{s["study"]}"' in x and 'state="TERMINATED"' in x]
+        return float(done[0].rsplit(" ", 1)[1]) if done else None
+    wait_until(lambda: terminated() == 6, 90, interval=2,
+               what="ray_mlops_tune_trials{state=TERMINATED} = 6 on the metrics endpoint")
     # `jobs.train from_tune=...` trains the best parameters
     train = validate(compose("train", [*GERMAN, f"storage.uri={tmp_path}", "train.epochs=2",
                                        f"from_tune={s['tune_uri']}"]), TrainJobCfg)
