@@ -89,13 +89,17 @@ def one(cluster: LocalCluster, interval: int, notice: bool, epochs: int, root: P
         wait_for(restarted, 120, "the restart at the deadline", abort=run.done)
         cluster.kill(node)  # the cloud takes the node
     else:
-        lost_at = cluster.kill(node)
+        lost_at = time.time()  # the node starts dying now: work after this is lost
+        cluster.kill(node)
         cluster.add()
     rec = run.result(900)
     os.environ.pop("MLOPS_RAY_STEP_LOG")
     events = read_step_log(log)
     restart = [t for t, ev, *_ in events if ev == "start"][1]
-    before = [(t, ev, e * spe + s, x) for t, ev, e, s, x in events if t < restart]
+    # steps completed before the loss (a notice: before the restart; no notice: before the
+    # kill was issued, though the dying node's peers may finish a step or two meanwhile)
+    before = [(t, ev, e * spe + s, x) for t, ev, e, s, x in events
+              if t < (restart if notice else lost_at)]
     after = [t for t, ev, *_ in events if t > restart and ev == "step"]
     done_before = max(g for _, ev, g, _ in before if ev == "step")
     restored = rec["restored_from"]["epoch"] * spe + rec["restored_from"]["step"]
@@ -115,12 +119,14 @@ def main() -> None:
     ap.add_argument("--intervals", type=int, nargs="+", default=[1, 5, 20, 0],
                     help="checkpoint every N steps (0: once per epoch, the default)")
     ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--modes", nargs="+", default=["notice", "kill"],
+                    choices=["notice", "kill"], help="with a preemption notice, and/or without")
     ap.add_argument("--json", help="also write the rows here")
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp, LocalCluster(workers=2) as cluster:
         for k in args.intervals:
-            for notice in (True, False):
+            for notice in [m == "notice" for m in args.modes]:
                 rows.append(one(cluster, k, notice, args.epochs, Path(tmp)))
                 print(json.dumps(rows[-1]), flush=True)
     print(f"\n{'interval':>14} {'notice':>7} {'recovery s':>11} {'lost steps':>11} "
