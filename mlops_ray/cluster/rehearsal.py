@@ -69,30 +69,10 @@ class LocalCluster:
         self.workers.remove(node)
         return time.time()
 
-    def node_of(self, pid: int) -> Any:
-        """The worker node whose raylet is the ancestor of process `pid` (a Train worker)."""
-        import psutil
-        ancestors = {p.pid for p in psutil.Process(pid).parents()}
-        for node in self.workers:
-            if node.all_processes["raylet"][0].process.pid in ancestors:
-                return node
-        raise LookupError(f"process {pid} runs on none of the worker nodes")
-
     def __exit__(self, *exc: Any) -> None:
         import ray
         ray.shutdown()
         self.cluster.shutdown()
-
-
-def train_worker_pids(rank: int | None = None) -> list[int]:
-    """Pids of live Ray Train worker processes (their process title names the actor)."""
-    import psutil
-    out = []
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        cmd = " ".join(p.info["cmdline"] or [])
-        if "RayTrainWorker" in cmd:
-            out.append(p.info["pid"])
-    return sorted(out)
 
 
 class Background:
