@@ -9,8 +9,10 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 EXPERIMENT ?= adult_mlp
 PYTEST_ARGS ?=
+# extra Hydra overrides of run/train: make run ARGS='serve.keep_alive=false'
+ARGS ?=
 
-.PHONY: help install run train tune serve test test-unit test-multinode lint bench clean
+.PHONY: help install run train tune serve test test-unit test-multinode lint typecheck bench clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-11s %s\n", $$1, $$2}'
@@ -25,10 +27,11 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed ## create .venv and install the project (pinned CPU torch)
 
-run: install ## train the default experiment (Adult MLP) on a local Ray cluster
-	$(PY) -m jobs.train +experiment=$(EXPERIMENT)
+run: install ## the whole pipeline on the default experiment: train, gates, registry, canary on Serve, smoke test; serves until Ctrl-C
+	$(PY) -m jobs.pipeline +experiment=$(EXPERIMENT) $(ARGS)
 
-train: run ## alias of run
+train: install ## train the default experiment (Adult MLP) on a local Ray cluster
+	$(PY) -m jobs.train +experiment=$(EXPERIMENT) $(ARGS)
 
 tune: install ## tune the default experiment (Optuna TPE + ASHA on Ray Tune)
 	$(PY) -m jobs.tune +experiment=$(EXPERIMENT)
@@ -48,6 +51,9 @@ test-unit: install ## unit tests only (no Ray, seconds)
 
 lint: install ## ruff
 	$(PY) -m ruff check mlops_ray jobs tests bench
+
+typecheck: install ## mypy on mlops_ray/
+	$(PY) -m mypy mlops_ray
 
 bench: install ## benchmarks (not part of make test): training overhead vs bare PyTorch
 	$(PY) bench/train_overhead.py

@@ -12,6 +12,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 
 
+_FACTS: dict[str, Any] = {}  # of the ray.init this process made
+
+
 def ensure_ray(ray_cfg: dict[str, Any]) -> dict[str, Any]:
     """ray.init once per process from the `ray` config section; returns cluster facts."""
     for k, v in ray_cfg.get("env_vars", {}).items():
@@ -23,6 +26,9 @@ def ensure_ray(ray_cfg: dict[str, Any]) -> dict[str, Any]:
         address = ray_cfg.get("address") or os.environ.get("RAY_ADDRESS") or "local"
         kw: dict[str, Any] = {"address": address, "log_to_driver": True,
                               "configure_logging": True, "logging_level": "WARNING"}
+        if address != "local" and "RAY_AUTH_MODE" not in os.environ \
+                and (Path.home() / ".ray" / "auth_token").exists():
+            os.environ["RAY_AUTH_MODE"] = "token"  # Ray 2.60: a client process must opt in
         if address == "local":  # a local cluster we start
             kw.update(num_cpus=ray_cfg.get("num_cpus"), num_gpus=ray_cfg.get("num_gpus"),
                       include_dashboard=ray_cfg.get("include_dashboard", True),
@@ -30,11 +36,11 @@ def ensure_ray(ray_cfg: dict[str, Any]) -> dict[str, Any]:
                       _node_ip_address="127.0.0.1")  # a laptop cluster listens on loopback only
         ctx = ray.init(**kw)
         if address == "local":
-            claim_address_file(ctx.address_info["gcs_address"])
+            # ray.init is typed BaseContext; a local init returns a RayContext
+            claim_address_file(ctx.address_info["gcs_address"])  # type: ignore[attr-defined]
         dash = getattr(ctx, "dashboard_url", None)
-    else:
-        dash = None
-    return {"dashboard_url": f"http://{dash}" if dash else None,
+        _FACTS["dashboard_url"] = f"http://{dash}" if dash else None
+    return {"dashboard_url": _FACTS.get("dashboard_url"),
             "resources": ray.cluster_resources()}
 
 

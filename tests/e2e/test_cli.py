@@ -60,8 +60,8 @@ def test_missing_dataset_file_is_a_clear_error(tmp_path):
     assert "Traceback" not in out.stderr
 
 
-def test_make_run_job_standalone_reaches_target_auc(tmp_path):
-    """`make run`'s job on its own local Ray: Adult to held-out test AUC >= 0.90."""
+def test_make_train_job_standalone_reaches_target_auc(tmp_path):
+    """`make train`'s job on its own local Ray: Adult to held-out test AUC >= 0.90."""
     out = run_job(["jobs.train", "+experiment=adult_mlp", f"storage.uri={tmp_path}"],
                   timeout=600, RAY_AUTH_MODE=None, RAY_AUTH_TOKEN=None)  # Ray's own defaults
     assert out.returncode == 0, out.stderr[-3000:]

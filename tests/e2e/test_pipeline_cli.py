@@ -1,0 +1,74 @@
+"""`make run` as a user runs it: the pipeline on its own local Ray. Killed during evaluation, the
+rerun resumes there (training skipped, finished folds reused), ends with a served model that
+answers requests, and stops cleanly on Ctrl-C."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+
+import pytest
+import requests
+
+from tests.conftest import REPO, free_port, job_env, wait_until
+
+pytestmark = pytest.mark.slow
+
+
+def make_run(tmp_path, name: str, *args: str) -> tuple[subprocess.Popen, object]:
+    log = tmp_path / name
+    quick = ["train.epochs=2", "cv.folds=3", "cv.epochs=1", "cv.max_parallel=1", "n_boot=50",
+             "fairness.n_boot=50", "tracking=none", f"storage.uri={tmp_path / 'out'}", *args]
+    proc = subprocess.Popen(["make", "-s", "run", "ARGS=" + " ".join(quick)], cwd=REPO,
+                            env=job_env(RAY_AUTH_MODE=None, RAY_AUTH_TOKEN=None),
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)  # its own group: make, python and Ray
+    return proc, log
+
+
+def test_make_run_killed_during_evaluation_resumes_there_and_serves(tmp_path):
+    port = free_port()
+    proc, log = make_run(tmp_path, "first.log", f"serve.port={port}")
+    try:
+        wait_until(lambda: "  fold " in log.read_text() or proc.poll() is not None, 600,
+                   interval=0.5, what="the first cross-validation fold")
+        assert proc.poll() is None, log.read_text()[-3000:]
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the whole pipeline, mid-evaluation
+        proc.wait(60)
+    first = log.read_text()
+    assert "== [2/5] evaluate" in first and "== [3/5] promote" not in first
+
+    proc, log = make_run(tmp_path, "second.log", f"serve.port={port}")
+    try:
+        wait_until(lambda: "serving until Ctrl-C" in log.read_text() or proc.poll() is not None,
+                   600, interval=0.5, what="the resumed pipeline to serve")
+        text = log.read_text()
+        assert proc.poll() is None, text[-3000:]
+        assert "   skipped: finished run with this config and data" in text
+        assert "reused)" in text  # cross-validation went on from the killed run's folds
+        status = {ln.split()[0]: ln.split()[1] for ln in text.splitlines()
+                  if ln.split()[:1] and ln.split()[0] in ("train", "evaluate", "promote",
+                                                          "deploy", "smoke")
+                  and len(ln.split()) > 2}
+        assert status == {"train": "skipped", "evaluate": "done", "promote": "done",
+                          "deploy": "done", "smoke": "done"}, text[-3000:]
+        rows = [{"age": 39, "workclass": "State-gov", "fnlwgt": 77516, "education": "Bachelors",
+                 "education_num": 13, "marital_status": "Never-married",
+                 "occupation": "Adm-clerical", "relationship": "Not-in-family", "race": "White",
+                 "sex": "Male", "capital_gain": 2174, "capital_loss": 0, "hours_per_week": 40,
+                 "native_country": "United-States"}]
+        r = requests.post(f"http://127.0.0.1:{port}/predict", json={"records": rows}, timeout=30)
+        assert r.status_code == 200 and r.json()["version"] == 1, r.text
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in the terminal
+        proc.wait(120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(60)
+    text = log.read_text()
+    assert "stopped" in text.splitlines()[-3:] or "stopped" in text[-500:], text[-2000:]
+    record = json.loads(next((tmp_path / "out" / "runs").glob("adult_mlp-*/pipeline.json"))
+                        .read_text())
+    assert record["serving"]["version"] == "adult_mlp:1"
