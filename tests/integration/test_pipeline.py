@@ -140,3 +140,17 @@ def test_drift_on_the_endpoint_triggers_retraining_through_the_gates(deployed, t
         assert done[-1]["verdict"] == "refused" and json.loads(done[-1]["details"])[
             "failed_gates"]
         assert production(deployed["store"]) == 1
+
+
+def test_tune_true_tunes_then_evaluates_the_best_trial(deployed):
+    tuned = run_job(["jobs.pipeline", *deployed["common"], "tune=true", "tune.num_samples=2",
+                     "scheduler=fifo", "promote.model=adult_tuned", "stages=[train,evaluate]"],
+                    timeout=900)
+    assert tuned.returncode == 0, tuned.stdout[-3000:] + tuned.stderr[-3000:]
+    assert "== [1/2] tune" in tuned.stdout and "verdict: PASS" in tuned.stdout
+    assert stage_status(tuned.stdout) == {"tune": "done", "evaluate": "done"}
+    (summary,) = (deployed["store"] / "tune").glob("adult_mlp-tune-*/tune.json")
+    best = json.loads(summary.read_text())["best"]
+    assert len(json.loads(summary.read_text())["trials"]) == 2
+    (report,) = deployed["store"].glob("runs/adult_mlp-tune-*-best/eval/gate_report.json")
+    assert json.loads(report.read_text())["lineage"]["run"] == best["run_uri"]

@@ -1,0 +1,114 @@
+"""Every `python -m jobs.*` command in the README (and cluster/README.md) is one the job accepts:
+its settings compose through Hydra and pass the job's schema, as they would before anything
+starts. The commands' effects are exercised by the other tests (the pipeline, serving, export,
+batch scoring, registry and cluster tests run the same commands as subprocesses); this test
+catches a README that drifts from the config tree: a renamed key, a removed group, a bad value."""
+from __future__ import annotations
+
+import importlib
+import re
+import shlex
+
+import pytest
+
+from mlops_ray.config import compose, validate
+from mlops_ray.config import schema as S
+from mlops_ray.errors import ConfigError
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+HYDRA_JOBS = {"train": ("train", S.TrainJobCfg), "tune": ("tune", S.TuneJobCfg),
+              "evaluate": ("evaluate", S.EvaluateJobCfg), "promote": ("promote", S.PromoteJobCfg),
+              "pipeline": ("pipeline", S.PipelineJobCfg), "monitor": ("monitor", S.MonitorJobCfg)}
+ARG_JOBS = ("serve", "export", "predict")  # key=value parsers of their own (job_from_args)
+
+
+def readme_commands() -> list[tuple[str, str]]:
+    cmds = []
+    for doc in ("README.md", "cluster/README.md"):
+        lang, block = None, []
+        for line in (REPO / doc).read_text().splitlines():
+            if line.startswith("```"):
+                if lang is None:  # an opening fence
+                    lang, block = line[3:].strip(), []
+                    continue
+                if lang in ("", "bash", "sh"):
+                    for cmd in "\n".join(block).replace("\\\n", " ").splitlines():
+                        cmd = cmd.strip().removeprefix("$ ")
+                        if "python -m jobs." in cmd:
+                            cmds.append((doc, cmd[cmd.index("python -m jobs."):]))
+                lang = None
+            elif lang is not None:
+                block.append(line)
+    return cmds
+
+
+def concrete(command: str) -> list[str]:
+    """The words of a command, README placeholders (<run>, <head>, key=...) -> sample values,
+    Hydra's own flags (--cfg job) dropped."""
+    words = shlex.split(re.sub(r"<[^>]+>", "x", command), comments=True)
+    out, skip = [], False
+    for w in words[3:]:
+        if skip or w == "...":
+            skip = False
+            continue
+        if w in ("--cfg", "-c", "--package", "-p"):
+            skip = True  # the flag's value follows
+            continue
+        out.append(w[:-3] + "x" if w.endswith("=...") else w)
+    return out
+
+
+# commands the README shows failing, with the error it shows
+EXPECTED_ERRORS = {"optim.lr=abc": "optim.lr='abc'"}
+NEEDS_GPU = "GPU"  # validation checks this machine's GPUs when no ray.address is given
+
+
+COMMANDS = readme_commands()
+
+
+def test_the_readme_shows_every_job():
+    shown = {c.split()[2].removeprefix("jobs.") for _, c in COMMANDS}
+    assert set(HYDRA_JOBS) | set(ARG_JOBS) | {"registry"} <= shown, shown
+
+
+@pytest.mark.parametrize("doc,command", COMMANDS, ids=[c[:80] for _, c in COMMANDS])
+def test_readme_command_is_accepted(doc, command):
+    job = command.split()[2].removeprefix("jobs.")
+    args = concrete(command)
+    expected = next((e for k, e in EXPECTED_ERRORS.items() if k in command), None)
+    try:
+        accept(doc, command, job, args)
+    except ConfigError as e:
+        if expected:
+            assert expected in str(e)
+            return
+        if "scaling=gpu" in command and NEEDS_GPU in str(e) and "this machine has 0" in str(e):
+            pytest.skip(f"needs a GPU to validate here (resources are checked): {e}")
+        raise
+    assert expected is None, f"{doc}: `{command}` should fail with {expected}"
+
+
+def accept(doc: str, command: str, job: str, args: list[str]) -> None:
+    if job in HYDRA_JOBS:
+        name, schema = HYDRA_JOBS[job]
+        from jobs.pipeline import cli_args
+        overrides = [a for a in cli_args(args) if not a.startswith("--")]
+        if job == "monitor" and not any(a.startswith("monitor.new_data=") for a in overrides):
+            overrides.append("monitor.new_data=x.parquet")  # shown as `...` in the README
+        validate(compose(name, overrides), schema)
+    elif job in ARG_JOBS:
+        mod = importlib.import_module(f"jobs.{job}")
+        if job == "serve" and args and args[0] in mod.VERBS:
+            args = args[1:]
+        args = [a for a in args if "=" in a]
+        if not any(a.startswith("model=") for a in args):
+            args.append("model=adult_mlp")  # `make serve`-style commands name it elsewhere
+        mod.job_from_args(args)
+    elif job == "registry":
+        from jobs.registry import parser
+        flags = [a for a in args if "=" not in a or a.startswith("--")]
+        parser().parse_args(flags)
+    else:
+        pytest.fail(f"{doc}: unknown job in `{command}`")
