@@ -26,9 +26,15 @@ def ensure_ray(ray_cfg: dict[str, Any]) -> dict[str, Any]:
         address = ray_cfg.get("address") or os.environ.get("RAY_ADDRESS") or "local"
         kw: dict[str, Any] = {"address": address, "log_to_driver": True,
                               "configure_logging": True, "logging_level": "WARNING"}
-        if address != "local" and "RAY_AUTH_MODE" not in os.environ \
-                and (Path.home() / ".ray" / "auth_token").exists():
-            os.environ["RAY_AUTH_MODE"] = "token"  # Ray 2.60: a client process must opt in
+        if address != "local" and "RAY_AUTH_MODE" not in os.environ and (
+                os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
+                or (Path.home() / ".ray" / "auth_token").exists()):
+            # Ray 2.60: a client process must opt in; Ray caches its config at import, so
+            # refresh it the way Ray's own auto-enable does
+            from ray._private.authentication.authentication_token_setup import (
+                _enable_token_auth,
+            )
+            _enable_token_auth()
         if address == "local":  # a local cluster we start
             kw.update(num_cpus=ray_cfg.get("num_cpus"), num_gpus=ray_cfg.get("num_gpus"),
                       include_dashboard=ray_cfg.get("include_dashboard", True),
@@ -41,6 +47,7 @@ def ensure_ray(ray_cfg: dict[str, Any]) -> dict[str, Any]:
         dash = getattr(ctx, "dashboard_url", None)
         _FACTS["dashboard_url"] = f"http://{dash}" if dash else None
     return {"dashboard_url": _FACTS.get("dashboard_url"),
+            "address": ray.get_runtime_context().gcs_address,
             "resources": ray.cluster_resources()}
 
 

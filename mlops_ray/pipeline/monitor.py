@@ -84,7 +84,8 @@ def retrain(job: dict[str, Any], reg: Any, model: str, version: int, reasons: li
     try:
         out = run_pipeline(pj, log=log)
         details = {"run": out["run"], "version": out.get("version"),
-                   "stages": stage_table(out["stages"])}
+                   "stages": {e["stage"]: e["status"] for e in out["stages"]}}
+        log(stage_table(out["stages"]))
         if reg.aliases(model).get("production") == version:
             verdict = "not promoted"  # e.g. approval is manual
     except GateFailed as e:

@@ -253,7 +253,7 @@ def _deploy(job: dict[str, Any], reg: Any, model: str, prepared: Any, st: Stages
         else:
             control.serve_alias(sj, reg, "production", log=lambda m: log(f"   {m}"))
         return {"endpoint": endpoint(sj), "app": control.app_name(sj), "version": prod.ref,
-                "dashboard": facts["dashboard_url"]}
+                "dashboard": facts["dashboard_url"], "ray_address": facts["address"]}
 
 
 def held_out_records(prepared: Any, signature: dict[str, Any], n: int) -> tuple[list[dict], Any]:
@@ -350,6 +350,8 @@ def summary_lines(out: dict[str, Any]) -> list[str]:
         lines.append(f"endpoint   {srv['endpoint']}/predict  {srv['endpoint']}/v2/models/"
                      f"{out['model']}/infer  ({srv['version']})")
         lines.append(f"dashboard  {srv['dashboard'] or '(the cluster dashboard)'}")
+        lines.append(f"ray        {srv['ray_address']}  (other jobs join it with ray.address="
+                     f"{srv['ray_address']}, e.g. jobs.monitor, jobs.serve status)")
     if out.get("run"):
         lines.append(f"run        {out['run']}  (pipeline.json)")
     return lines

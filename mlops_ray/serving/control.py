@@ -120,8 +120,9 @@ def deploy_version(job: dict[str, Any], v: Version) -> dict[str, Any]:
     opts["user_config"] = {"chaos_error_rate": float(s["model"]["chaos_error_rate"] or 0.0)}
     args = (v.artifact_uri, v.content_hash, v.ref, job["storage"], s["batching"])
     opts["version"] = code_version(args, {k: v for k, v in opts.items() if k != "user_config"})
-    serve.run(ModelServer.options(**opts, _internal=True).bind(*args),
-              name=name, route_prefix=None, blocking=False)
+    # mypy ignores class decorators: @serve.deployment made ModelServer a Deployment
+    serve.run(ModelServer.options(**opts, _internal=True)  # type: ignore[attr-defined]
+              .bind(*args), name=name, route_prefix=None, blocking=False)
     wait_ready(name, s["ready_timeout_s"])
     return spec
 
@@ -187,8 +188,9 @@ def set_routing(job: dict[str, Any], routing: dict[str, Any]) -> None:
     s = job["serve"]
     opts = deployment_options(s, "ingress")
     cfg = ingress_config(job)
-    serve.run(Ingress.options(**opts, user_config=routing, version=code_version(cfg, opts),
-                              _internal=True).bind(cfg),
+    # a Deployment, as ModelServer above
+    serve.run(Ingress.options(**opts, user_config=routing,  # type: ignore[attr-defined]
+                              version=code_version(cfg, opts), _internal=True).bind(cfg),
               name=app_name(job), route_prefix=s["route_prefix"], blocking=False)
     wait_ready(app_name(job), s["ready_timeout_s"])
     got = current_routing(job) or {}
@@ -273,10 +275,12 @@ def rollout(job: dict[str, Any], reg: Registry, to: str, strategy: str, log: Any
         raise ServeError(f"{v.ref} ({job['model']}@{to}) is already the stable version")
     stable = old[0]
     spec = deploy_version(job, v)  # started and ready before any traffic moves
-    log(f"{v.ref} is ready as app '{spec['app']}'; strategy {strategy}")
+    log(f"{v.ref} is ready (app '{spec['app'] or app_name(job) + ', inline'}'); "
+        f"strategy {strategy}")
     prev = [_arm(stable, 100, "stable")]
     if strategy == "bluegreen":
-        routing = {"arms": [_arm(spec, 100, "stable")], "mode": "weighted", "previous": prev}
+        routing: dict[str, Any] = {"arms": [_arm(spec, 100, "stable")], "mode": "weighted",
+                                   "previous": prev}
     elif strategy == "ab":
         wa, wb = r["ab_weights"]
         routing = {"arms": [_arm(stable, wa, "stable"), _arm(spec, wb, "b")], "mode": "ab",

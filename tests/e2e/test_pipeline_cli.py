@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 
 import pytest
 import requests
@@ -61,6 +62,15 @@ def test_make_run_killed_during_evaluation_resumes_there_and_serves(tmp_path):
                  "native_country": "United-States"}]
         r = requests.post(f"http://127.0.0.1:{port}/predict", json={"records": rows}, timeout=30)
         assert r.status_code == 200 and r.json()["version"] == 1, r.text
+        # a second terminal: jobs.monitor joins that Ray (token auth from ~/.ray, as a user has)
+        address = next(ln.split()[1] for ln in text.splitlines() if ln.startswith("ray  "))
+        mon = subprocess.run([sys.executable, "-m", "jobs.monitor", "+experiment=adult_mlp",
+                              f"ray.address={address}", f"storage.uri={tmp_path / 'out'}",
+                              "monitor.new_data=unused.parquet", "monitor.once=true",
+                              "tracking=none"], cwd=REPO, capture_output=True, text=True,
+                             timeout=300, env=job_env(RAY_AUTH_MODE=None, RAY_AUTH_TOKEN=None))
+        assert mon.returncode == 0, mon.stdout[-2000:] + mon.stderr[-3000:]
+        assert "adult_mlp:1: no drift past the thresholds" in mon.stdout
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in the terminal
         proc.wait(120)
     finally:
