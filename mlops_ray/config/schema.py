@@ -309,9 +309,9 @@ class TrainJobCfg(Strict):
         if fp.kind != "none" and fp.weight <= 0:
             p.append(f"train.fairness_penalty.kind='{fp.kind}' needs weight > 0 (got {fp.weight})")
         if fp.kind != "none":
-            attr = fp.attribute or (self.dataset.sensitive[:1] or [None])[0]
-            if attr is None or attr not in self.dataset.sensitive:
-                p.append(f"train.fairness_penalty.attribute={attr!r} must be one of "
+            sens = fp.attribute or next(iter(self.dataset.sensitive), None)
+            if sens is None or sens not in self.dataset.sensitive:
+                p.append(f"train.fairness_penalty.attribute={sens!r} must be one of "
                          f"dataset.sensitive={self.dataset.sensitive}")
         if self.ray.address is None and self.cluster.mode == "local":  # we know what it has
             p += _fits_local(self.scaling, self.ray, workers=hi)
@@ -657,6 +657,7 @@ class ServeCfg(Strict):
     port: int = Field(8000, ge=1, le=65535)
     route_prefix: str = "/"
     detach: bool = False
+    keep_alive: bool = True  # jobs.pipeline on a local Ray: serve until Ctrl-C (false: exit)
     ready_timeout_s: float = Field(180, gt=0)
     ingress_mode: Literal["inline", "handle"] = "inline"
     access_log: bool = False
@@ -711,3 +712,174 @@ class ServeJobCfg(Strict):
         if not _NAME_RE.match(v):
             raise ValueError("use letters, digits, '_', '-', '.' (a registry model name)")
         return v
+
+
+# jobs.pipeline / jobs.monitor
+
+Stage = Literal["train", "evaluate", "promote", "deploy", "smoke"]
+PIPELINE_STAGES: tuple[Stage, ...] = ("train", "evaluate", "promote", "deploy", "smoke")
+
+
+class PipelineTuneCfg(TuneCfg):
+    enabled: bool = False  # tune=true: a study instead of one training run
+
+
+class SmokeCfg(Strict):
+    rows: int = Field(200, ge=1)
+
+
+class PipelineJobCfg(PromoteJobCfg):
+    run: str | None = None  # type: ignore[assignment]  # optional here: train makes it
+    stages: list[Stage] = list(PIPELINE_STAGES)
+    trigger: str | None = None
+    tune: PipelineTuneCfg = PipelineTuneCfg()
+    space: dict[str, ParamSpec] = {}
+    search: SearchCfg = SearchCfg()
+    scheduler: SchedulerCfg = SchedulerCfg()
+    smoke: SmokeCfg = SmokeCfg()
+    serve: ServeCfg = ServeCfg()
+
+    @model_validator(mode="after")
+    def _pipeline_cross(self) -> PipelineJobCfg:
+        p: list[str] = []
+        order = [s for s in PIPELINE_STAGES if s in self.stages]
+        if self.stages != order or len(set(self.stages)) != len(self.stages):
+            p.append(f"stages={self.stages}: list each stage once, in the order "
+                     f"{list(PIPELINE_STAGES)}")
+        if not self.stages:
+            p.append("stages: empty; allowed: any ordered subset of "
+                     f"{list(PIPELINE_STAGES)}")
+        if "train" not in self.stages and not self.run:
+            p.append(f"stages={self.stages} has no train stage: give run=<run folder or tuning "
+                     "folder> to start from")
+        if "train" in self.stages and self.run:
+            p.append(f"run={self.run!r} with a train stage: drop one (run= starts after train)")
+        if self.tune.enabled:
+            if not self.space:
+                p.append("tune=true needs a search space (conf/space/<experiment>.yaml)")
+            else:  # the study's own cross-checks (CPU fit, ASHA + Train trials, metric)
+                t = self.model_dump(by_alias=True)
+                t["tune"] = {k: v for k, v in t["tune"].items() if k != "enabled"}
+                t["train"] = {**t["train"], "early_stopping": None}
+                try:
+                    TuneJobCfg.model_validate({k: v for k, v in t.items()
+                                               if k in TuneJobCfg.model_fields})
+                except ValueError as e:
+                    p.append(f"tune=true: {e}")
+        if p:
+            raise ValueError("; ".join(p))
+        return self
+
+
+class MonitorCfg(Strict):
+    new_data: str = Field(min_length=1)
+    interval_s: float = Field(30, gt=0)
+    once: bool = False
+    max_drifted_features: int = Field(1, ge=0)
+    min_live_auc: float | None = Field(None, gt=0, le=1)
+    min_labelled_rows: int = Field(200, ge=1)
+
+    @model_validator(mode="after")
+    def _some_trigger(self) -> MonitorCfg:
+        if not self.max_drifted_features and self.min_live_auc is None:
+            raise ValueError("monitor: nothing to watch (set max_drifted_features >= 1 or "
+                             "min_live_auc)")
+        return self
+
+
+class MonitorJobCfg(PipelineJobCfg):
+    monitor: MonitorCfg
+
+
+# jobs.export
+
+_REF_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}(@[A-Za-z0-9][A-Za-z0-9_.-]{0,127}|:\d+)?$")
+
+
+class ExportJobCfg(Strict):
+    model: str  # registry ref: name@alias, name:VERSION, or name (= name@production)
+    format: Literal["onnx", "torchscript"] = "onnx"
+    out: str | None = None  # bundle folder (path or s3://); None: <storage.uri>/exports/<name>
+    storage: StorageCfg = StorageCfg()
+    db: DbCfg = DbCfg()
+    registry: RegistryCfg = RegistryCfg()
+
+    @field_validator("model")
+    @classmethod
+    def _ref(cls, v: str) -> str:
+        if not _REF_RE.match(v):
+            raise ValueError("expected a registry ref: name@alias, name:VERSION or name "
+                             "(letters, digits, '_', '-', '.')")
+        return v if ("@" in v or ":" in v) else f"{v}@production"
+
+
+# jobs.predict
+
+class PredictDriftCfg(Strict):
+    """Same meaning as serve.drift: a feature alerts when its effect size (PSI / JS) and its
+    chi-squared p-value both cross these."""
+    psi_threshold: float = Field(0.2, gt=0)
+    js_threshold: float = Field(0.15, gt=0, le=1)
+    p_value: float = Field(0.01, gt=0, lt=1)
+
+
+class PredictCfg(Strict):
+    batch_size: int = Field(4096, ge=1)  # rows per map_batches call
+    concurrency: int | list[int] = 2  # scoring actors: N, or [min, max] (autoscaling pool)
+    num_cpus: float = Field(0.5, gt=0)  # per actor (fractions pack actors onto cores)
+    id_column: str | None = None  # None: source_file + source_row identify each row
+    format: Literal["auto", "parquet", "csv"] = "auto"  # of the input
+    rows_per_file: int = Field(1_000_000, ge=1)  # rows a write task gathers per output part
+    drift: PredictDriftCfg = PredictDriftCfg()
+
+    @field_validator("concurrency")
+    @classmethod
+    def _pool(cls, v: int | list[int]) -> int | list[int]:
+        if isinstance(v, int) and v < 1 or isinstance(v, list) and (
+                len(v) != 2 or v[0] < 1 or v[0] > v[1]):
+            raise ValueError("scoring actors: a count >= 1, or [min, max] with 1 <= min <= max")
+        return v
+
+    def min_actors(self) -> int:
+        return self.concurrency if isinstance(self.concurrency, int) else self.concurrency[0]
+
+
+class PredictJobCfg(Strict):
+    model: str  # registry ref: name@alias, name:VERSION, or name (= name@production)
+    input: str  # .parquet/.pq/.csv(.gz) file or a folder of them; local path, file:// or s3://
+    output: str  # folder (local path, file:// or s3://): predictions/, drift_report.json, _SUCCESS
+    predict: PredictCfg = PredictCfg()
+    storage: StorageCfg = StorageCfg()
+    db: DbCfg = DbCfg()
+    registry: RegistryCfg = RegistryCfg()
+    ray: RayCfg = RayCfg()
+
+    @field_validator("model")
+    @classmethod
+    def _ref(cls, v: str) -> str:
+        m = re.fullmatch(r"([^@:]+)(?:@([^@:]+)|:(\d+))?", v)
+        if not m or not _NAME_RE.match(m[1]) or m[2] is not None and not _NAME_RE.match(m[2]):
+            raise ValueError("expected a registry ref: name@alias, name:VERSION or name "
+                             "(letters, digits, '_', '-', '.')")
+        return v if m[2] or m[3] else f"{v}@production"
+
+    @field_validator("input", "output")
+    @classmethod
+    def _uri(cls, v: str) -> str:
+        scheme = v.split("://", 1)[0] if "://" in v else "file"
+        if scheme not in ("file", "s3"):
+            raise ValueError(f"scheme '{scheme}://' is not supported (allowed: file://, s3://, "
+                             "or a plain local path)")
+        return v
+
+    @model_validator(mode="after")
+    def _fits_local(self) -> PredictJobCfg:
+        if self.ray.address is None:  # a local cluster: the pool must fit, reads need a core
+            cpus = self.ray.num_cpus or os.cpu_count() or 1
+            need = self.predict.min_actors() * self.predict.num_cpus
+            if need > cpus:
+                raise ValueError(f"predict.concurrency={self.predict.concurrency} x "
+                                 f"predict.num_cpus={self.predict.num_cpus} needs {need:g} CPUs; "
+                                 f"the local cluster has {cpus} (lower either, or set "
+                                 "ray.num_cpus)")
+        return self
