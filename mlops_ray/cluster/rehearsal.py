@@ -11,6 +11,7 @@ training driver runs in a thread (`Background`) and the main thread injects the 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import time
@@ -45,10 +46,11 @@ class LocalCluster:
         for _ in range(self.n):
             self.add(wait=False)
         self.cluster.wait_for_nodes()
-        ray.init(address=self.cluster.address, logging_level="WARNING")
+        ray.init(address=self.cluster.address, logging_level=logging.WARNING)
         claim_address_file(self.cluster.address)
         # the driver (and so the Train controller) must live on the head, which never dies here
-        assert ray.get_runtime_context().get_node_id() == self.cluster.head_node.node_id
+        head = self.cluster.head_node  # Ray types it None (set in start)
+        assert ray.get_runtime_context().get_node_id() == head.node_id  # type: ignore[attr-defined]
         return self
 
     @property

@@ -88,10 +88,11 @@ def drain(address: str, node_id: str, notice: Notice) -> None:
     `ray drain-node` and autoscaler v2 call it)."""
     import ray
     from ray.core.generated import autoscaler_pb2
-    gcs = ray._raylet.GcsClient(address=address)
+    gcs = ray._raylet.GcsClient(address=address)  # type: ignore[attr-defined]  # not in the .pyi
     deadline_ms = int(time.time() * 1000 + notice.deadline_s * 1000)
-    accepted, why = gcs.drain_node(node_id, autoscaler_pb2.DrainNodeReason.Value(
-        "DRAIN_NODE_REASON_PREEMPTION"), notice.message, deadline_ms)
+    reason = autoscaler_pb2.DrainNodeReason.Value(  # type: ignore[attr-defined]  # no stubs
+        "DRAIN_NODE_REASON_PREEMPTION")
+    accepted, why = gcs.drain_node(node_id, reason, notice.message, deadline_ms)
     if not accepted:
         raise RuntimeError(f"the GCS refused to drain node {node_id}: {why}")
 
@@ -99,7 +100,7 @@ def drain(address: str, node_id: str, notice: Notice) -> None:
 def this_node_id(address: str) -> str:
     """The id of the Ray node on this machine (the watcher runs beside its raylet)."""
     import ray
-    ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+    ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
     try:
         return ray.get_runtime_context().get_node_id()
     finally:

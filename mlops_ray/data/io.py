@@ -52,5 +52,5 @@ def dataset_version(df: pd.DataFrame) -> str:
     """Content hash of the table (column names, dtypes and values; not file bytes or row index)."""
     h = hashlib.sha256()
     h.update(repr([(c, str(t)) for c, t in df.dtypes.items()]).encode())
-    h.update(pd.util.hash_pandas_object(df, index=False).values.tobytes())
+    h.update(pd.util.hash_pandas_object(df, index=False).to_numpy().tobytes())
     return h.hexdigest()[:16]

@@ -70,7 +70,7 @@ class Preprocessor:
         out = np.zeros((len(records), self.n_features), dtype=np.float32)
         for r, rec in enumerate(records):
             for i, c in enumerate(self.numeric):
-                v = rec.get(c)
+                v = rec.get(c, math.nan)  # absent or None: NaN -> the median
                 try:
                     v = float(v)
                 except (TypeError, ValueError):
@@ -81,9 +81,9 @@ class Preprocessor:
             for c, idx in lookup.items():
                 v = rec.get(c)
                 if v is not None and v == v:
-                    j = idx.get(str(v))
-                    if j is not None:
-                        out[r, j] = 1.0
+                    col = idx.get(str(v))
+                    if col is not None:
+                        out[r, col] = 1.0
         return out
 
     def to_dict(self) -> dict[str, Any]:

@@ -63,7 +63,7 @@ def _f(x: Any, digits: int = 4) -> str:
     return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
 
 
-def _ci(lo: Any, hi: Any, digits: int = 4) -> str:
+def _ci(lo: Any, hi: Any, *, digits: int = 4) -> str:
     return f"[{_f(lo, digits)}, {_f(hi, digits)}]"
 
 

@@ -191,14 +191,15 @@ def evaluate_gates(gates: Iterable[Mapping[str, Any]] | Mapping[str, Any],
             continue
         metric, on, op, thr = g["metric"], g["on"], g["op"], float(g["threshold"])
         value = float(metrics.get(metric, float("nan")))
-        ci = tuple(float(c) for c in cis[metric]) if metric in cis else None
+        ci = (float(cis[metric][0]), float(cis[metric][1])) if metric in cis else None
         if metric not in metrics:
             x, detail = float("nan"), "metric missing from the report"
-        elif on != "value" and ci is None:
+        elif on == "value":
+            x, detail = value, ""
+        elif ci is None:
             x, detail = float("nan"), f"no CI for {metric}"
         else:
-            x = value if on == "value" else ci[ON.index(on) - 1]
-            detail = ""
+            x, detail = ci[ON.index(on) - 1], ""
         ok = bool(math.isfinite(x) and OPS[op](x, thr))
         if not detail:
             detail = (f"{on} is undefined (NaN)" if math.isnan(x)

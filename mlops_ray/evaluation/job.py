@@ -203,7 +203,7 @@ def run_evaluation(job: dict[str, Any], log: Any = print) -> dict[str, Any]:
     results = gmod.evaluate_gates(gate_spec_run, metrics, cis, champion)
     groups = {a: {str(k): int(v) for k, v in prepared.frame[a].astype(str).value_counts()
                   .items()} for a in attrs}
-    report = {
+    report: dict[str, Any] = {
         "model": {"name": cfg["name"], "run": rec["run_name"],
                   "intended_use": f"binary prediction of '{prepared.label}' on "
                                   f"{cfg['dataset']['name']}-like tabular data; decision support "

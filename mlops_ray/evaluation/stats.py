@@ -149,7 +149,7 @@ def _midrank(x: np.ndarray) -> np.ndarray:
 
 
 def delong_test(y: np.ndarray, p_a: np.ndarray, p_b: np.ndarray, margin: float = 0.0,
-                level: float = 0.95) -> dict[str, float]:
+                level: float = 0.95) -> dict[str, Any]:
     """DeLong's test for two correlated ROC AUCs on the same rows, by Sun & Xu's fast midrank
     algorithm (O(N log N)).
 

@@ -34,7 +34,7 @@ class GPTConfig:
 
 
 # gpt_small is GPT-2 124M with the vocab padded from 50257 to a multiple of 64 (faster matmuls).
-SIZES: dict[str, dict[str, int]] = {
+SIZES: dict[str, dict[str, Any]] = {
     "tiny": dict(n_layer=2, n_head=2, n_embd=64, block_size=64, vocab_size=512),
     "gpt_small": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304),
 }

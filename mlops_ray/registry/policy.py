@@ -21,6 +21,7 @@ from __future__ import annotations
 import getpass
 import hashlib
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,7 +78,7 @@ class Policy:
         return cls({r: [str(i) for i in ids or []] for r, ids in roles.items()},
                    {str(k): str(v) for k, v in (data.get("tokens") or {}).items()}, str(p))
 
-    def identity(self, env: dict[str, str] | None = None) -> str:
+    def identity(self, env: Mapping[str, str] | None = None) -> str:
         env = os.environ if env is None else env
         token = env.get(TOKEN_ENV)
         if token:

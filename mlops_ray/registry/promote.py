@@ -137,6 +137,7 @@ def promote(job: dict[str, Any], log: Any = print, registry: Registry | None = N
     if why:
         log(f"evaluating {rec['run_name']} first: {why}")
         report = run_evaluation({**job, "champion": champion_run}, log=log)
+    assert report is not None  # needs_evaluation gives a reason whenever there is none
     v = reg.register(model, version_files(job, rec, report), {
         "run_uri": rec["run_uri"], "run_name": rec["run_name"],
         "data_version": rec["dataset"]["version"], "dataset_uri": rec["config"]["dataset"]["uri"],

@@ -155,7 +155,8 @@ class Registry:
     def _append(self, conn: sa.Connection, action: str, outcome: str = "ok",
                 **fields: Any) -> dict[str, Any]:
         head = conn.execute(sa.select(S.audit_head)).first()
-        count, prev = (head.count, head.hash) if head else (0, GENESIS)
+        # Row.count is typed as the tuple method; at runtime a column named "count" wins
+        count, prev = (head._mapping["count"], head.hash) if head else (0, GENESIS)
         rec = {"seq": count + 1, "ts": _now(), "actor": self.actor, "action": action,
                "outcome": outcome, "model": None, "version": None, "alias": None,
                "from_version": None, "to_version": None, "reason": None, "verdict": None,
@@ -394,7 +395,7 @@ class Registry:
     def delete(self, model: str, version: int, reason: str | None = None) -> None:
         """Admin only, never while an alias points at it; the row stays (lineage, audit), the
         artifact files go."""
-        fields = {"model": model, "version": version, "reason": reason}
+        fields: dict[str, Any] = {"model": model, "version": version, "reason": reason}
         self._require("delete", "delete", **fields)
         try:
             with self._write() as conn:
@@ -452,7 +453,7 @@ class Registry:
         """Problems found in the chain ([] = intact): edited, deleted, reordered or inserted
         records, and a truncated tail (against the head row)."""
         from_db = records is None
-        recs = self.audit_log() if from_db else records
+        recs = self.audit_log() if records is None else records
         problems, prev = [], GENESIS
         for i, r in enumerate(recs, start=1):
             if r["seq"] != i:

@@ -66,8 +66,11 @@ class ModelServer:
         from mlops_ray.serving.predictor import Predictor
         self.p = Predictor.load(_load(artifact_uri, content_hash, storage_cfg), ref)
         self.ref = ref
-        self.predict_batch.set_max_batch_size(int(batching["max_batch_size"]))
-        self.predict_batch.set_batch_wait_timeout_s(float(batching["batch_wait_timeout_s"]))
+        # @serve.batch adds these setters at runtime; its typing omits them
+        self.predict_batch.set_max_batch_size(  # type: ignore[attr-defined]
+            int(batching["max_batch_size"]))
+        self.predict_batch.set_batch_wait_timeout_s(  # type: ignore[attr-defined]
+            float(batching["batch_wait_timeout_s"]))
         self.chaos_error_rate = 0.0
         self.batch_rows = metrics.Histogram(
             "mlops_serve_batch_rows", description="rows per model batch",
@@ -172,7 +175,7 @@ class Ingress:
         self.routing: dict[str, Any] = {"arms": [], "mode": "weighted"}
         self.shadow = {"compared": 0, "label_disagreements": 0, "abs_diff_sum": 0.0}
         self.pending: OrderedDict[str, dict] = OrderedDict()  # request_id -> rows, for feedback
-        self.feedback: dict[str, dict[str, deque]] = {}
+        self.labelled: dict[str, dict[str, deque]] = {}  # ref -> feedback windows
         self.alerted: set[str] = set()
         self._drift_task: asyncio.Task | None = None
         tags = ("model", "version")
@@ -320,7 +323,7 @@ class Ingress:
                                    self.cfg["limits"]["unknown_categories"])
         tags = {"model": self.name, "version": str(arm.spec["version"])}
         t0 = time.perf_counter()
-        key = key_of(ref, records) if self.cache else None
+        key = key_of(ref, records) if self.cache else ""  # used only with a cache
         result = self.cache.get(key) if self.cache else None
         if self.cache:
             self.m_cache.inc(tags={"model": self.name, "result": "hit" if result else "miss"})
@@ -377,7 +380,7 @@ class Ingress:
     def live_quality(self) -> dict[str, Any]:
         from mlops_ray.evaluation.stats import roc_auc
         out = {}
-        for ref, fb in self.feedback.items():
+        for ref, fb in self.labelled.items():
             y, p = np.fromiter(fb["y"], float), np.fromiter(fb["p"], float)
             d: dict[str, Any] = {"labelled_rows": len(y)}
             if len(set(y)) == 2:
@@ -530,12 +533,12 @@ class Ingress:
                 raise RequestInvalid([f"request_id={rid!r}: unknown or expired"], 404)
             if not (isinstance(labels, list) and len(labels) == len(rec["p"])
                     and all(v in (0, 1) and not isinstance(v, bool) for v in labels)):
-                self.pending[rid] = rec
+                self.pending[str(rid)] = rec  # rid is the str rec was popped under
                 raise RequestInvalid([f"labels: must be {len(rec['p'])} values of 0/1"])
         except Exception as e:  # noqa: BLE001
             return self._error(e)
         n = int(self.cfg["feedback"]["window"])
-        fb = self.feedback.setdefault(rec["ref"], {k: deque(maxlen=n) for k in ("y", "p",
+        fb = self.labelled.setdefault(rec["ref"], {k: deque(maxlen=n) for k in ("y", "p",
                                                                                 "y_pred")})
         fb["y"].extend(labels)
         fb["p"].extend(rec["p"])
@@ -660,4 +663,4 @@ def build_app(args: dict[str, Any]) -> Any:
     as `python -m jobs.serve export` writes them for `serve deploy` or a KubeRay RayService):
     the ingress with its config; the routing (pinned registry versions) arrives as the
     deployment's user_config, so a new config with only new routing reconfigures in place."""
-    return Ingress.bind(args["ingress"])
+    return Ingress.bind(args["ingress"])  # type: ignore[attr-defined]  # a Deployment

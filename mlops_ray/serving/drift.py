@@ -26,8 +26,8 @@ class DriftMonitor:
     def __init__(self, reference: dict[str, Any], cfg: dict[str, Any]):
         self.ref, self.cfg = reference, cfg
         w = int(cfg["window"])
-        self.num = {c: deque(maxlen=w) for c in reference["numeric"]}
-        self.cat = {c: deque(maxlen=w) for c in reference["categorical"]}
+        self.num: dict[str, deque[Any]] = {c: deque(maxlen=w) for c in reference["numeric"]}
+        self.cat: dict[str, deque[Any]] = {c: deque(maxlen=w) for c in reference["categorical"]}
         self.added = 0  # rows seen in total (the window keeps the latest)
 
     def add(self, records: list[dict[str, Any]]) -> None:

@@ -48,6 +48,6 @@ class Predictor:
         """Online path: validated records straight to numbers (no pandas)."""
         import torch
         with torch.inference_mode():
-            p = torch.sigmoid(self.model(torch.from_numpy(self.pre.transform_records(records))))
-        p = p.numpy().astype(np.float64)
+            t = torch.sigmoid(self.model(torch.from_numpy(self.pre.transform_records(records))))
+        p = t.numpy().astype(np.float64)
         return p, (p >= self.threshold).astype(np.int64)

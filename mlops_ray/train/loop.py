@@ -291,7 +291,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 logits = model(xb).float()
                 loss = loss_fn(logits, yb)
-                if use_penalty:
+                if g_tr is not None:  # use_penalty
                     loss = loss + penalty["weight"] * _fairness_penalty(
                         torch.sigmoid(logits), yb, g_tr[idx].to(device), penalty["kind"])
             opt.zero_grad(set_to_none=True)
@@ -310,7 +310,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                                  "preempted": 1}, epoch, step + 1, True, jit=True)
                 session.hold(config.get("preemption_grace_s", 0.0))
             elif every_steps and (step + 1) % every_steps == 0:
-                mid = {"epoch": epoch, "step": step + 1, "mid_epoch": 1}
+                mid: dict[str, float] = {"epoch": epoch, "step": step + 1, "mid_epoch": 1}
                 if score_attr:
                     mid[score_attr] = math.nan
                 save_and_report(mid, epoch, step + 1, True)

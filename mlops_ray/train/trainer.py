@@ -134,11 +134,13 @@ def trainer_for(cfg: dict[str, Any], loop_cfg: dict[str, Any], run_name: str, st
     else:  # only elastic runs take the monitor interval
         scaling.pop("elastic_resize_monitor_interval_s", None)
     ck = cfg["checkpoint"]
+    # the ignores: mypy sees ray.train's Train v1 classes; Ray 2.60 runs Train v2, whose
+    # TorchTrainer takes a loop returning a value and whose RunConfig has logging_config.
     return TorchTrainer(
-        train_loop_per_worker,
+        train_loop_per_worker,  # type: ignore[arg-type]
         train_loop_config=loop_cfg,
         scaling_config=ScalingConfig(**scaling),
-        run_config=RunConfig(
+        run_config=RunConfig(  # type: ignore[call-arg]
             name=run_name, **storage.ray_args(runs_dir),
             failure_config=FailureConfig(**cfg["failure"]),
             checkpoint_config=CheckpointConfig(

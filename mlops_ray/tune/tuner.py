@@ -302,7 +302,7 @@ def metrics_callback(study: str, metric: str, mode: str) -> Any:
 
         def on_trial_result(self, iteration: int, trials: list[Any], trial: Any,
                             result: dict[str, Any], **info: Any) -> None:
-            v = result.get(metric)
+            v = result.get(metric, math.nan)  # absent: NaN, never better
             better = self.value is None or (v > self.value if mode == "max" else v < self.value) \
                 if isinstance(v, (int, float)) and v == v else False
             if better:
