@@ -1,0 +1,137 @@
+"""Drift of a whole scored batch against the version's training reference, from counts (no Ray).
+
+Each scoring batch is reduced to counts: per numeric feature the rows in each of the reference's
+bins (its decile edges), missing values and the sum; per categorical feature the rows of each
+training category, `<missing>`, and everything else as `<unseen>`. Counts add up, so the report
+covers every row without any worker holding more than one batch. The effect sizes are those of
+live serving (`mlops_ray.serving.drift`): PSI on the reference bins, Jensen-Shannon distance on
+category shares. Serving's KS test needs raw values, so both kinds are tested here with a
+chi-squared test of the counts against the reference shares; a feature alerts when its effect
+size and its test both cross the `predict.drift` thresholds (same meaning as `serve.drift`).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+from scipy.spatial.distance import jensenshannon
+
+from mlops_ray.serving.drift import EPS, psi
+
+MISSING, UNSEEN = "<missing>", "<unseen>"
+EXAMPLES = 10  # unseen category values kept as examples per feature
+
+
+def drift_columns(reference: dict[str, Any], available: set[str]) -> tuple[list[str], list[str]]:
+    """(numeric, categorical) reference features present in the input."""
+    return ([c for c in reference["numeric"] if c in available],
+            [c for c in reference["categorical"] if c in available])
+
+
+def batch_counts(df: pd.DataFrame, reference: dict[str, Any], numeric: list[str],
+                 categorical: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {"rows": int(len(df)), "numeric": {}, "categorical": {}}
+    for c in numeric:
+        x = pd.to_numeric(df[c], errors="coerce").to_numpy(np.float64)
+        ok = x[~np.isnan(x)]
+        edges = np.asarray(reference["numeric"][c]["edges"], np.float64)
+        bins = np.bincount(np.searchsorted(edges, ok, side="right"), minlength=len(edges) + 1)
+        out["numeric"][c] = {"bins": bins.tolist(), "missing": int(len(x) - len(ok)),
+                             "sum": float(ok.sum())}
+    for c in categorical:
+        known = reference["categorical"][c]["shares"]
+        vc = df[c].astype("string").fillna(MISSING).value_counts()
+        counts: dict[str, int] = {}
+        examples: list[str] = []
+        for k, n in vc.items():
+            key = str(k)
+            if key in known or key == MISSING:
+                counts[key] = int(n)
+            else:
+                counts[UNSEEN] = counts.get(UNSEEN, 0) + int(n)
+                if len(examples) < EXAMPLES:
+                    examples.append(key)
+        out["categorical"][c] = {"counts": counts, "unseen_examples": examples}
+    return out
+
+
+def merge(a: dict[str, Any] | None, b: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Sum two count sets (either may be None: nothing counted yet)."""
+    if a is None or b is None:
+        return a if b is None else b
+    out: dict[str, Any] = {"rows": a["rows"] + b["rows"], "numeric": {}, "categorical": {}}
+    for c in a["numeric"].keys() | b["numeric"].keys():
+        x, y = a["numeric"].get(c), b["numeric"].get(c)
+        out["numeric"][c] = x if y is None else y if x is None else {
+            "bins": [i + j for i, j in zip(x["bins"], y["bins"])],
+            "missing": x["missing"] + y["missing"], "sum": x["sum"] + y["sum"]}
+    for c in a["categorical"].keys() | b["categorical"].keys():
+        x, y = a["categorical"].get(c), b["categorical"].get(c)
+        if x is None or y is None:
+            out["categorical"][c] = x if y is None else y
+            continue
+        counts = dict(x["counts"])
+        for k, n in y["counts"].items():
+            counts[k] = counts.get(k, 0) + n
+        ex = x["unseen_examples"] + [e for e in y["unseen_examples"]
+                                     if e not in x["unseen_examples"]]
+        out["categorical"][c] = {"counts": counts, "unseen_examples": ex[:EXAMPLES]}
+    return out
+
+
+def _chi2_p(live: np.ndarray, ref_shares: np.ndarray) -> float | None:
+    if len(live) < 2:  # one bin (e.g. a column that was constant in training): no test
+        return None
+    ref = np.clip(ref_shares, EPS, None)
+    ref = ref / ref.sum()
+    p = float(stats.chisquare(live, ref * live.sum()).pvalue)
+    return p if np.isfinite(p) else None
+
+
+def drift_table(counts: dict[str, Any] | None, reference: dict[str, Any],
+                cfg: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per reference feature, in the shape of serving's drift table (format_table):
+    numeric rows carry `psi`, categorical rows `js`, both `chi2_p` and `alert`; `n` counts the
+    non-missing values. Features absent from the input are listed with `absent: true`."""
+    counts = counts or {"numeric": {}, "categorical": {}}
+    rows: list[dict[str, Any]] = []
+    for c, ref in reference["numeric"].items():
+        got = counts["numeric"].get(c)
+        if got is None:
+            rows.append({"feature": c, "kind": "numeric", "n": 0, "absent": True})
+            continue
+        live = np.asarray(got["bins"], np.float64)
+        n = int(live.sum())
+        row: dict[str, Any] = {"feature": c, "kind": "numeric", "n": n,
+                               "missing": got["missing"], "ref_mean": ref["mean"]}
+        if n:
+            shares = np.asarray(ref["shares"], np.float64)
+            row["psi"] = psi(shares, live / n)
+            row["chi2_p"] = _chi2_p(live, shares)
+            row["live_mean"] = got["sum"] / n
+            row["alert"] = bool(row["psi"] > cfg["psi_threshold"] and row["chi2_p"] is not None
+                                and row["chi2_p"] < cfg["p_value"])
+        rows.append(row)
+    for c, ref in reference["categorical"].items():
+        got = counts["categorical"].get(c)
+        if got is None:
+            rows.append({"feature": c, "kind": "categorical", "n": 0, "absent": True})
+            continue
+        shares = ref["shares"]
+        cats = sorted(set(shares) | set(got["counts"]))
+        live = np.array([got["counts"].get(k, 0) for k in cats], np.float64)
+        n = int(live.sum())
+        row = {"feature": c, "kind": "categorical", "n": n,
+               "unseen": got["counts"].get(UNSEEN, 0),
+               "unseen_examples": got["unseen_examples"]}
+        if n:
+            ref_shares = np.array([shares.get(k, 0.0) for k in cats])
+            ref_shares = np.clip(ref_shares, EPS, None) / np.clip(ref_shares, EPS, None).sum()
+            row["js"] = float(jensenshannon(ref_shares, live / n, base=2))
+            row["chi2_p"] = _chi2_p(live, ref_shares)
+            row["alert"] = bool(row["js"] > cfg["js_threshold"] and row["chi2_p"] is not None
+                                and row["chi2_p"] < cfg["p_value"])
+        rows.append(row)
+    return rows
