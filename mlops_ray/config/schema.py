@@ -830,6 +830,7 @@ class PredictCfg(Strict):
     id_column: str | None = None  # None: source_file + source_row identify each row
     format: Literal["auto", "parquet", "csv"] = "auto"  # of the input
     rows_per_file: int = Field(1_000_000, ge=1)  # rows a write task gathers per output part
+    object_store_mb: int | None = Field(None, ge=16)  # Ray Data's budget for blocks in flight
     drift: PredictDriftCfg = PredictDriftCfg()
 
     @field_validator("concurrency")
