@@ -6,6 +6,8 @@
     python -m jobs.train +experiment=adult_mlp ray.address=auto   # join `ray start --head`
     python -m jobs.train +experiment=adult_mlp cluster=remote cluster.address=http://<head>:8265
     python -m jobs.train +experiment=adult_mlp --cfg job          # print the composed config
+    python -m jobs.train +experiment=gpt_synthetic                # a GPT on synthetic tokens (task: lm)
+    python -m jobs.train +experiment=gpt_synthetic lm=gpu scaling=gpu   # GPT-2 small, bf16, compiled
 
 Rerunning the same command resumes from the run's last checkpoint.
 """
@@ -15,13 +17,14 @@ import hydra
 from omegaconf import DictConfig
 
 from mlops_ray.config import user_errors, validate
-from mlops_ray.config.schema import TrainJobCfg
+from mlops_ray.config.schema import TrainJobCfg, train_job_schema
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> None:
     with user_errors():
-        job = validate(cfg, TrainJobCfg).model_dump(by_alias=True)
+        # task: lm (+experiment=gpt_synthetic) validates against LmTrainJobCfg
+        job = validate(cfg, train_job_schema(cfg)).model_dump(by_alias=True)
         from mlops_ray.cluster.submit import submit_if_remote
         submit_if_remote("jobs.train", job)  # cluster=remote: run there, exit with its status
         if job["from_tune"]:  # the best parameters of a tuning run, validated again

@@ -11,8 +11,9 @@ from typing import Any
 
 
 def log_run(record: dict[str, Any], tracking: dict[str, Any], local_dir: str | Path,
-            group: str | None = None) -> str | None:
-    """Log a finished run's history and summary; returns the W&B run directory (or None)."""
+            group: str | None = None, step_key: str = "epoch") -> str | None:
+    """Log a finished run's history and summary; returns the W&B run directory (or None).
+    Each history entry is one W&B step, numbered by its `step_key` value."""
     if tracking.get("backend", "none") == "none":
         return None
     try:
@@ -29,7 +30,7 @@ def log_run(record: dict[str, Any], tracking: dict[str, Any], local_dir: str | P
                      dir=str(local_dir), config=record["config"], resume="allow",
                      settings=wandb.Settings(console="off", x_disable_stats=True))
     for m in record.get("history", []):
-        run.log({k: v for k, v in m.items() if isinstance(v, (int, float))}, step=int(m["epoch"]))
+        run.log({k: v for k, v in m.items() if isinstance(v, (int, float))}, step=int(m[step_key]))
     for k, v in {**record.get("best", {}), **record.get("test", {})}.items():
         if isinstance(v, (int, float)):
             run.summary[k] = v

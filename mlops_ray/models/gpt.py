@@ -140,3 +140,8 @@ class GPT(nn.Module):
         is deliberately not counted, so MFU stays comparable across that setting."""
         c = self.cfg
         return 6 * self.num_params(non_embedding=True) + 12 * c.n_layer * c.block_size * c.n_embd
+
+
+def build_gpt(size: str = "tiny", **overrides: Any) -> GPT:
+    """A GPT of a named size with some fields overridden: the `_target_` of conf/model/gpt.yaml."""
+    return GPT(GPTConfig.from_size(size, **overrides))

@@ -12,6 +12,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -122,8 +123,10 @@ def build_trainer(cfg: dict[str, Any], prepared: Prepared, run_name: str, storag
 
 
 def trainer_for(cfg: dict[str, Any], loop_cfg: dict[str, Any], run_name: str, storage: Storage,
-                runs_dir: str, callbacks: list[Any]) -> Any:
-    """A TorchTrainer whose every section comes from the config (Ray's own argument names)."""
+                runs_dir: str, callbacks: list[Any],
+                loop_fn: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> Any:
+    """A TorchTrainer whose every section comes from the config (Ray's own argument names);
+    `loop_fn` is the per-worker loop (default: the tabular loop.train_loop_per_worker)."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -137,7 +140,7 @@ def trainer_for(cfg: dict[str, Any], loop_cfg: dict[str, Any], run_name: str, st
     # the ignores: mypy sees ray.train's Train v1 classes; Ray 2.60 runs Train v2, whose
     # TorchTrainer takes a loop returning a value and whose RunConfig has logging_config.
     return TorchTrainer(
-        train_loop_per_worker,  # type: ignore[arg-type]
+        loop_fn or train_loop_per_worker,  # type: ignore[arg-type]
         train_loop_config=loop_cfg,
         scaling_config=ScalingConfig(**scaling),
         run_config=RunConfig(  # type: ignore[call-arg]
@@ -187,6 +190,9 @@ def run_training(cfg: dict[str, Any], *, prepared: Prepared | None = None,
 
     Validation of the data happens before Ray starts or anything is written to storage.
     """
+    if cfg.get("task") == "lm":  # a language model on synthetic tokens: lm_trainer.py
+        from mlops_ray.train.lm_trainer import run_lm_training
+        return run_lm_training(cfg, log=log)
     t_start = time.perf_counter()
     storage = from_cfg(cfg["storage"])
     prepared = prepared or prepare(cfg["dataset"], cfg["seed"], storage=cfg["storage"])
@@ -246,6 +252,9 @@ def _log_tracking(record: dict[str, Any], cfg: dict[str, Any], local_dir: str) -
 
 
 def summary_lines(record: dict[str, Any]) -> list[str]:
+    if record.get("task") == "lm":
+        from mlops_ray.train.lm_trainer import summary_lines as lm_lines
+        return lm_lines(record)
     best, test = record.get("best", {}), record.get("test", {})
     lines = [
         f"run        {record['run_name']} ({record['status']}"

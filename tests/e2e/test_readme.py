@@ -97,7 +97,8 @@ def accept(doc: str, command: str, job: str, args: list[str]) -> None:
         overrides = [a for a in cli_args(args) if not a.startswith("--")]
         if job == "monitor" and not any(a.startswith("monitor.new_data=") for a in overrides):
             overrides.append("monitor.new_data=x.parquet")  # shown as `...` in the README
-        validate(compose(name, overrides), schema)
+        composed = compose(name, overrides)
+        validate(composed, S.train_job_schema(composed) if job == "train" else schema)
     elif job in ARG_JOBS:
         mod = importlib.import_module(f"jobs.{job}")
         if job == "serve" and args and args[0] in mod.VERBS:
