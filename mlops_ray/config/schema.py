@@ -778,6 +778,7 @@ class MonitorCfg(Strict):
     max_drifted_features: int = Field(1, ge=0)
     min_live_auc: float | None = Field(None, gt=0, le=1)
     min_labelled_rows: int = Field(200, ge=1)
+    canary_max_prediction_shift: float = Field(1.0, ge=0, le=1)
 
     @model_validator(mode="after")
     def _some_trigger(self) -> MonitorCfg:

@@ -78,8 +78,10 @@ def retrain(job: dict[str, Any], reg: Any, model: str, version: int, reasons: li
     log(f"{model}:{version}: {why} -> retraining on {m['new_data']} (data {data_version})")
     reg.record("retrain_triggered", model, version, need="retrain", reason=why,
                details={"new_data": m["new_data"], "data_version": data_version, **evidence})
+    rollout = {**job["serve"]["rollout"],
+               "max_prediction_shift": m["canary_max_prediction_shift"]}
     pj = {**job, "dataset": {**job["dataset"], "uri": m["new_data"]},
-          "trigger": f"jobs.monitor: {why}"}
+          "serve": {**job["serve"], "rollout": rollout}, "trigger": f"jobs.monitor: {why}"}
     verdict, code, details = "promoted", 0, {}
     try:
         out = run_pipeline(pj, log=log)

@@ -14,9 +14,7 @@ import sys
 import time
 from typing import Any
 
-from mlops_ray.cluster.cost import NodeHours
 from mlops_ray.cluster.cost import summary_line as cost_line
-from mlops_ray.errors import TrainingFailed
 from mlops_ray.runtime import code_version, ensure_ray, library_versions
 from mlops_ray.storage import from_cfg
 from mlops_ray.train.resume import repair_run_dir
@@ -24,6 +22,7 @@ from mlops_ray.train.trainer import (
     _best_checkpoint,
     checkpoint_uri,
     config_hash,
+    fit,
     run_name_for,
     torch_threads,
     trainer_for,
@@ -107,16 +106,7 @@ def run_lm_training(cfg: dict[str, Any], *, log: Any = print) -> dict[str, Any]:
         repair_run_dir(storage, "runs", run_name, log=log)
     trainer = trainer_for(cfg, lm_loop_config(cfg, run_name), run_name, storage, "runs",
                           [_progress_callback()], loop_fn=lm_train_loop_per_worker)
-    from ray.train.v2.api.exceptions import TrainingFailedError
-    try:
-        with NodeHours(cfg["cost"]["sample_s"]) as node_hours:
-            result = trainer.fit()
-    except TrainingFailedError as e:
-        record.update(status="failed", error=str(e).splitlines()[0][:2000],
-                      cost=node_hours.report(cfg["cost"]))
-        storage.write_json(record, "runs", run_name, "run.json")
-        raise TrainingFailed(f"run {run_name} failed after its retries: {record['error']} "
-                             f"(checkpoints kept in {record['run_uri']}; rerun to resume)") from None
+    result, node_hours = fit(trainer, cfg, record, storage, run_name)
     ret = result.return_value or {}
     history = ret.get("history", [])
     best_ckpt = _best_checkpoint(result, cfg)

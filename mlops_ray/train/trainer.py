@@ -208,16 +208,7 @@ def run_training(cfg: dict[str, Any], *, prepared: Prepared | None = None,
     if had_run:
         repair_run_dir(storage, "runs", run_name, log=log)
     trainer = build_trainer(cfg, prepared, run_name, storage)
-    from ray.train.v2.api.exceptions import TrainingFailedError
-    try:
-        with NodeHours(cfg["cost"]["sample_s"]) as node_hours:
-            result = trainer.fit()
-    except TrainingFailedError as e:
-        record.update(status="failed", error=str(e).splitlines()[0][:2000],
-                      cost=node_hours.report(cfg["cost"]))
-        storage.write_json(record, "runs", run_name, "run.json")
-        raise TrainingFailed(f"run {run_name} failed after its retries: {record['error']} "
-                             f"(checkpoints kept in {record['run_uri']}; rerun to resume)") from None
+    result, node_hours = fit(trainer, cfg, record, storage, run_name)
     ret = result.return_value or {}
     history = ret.get("history", [])
     best_ckpt = _best_checkpoint(result, cfg)
@@ -244,6 +235,23 @@ def run_training(cfg: dict[str, Any], *, prepared: Prepared | None = None,
         print(f"warning: tracking failed ({record['tracking_error']})", file=sys.stderr)
     storage.write_json(record, "runs", run_name, "run.json")
     return record
+
+
+def fit(trainer: Any, cfg: dict[str, Any], record: dict[str, Any], storage: Storage,
+        run_name: str) -> tuple[Any, NodeHours]:
+    """trainer.fit() with node-hours counted; out of retries -> a `failed` run record and
+    TrainingFailed naming the last error (checkpoints stay for a rerun to resume)."""
+    from ray.train.v2.api.exceptions import TrainingFailedError
+    try:
+        with NodeHours(cfg["cost"]["sample_s"]) as node_hours:
+            result = trainer.fit()
+    except TrainingFailedError as e:
+        record.update(status="failed", error=str(e).splitlines()[0][:2000],
+                      cost=node_hours.report(cfg["cost"]))
+        storage.write_json(record, "runs", run_name, "run.json")
+        raise TrainingFailed(f"run {run_name} failed after its retries: {record['error']} "
+                             f"(checkpoints kept in {record['run_uri']}; rerun to resume)") from None
+    return result, node_hours
 
 
 def _log_tracking(record: dict[str, Any], cfg: dict[str, Any], local_dir: str) -> str | None:
