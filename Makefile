@@ -39,7 +39,7 @@ tune: install ## tune the default experiment (Optuna TPE + ASHA on Ray Tune)
 serve: install ## serve the experiment's production version on 127.0.0.1:8000 (after jobs.promote)
 	$(PY) -m jobs.serve model=$(EXPERIMENT)
 
-test: install ## run every test tier (unit, Ray integration, e2e, multi-node); ~25 min on 2 cores
+test: install ## run every test tier (unit, Ray integration, e2e, multi-node); ~30 min on 2 cores
 	$(PY) -m pytest -m "not multinode" $(PYTEST_ARGS)
 	$(PY) -m pytest -m multinode $(PYTEST_ARGS)
 
