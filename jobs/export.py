@@ -16,21 +16,15 @@ from __future__ import annotations
 
 import sys
 
-from mlops_ray.config import compose, user_errors, validate
+from mlops_ray.config import compose_with_model, user_errors, validate
 from mlops_ray.config.schema import ExportJobCfg
-from mlops_ray.errors import ConfigError
 
 
 def job_from_args(args: list[str]) -> dict:
-    """Compose conf/export.yaml. `model` is also a config group (the network) that Hydra would
-    try to select, so `model=REF` (a registry ref here) is set after composition."""
-    refs = [a.split("=", 1)[1] for a in args if a.startswith("model=")]
-    cfg = compose("export", [a for a in args if not a.startswith("model=")])
-    if refs:
-        cfg["model"] = refs[-1]
-    if cfg.get("model") is None:
-        raise ConfigError("model: required (the registry version to export, e.g. "
-                          "model=adult_mlp@production or model=adult_mlp:3)")
+    """conf/export.yaml with `model=REF`, a registry ref."""
+    cfg = compose_with_model("export", args, {
+        "model": "the registry version to export, e.g. model=adult_mlp@production or "
+                 "model=adult_mlp:3"})
     return validate(cfg, ExportJobCfg).model_dump(by_alias=True)
 
 
@@ -43,27 +37,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     with user_errors():
         job = job_from_args(args)
-        from mlops_ray.export import build_bundle, default_name, lineage_of, write_bundle
-        from mlops_ray.registry import open_registry
-        from mlops_ray.storage import from_cfg, resolve
-        reg = open_registry(job)
-        version, folder = reg.fetch(job["model"])
-        print(f"exporting  {version.ref} ({job['model']}, content {version.content_hash[:16]}) "
-              f"as {job['format']}", flush=True)
-        bundle = build_bundle(folder, lineage_of(version), job["format"])
-        st = job["storage"]
-        where = job["out"] or from_cfg(st).uri_of(
-            "exports", default_name(version.model, version.version, job["format"]))
-        dest = resolve(where, st.get("endpoint_url"), st.get("region"))
-        uri = write_bundle(bundle, dest)
-        reg.record("export", version.model, version.version, need="read", details={
-            "format": job["format"], "uri": uri, "content_hash": version.content_hash})
-        p = bundle.manifest["parity"]
-        print(f"parity     max |probability - served| {p['max_abs_diff']:.2e} on {p['rows']} "
-              f"rows (allowed {p['tolerance']:g})\nbundle     {uri}\n"
-              f"try it     cd {dest.path() if dest.is_local else '<a copy of it>'} && "
-              "python example.py", flush=True)
-
+        from mlops_ray.export import export
+        export(job, log=lambda m: print(m, flush=True))
 
 if __name__ == "__main__":
     main()

@@ -19,24 +19,16 @@ from __future__ import annotations
 
 import sys
 
-from mlops_ray.config import compose, user_errors, validate
+from mlops_ray.config import compose_with_model, user_errors, validate
 from mlops_ray.config.schema import PredictJobCfg
-from mlops_ray.errors import ConfigError
 
 
 def job_from_args(args: list[str]) -> dict:
-    """Compose conf/predict.yaml. `model` is also a config group (the network) that Hydra would
-    try to select, so `model=REF` (a registry ref here) is set after composition."""
-    refs = [a.split("=", 1)[1] for a in args if a.startswith("model=")]
-    cfg = compose("predict", [a for a in args if not a.startswith("model=")])
-    if refs:
-        cfg["model"] = refs[-1]
-    missing = [k for k in ("model", "input", "output") if cfg.get(k) is None]
-    if missing:
-        raise ConfigError([f"{k}: required ({hint})" for k, hint in (
-            ("model", "the registry version, e.g. model=adult_mlp@production"),
-            ("input", "a .parquet/.csv file or folder, local or s3://"),
-            ("output", "the folder to write predictions into")) if k in missing])
+    """conf/predict.yaml with `model=REF`, a registry ref."""
+    cfg = compose_with_model("predict", args, {
+        "model": "the registry version, e.g. model=adult_mlp@production",
+        "input": "a .parquet/.csv file or folder, local or s3://",
+        "output": "the folder to write predictions into"})
     return validate(cfg, PredictJobCfg).model_dump(by_alias=True)
 
 

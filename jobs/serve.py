@@ -22,7 +22,7 @@ import sys
 import threading
 from pathlib import Path
 
-from mlops_ray.config import compose, user_errors, validate
+from mlops_ray.config import compose_with_model, user_errors, validate
 from mlops_ray.config.schema import ServeJobCfg
 from mlops_ray.errors import ConfigError
 
@@ -30,14 +30,9 @@ VERBS = ("serve", "rollout", "status", "drift", "rollback", "export")
 
 
 def job_from_args(args: list[str]) -> dict:
-    """Compose conf/serve.yaml. `model` is also a config group (the network) that Hydra would
-    try to select, so `model=NAME` (a registry model name here) is set after composition."""
-    names = [a.split("=", 1)[1] for a in args if a.startswith("model=")]
-    cfg = compose("serve", [a for a in args if not a.startswith("model=")])
-    if names:
-        cfg["model"] = names[-1]
-    if cfg.get("model") is None:
-        raise ConfigError("model: required (the registry model to serve, e.g. model=adult_mlp)")
+    """conf/serve.yaml with `model=NAME`, a registry model name."""
+    cfg = compose_with_model("serve", args, {
+        "model": "the registry model to serve, e.g. model=adult_mlp"})
     return validate(cfg, ServeJobCfg).model_dump(by_alias=True)
 
 
@@ -53,9 +48,6 @@ def main(argv: list[str] | None = None) -> None:
         job = job_from_args(args)
         if verb != "serve" and not job["ray"]["address"]:
             job["ray"]["address"] = "auto"  # talk to the cluster that serves the app
-        if job["ray"]["address"] and "RAY_AUTH_MODE" not in os.environ \
-                and (Path.home() / ".ray" / "auth_token").exists():
-            os.environ["RAY_AUTH_MODE"] = "token"  # Ray 2.60: a client process must opt in
         if job["serve"]["detach"] and not job["ray"]["address"]:
             raise ConfigError("serve.detach=true needs ray.address (a cluster that outlives "
                               "this process); a local Ray started here stops when it exits")

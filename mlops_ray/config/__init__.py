@@ -89,6 +89,21 @@ def compose(config_name: str, overrides: list[str] | None = None) -> dict[str, A
         return to_dict(_compose(config_name=config_name, overrides=overrides or []))
 
 
+def compose_with_model(config_name: str, args: list[str],
+                       required: dict[str, str]) -> dict[str, Any]:
+    """Compose a job whose `model=` names a registry model or ref (jobs.serve, export, predict).
+    `model` is also the config group of the network, which Hydra would try to select, so it is
+    set after composition. `required`: key -> hint, each missing one named in the error."""
+    refs = [a.split("=", 1)[1] for a in args if a.startswith("model=")]
+    cfg = compose(config_name, [a for a in args if not a.startswith("model=")])
+    if refs:
+        cfg["model"] = refs[-1]
+    missing = [f"{k}: required ({hint})" for k, hint in required.items() if cfg.get(k) is None]
+    if missing:
+        raise ConfigError(missing)
+    return cfg
+
+
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
     """Turn typed errors into one message on stderr and the error's exit code (no traceback)."""

@@ -797,6 +797,14 @@ class MonitorJobCfg(PipelineJobCfg):
 _REF_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}(@[A-Za-z0-9][A-Za-z0-9_.-]{0,127}|:\d+)?$")
 
 
+def registry_ref(v: str) -> str:
+    """A registry ref (name@alias, name:VERSION, or a bare name meaning name@production)."""
+    if not _REF_RE.match(v):
+        raise ValueError("expected a registry ref: name@alias, name:VERSION or name "
+                         "(letters, digits, '_', '-', '.')")
+    return v if ("@" in v or ":" in v) else f"{v}@production"
+
+
 class ExportJobCfg(Strict):
     model: str  # registry ref: name@alias, name:VERSION, or name (= name@production)
     format: Literal["onnx", "torchscript"] = "onnx"
@@ -808,10 +816,7 @@ class ExportJobCfg(Strict):
     @field_validator("model")
     @classmethod
     def _ref(cls, v: str) -> str:
-        if not _REF_RE.match(v):
-            raise ValueError("expected a registry ref: name@alias, name:VERSION or name "
-                             "(letters, digits, '_', '-', '.')")
-        return v if ("@" in v or ":" in v) else f"{v}@production"
+        return registry_ref(v)
 
 
 # jobs.predict
@@ -859,11 +864,7 @@ class PredictJobCfg(Strict):
     @field_validator("model")
     @classmethod
     def _ref(cls, v: str) -> str:
-        m = re.fullmatch(r"([^@:]+)(?:@([^@:]+)|:(\d+))?", v)
-        if not m or not _NAME_RE.match(m[1]) or m[2] is not None and not _NAME_RE.match(m[2]):
-            raise ValueError("expected a registry ref: name@alias, name:VERSION or name "
-                             "(letters, digits, '_', '-', '.')")
-        return v if m[2] or m[3] else f"{v}@production"
+        return registry_ref(v)
 
     @field_validator("input", "output")
     @classmethod

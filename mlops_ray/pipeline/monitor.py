@@ -26,7 +26,7 @@ def check(job: dict[str, Any], sj: dict[str, Any], ref: str) -> tuple[list[str],
     if m["min_live_auc"] is not None and auc is not None and n >= m["min_labelled_rows"] \
             and auc < m["min_live_auc"]:
         reasons.append(f"live AUC {auc:.3f} < {m['min_live_auc']} on {n} labelled rows")
-    return reasons, {"drift": [{k: v for k, v in r.items()} for r in drifted],
+    return reasons, {"drift": drifted,
                      "live": fb, "rows_seen": max((r["n"] for r in rows), default=0)}
 
 
@@ -34,7 +34,7 @@ def monitor(job: dict[str, Any], log: Callable[[str], Any] = print) -> int:
     """Check every monitor.interval_s (once with monitor.once=true). Returns the exit code of
     the last retraining: 0 promoted or nothing to do, 5 refused by the gates, else its error's."""
     from mlops_ray.data import prepare
-    from mlops_ray.pipeline.run import run_pipeline, serve_job, stage_table
+    from mlops_ray.pipeline.run import serve_job
     from mlops_ray.registry import open_registry
     from mlops_ray.serving import control
     m = job["monitor"]
@@ -63,17 +63,17 @@ def monitor(job: dict[str, Any], log: Callable[[str], Any] = print) -> int:
                     "tried against it")
             else:
                 handled.add((version, prepared.version))
-                code = retrain(job, reg, model, version, reasons, evidence, prepared.version,
-                               run_pipeline, stage_table, log)
+                code = retrain(job, reg, model, version, reasons, evidence, prepared, log)
         if m["once"]:
             return code
         time.sleep(m["interval_s"])
 
 
 def retrain(job: dict[str, Any], reg: Any, model: str, version: int, reasons: list[str],
-            evidence: dict[str, Any], data_version: str, run_pipeline: Callable[..., Any],
-            stage_table: Callable[..., str], log: Callable[[str], Any]) -> int:
-    m = job["monitor"]
+            evidence: dict[str, Any], prepared: Any, log: Callable[[str], Any]) -> int:
+    """The pipeline on the new data (already loaded and validated: `prepared`), audited."""
+    from mlops_ray.pipeline.run import run_pipeline, stage_table
+    m, data_version = job["monitor"], prepared.version
     why = "; ".join(reasons)
     log(f"{model}:{version}: {why} -> retraining on {m['new_data']} (data {data_version})")
     reg.record("retrain_triggered", model, version, need="retrain", reason=why,
@@ -84,7 +84,7 @@ def retrain(job: dict[str, Any], reg: Any, model: str, version: int, reasons: li
           "serve": {**job["serve"], "rollout": rollout}, "trigger": f"jobs.monitor: {why}"}
     verdict, code, details = "promoted", 0, {}
     try:
-        out = run_pipeline(pj, log=log)
+        out = run_pipeline(pj, log=log, prepared=prepared)
         details = {"run": out["run"], "version": out.get("version"),
                    "stages": {e["stage"]: e["status"] for e in out["stages"]}}
         log(stage_table(out["stages"]))

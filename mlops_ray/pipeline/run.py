@@ -82,10 +82,12 @@ def stage_table(done: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def run_pipeline(job: dict[str, Any], log: Callable[[str], Any] = print) -> dict[str, Any]:
-    """Run the configured stages from a validated PipelineJobCfg dict. Returns the pipeline
-    record (also written next to the run as pipeline.json). Raises GateFailed (exit 5) when the
-    gates refuse the candidate, ServeError / SmokeFailed (exit 10) when serving it fails."""
+def run_pipeline(job: dict[str, Any], log: Callable[[str], Any] = print,
+                 prepared: Any = None) -> dict[str, Any]:
+    """Run the configured stages from a validated PipelineJobCfg dict (`prepared`: its dataset,
+    when the caller has loaded and validated it already). Returns the pipeline record (also
+    written next to the run as pipeline.json). Raises GateFailed (exit 5) when the gates refuse
+    the candidate, ServeError / SmokeFailed (exit 10) when serving it fails."""
     from mlops_ray.data import prepare
     from mlops_ray.registry import open_registry
     from mlops_ray.storage import resolve
@@ -94,7 +96,7 @@ def run_pipeline(job: dict[str, Any], log: Callable[[str], Any] = print) -> dict
     reg = open_registry(job)  # a bad database URL fails before any work
     model = job["promote"]["model"] or job["name"]
     # data validated before Ray starts; training reuses it
-    prepared = prepare(job["dataset"], job["seed"], storage=job["storage"])
+    prepared = prepared or prepare(job["dataset"], job["seed"], storage=job["storage"])
     out: dict[str, Any] = {"model": model, "stages": st.done, "run": job["run"],
                            "data_version": prepared.version, "trigger": job["trigger"]}
     try:
@@ -104,12 +106,12 @@ def run_pipeline(job: dict[str, Any], log: Callable[[str], Any] = print) -> dict
         if run_uri is None:
             raise ConfigError("run: stages without train need run=<run folder or tuning folder>")
         from mlops_ray.evaluation.job import resolve_run
-        rec, _ = resolve_run(run_uri, job["storage"])
+        rec, run_store = resolve_run(run_uri, job["storage"])
         out["run"] = rec["run_uri"]
         prod = reg.alias_target(model, "production")
         already = prod is not None and prod.run_uri == rec["run_uri"]
         if "evaluate" in job["stages"]:
-            out["report"] = _evaluate(job, rec, reg, model, prod, already, st, log)
+            out["report"] = _evaluate(job, rec, run_store, reg, model, prod, already, st, log)
         if "promote" in job["stages"]:
             out["version"] = _promote(job, rec, reg, model, prod, already, st, log)
         if "deploy" in job["stages"]:
@@ -171,11 +173,12 @@ def _tune(job: dict[str, Any], prepared: Any, st: Stages, log: Callable[[str], A
         return summary["tune_uri"]
 
 
-def _evaluate(job: dict[str, Any], rec: dict[str, Any], reg: Any, model: str, prod: Any,
-              already: bool, st: Stages, log: Callable[[str], Any]) -> dict[str, Any] | None:
+def _evaluate(job: dict[str, Any], rec: dict[str, Any], run_store: Any, reg: Any, model: str,
+              prod: Any, already: bool, st: Stages, log: Callable[[str], Any]
+              ) -> dict[str, Any] | None:
     from mlops_ray.config.schema import EvaluateJobCfg
     from mlops_ray.evaluation.gates import verdict_table
-    from mlops_ray.evaluation.job import expand_rules, resolve_run, run_evaluation
+    from mlops_ray.evaluation.job import expand_rules, run_evaluation
     from mlops_ray.registry.promote import needs_evaluation
     with st.stage("evaluate") as e:
         if already:
@@ -183,7 +186,6 @@ def _evaluate(job: dict[str, Any], rec: dict[str, Any], reg: Any, model: str, pr
             return None
         champion = prod.run_uri if prod else None  # the candidate must not be worse than it
         ej = subjob(job, EvaluateJobCfg, run=rec["run_uri"], champion=champion)
-        _, run_store = resolve_run(rec["run_uri"], job["storage"])
         report = run_store.read_json("eval", "gate_report.json") \
             if run_store.exists("eval", "gate_report.json") else None
         attrs = job["fairness"]["attributes"] or rec["config"]["dataset"]["sensitive"]
@@ -248,7 +250,7 @@ def _deploy(job: dict[str, Any], reg: Any, model: str, prepared: Any, st: Stages
         elif cur:
             strategy = job["serve"]["rollout"]["strategy"]
             # the canary is judged on requests: held-out rows flow while it bakes
-            with _traffic(sj, prepared, prod, strategy == "canary"):
+            with _traffic(sj, reg, prepared, prod, strategy == "canary"):
                 control.rollout(sj, reg, "production", strategy, log=lambda m: log(f"   {m}"))
         else:
             control.serve_alias(sj, reg, "production", log=lambda m: log(f"   {m}"))
@@ -265,13 +267,13 @@ def held_out_records(prepared: Any, signature: dict[str, Any], n: int) -> tuple[
 
 
 @contextmanager
-def _traffic(sj: dict[str, Any], prepared: Any, v: Any, on: bool) -> Iterator[None]:
+def _traffic(sj: dict[str, Any], reg: Any, prepared: Any, v: Any, on: bool) -> Iterator[None]:
     """Replay held-out rows against the endpoint in the background while the block runs."""
     if not on:
         yield
         return
     import requests
-    sig = json.loads((_fetch(sj, v) / "signature.json").read_text())
+    sig = json.loads((reg.fetch(v.ref)[1] / "signature.json").read_text())
     records, _ = held_out_records(prepared, sig, 2000)
     stop, url = threading.Event(), f"{endpoint(sj)}/predict"
 
@@ -293,12 +295,6 @@ def _traffic(sj: dict[str, Any], prepared: Any, v: Any, on: bool) -> Iterator[No
         t.join(timeout=15)
 
 
-def _fetch(sj: dict[str, Any], v: Any) -> Any:
-    from mlops_ray.registry import artifact
-    from mlops_ray.storage import from_cfg
-    return artifact.fetch(v.artifact_uri, v.content_hash, from_cfg(sj["storage"]))
-
-
 def _smoke(job: dict[str, Any], reg: Any, model: str, prepared: Any, st: Stages,
            log: Callable[[str], Any]) -> dict[str, Any]:
     """Held-out rows through the live endpoint: every answer 200, from the production version,
@@ -308,8 +304,7 @@ def _smoke(job: dict[str, Any], reg: Any, model: str, prepared: Any, st: Stages,
     from mlops_ray.serving.predictor import Predictor
     sj = serve_job(job, model)
     with st.stage("smoke") as e:
-        prod = reg.get(f"{model}@production")
-        folder = _fetch(sj, prod)
+        prod, folder = reg.fetch(f"{model}@production")
         sig = json.loads((folder / "signature.json").read_text())
         records, rows = held_out_records(prepared, sig, job["smoke"]["rows"])
         expected = Predictor.load(folder, prod.ref).predict_proba(rows)

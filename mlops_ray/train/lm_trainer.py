@@ -17,13 +17,13 @@ from typing import Any
 from mlops_ray.cluster.cost import summary_line as cost_line
 from mlops_ray.runtime import code_version, ensure_ray, library_versions
 from mlops_ray.storage import from_cfg
-from mlops_ray.train.resume import repair_run_dir
 from mlops_ray.train.trainer import (
     _best_checkpoint,
     checkpoint_uri,
     config_hash,
     fit,
     run_name_for,
+    start_record,
     torch_threads,
     trainer_for,
 )
@@ -96,14 +96,7 @@ def run_lm_training(cfg: dict[str, Any], *, log: Any = print) -> dict[str, Any]:
         "code_version": code_version(), "versions": library_versions(),
         "run_uri": storage.uri_of("runs", run_name),
     }
-    had_run = storage.exists("runs", run_name, "run.json")
-    record["resumed"] = had_run
-    if not had_run or storage.read_json("runs", run_name, "run.json").get("status") != "finished":
-        storage.write_json(record, "runs", run_name, "run.json")
-    log(f"run {run_name}: {'resuming' if had_run else 'starting'} in {record['run_uri']}"
-        + (f" (dashboard {cluster['dashboard_url']})" if cluster["dashboard_url"] else ""))
-    if had_run:
-        repair_run_dir(storage, "runs", run_name, log=log)
+    start_record(record, storage, run_name, cluster, log)
     trainer = trainer_for(cfg, lm_loop_config(cfg, run_name), run_name, storage, "runs",
                           [_progress_callback()], loop_fn=lm_train_loop_per_worker)
     result, node_hours = fit(trainer, cfg, record, storage, run_name)

@@ -199,14 +199,7 @@ def run_training(cfg: dict[str, Any], *, prepared: Prepared | None = None,
     run_name = run_name_for(cfg, prepared.version)
     cluster = ensure_ray(cfg["ray"])
     record = base_record(cfg, prepared, run_name, storage)
-    had_run = storage.exists("runs", run_name, "run.json")
-    record["resumed"] = had_run
-    if not had_run or storage.read_json("runs", run_name, "run.json").get("status") != "finished":
-        storage.write_json(record, "runs", run_name, "run.json")  # a finished record stays put
-    log(f"run {run_name}: {'resuming' if had_run else 'starting'} in {record['run_uri']}"
-        + (f" (dashboard {cluster['dashboard_url']})" if cluster["dashboard_url"] else ""))
-    if had_run:
-        repair_run_dir(storage, "runs", run_name, log=log)
+    start_record(record, storage, run_name, cluster, log)
     trainer = build_trainer(cfg, prepared, run_name, storage)
     result, node_hours = fit(trainer, cfg, record, storage, run_name)
     ret = result.return_value or {}
@@ -235,6 +228,20 @@ def run_training(cfg: dict[str, Any], *, prepared: Prepared | None = None,
         print(f"warning: tracking failed ({record['tracking_error']})", file=sys.stderr)
     storage.write_json(record, "runs", run_name, "run.json")
     return record
+
+
+def start_record(record: dict[str, Any], storage: Storage, run_name: str,
+                 cluster: dict[str, Any], log: Any) -> None:
+    """Write the run's record as `running` (a finished record stays put), say where the run
+    goes, and on a rerun repair what a killed driver left (resume.py)."""
+    had_run = storage.exists("runs", run_name, "run.json")
+    record["resumed"] = had_run
+    if not had_run or storage.read_json("runs", run_name, "run.json").get("status") != "finished":
+        storage.write_json(record, "runs", run_name, "run.json")  # a finished record stays put
+    log(f"run {run_name}: {'resuming' if had_run else 'starting'} in {record['run_uri']}"
+        + (f" (dashboard {cluster['dashboard_url']})" if cluster["dashboard_url"] else ""))
+    if had_run:
+        repair_run_dir(storage, "runs", run_name, log=log)
 
 
 def fit(trainer: Any, cfg: dict[str, Any], record: dict[str, Any], storage: Storage,
