@@ -41,28 +41,34 @@ def wait_until(predicate, timeout: float, interval: float = 0.2, what: str = "co
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
-def kill_when(ready, marker: str, what: str, timeout: float = 240):
-    """Start a thread that waits for `ready()`, then SIGKILLs every process whose command line
-    contains `marker` (Ray titles its worker processes `ray::<Class>.<method>`).
-    Returns (thread, pids killed)."""
+def kill_pids(pids) -> list[int]:
+    """SIGKILL these processes (ones a test found at a step gate, by pid)."""
     import signal
-    import threading
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    return list(pids)
 
-    import psutil
-    killed: list[int] = []
 
-    def run() -> None:
-        wait_until(ready, timeout, what=what)
-        procs = wait_until(lambda: [p for p in psutil.process_iter(["cmdline"])
-                                    if any(marker in c for c in p.info["cmdline"] or [])],
-                           30, what=f"a {marker} process")
-        for p in procs:
-            os.kill(p.pid, signal.SIGKILL)
-            killed.append(p.pid)
+def committed(run_dir: Path) -> list[str]:
+    """Checkpoints Ray Train's controller has registered (what a restart resumes from)."""
+    import json
+    try:
+        state = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+    except (OSError, ValueError):
+        return []
+    return [r["checkpoint_dir_name"] for r in state["checkpoint_results"]]
 
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    return t, killed
+
+@pytest.fixture
+def gate(tmp_path, monkeypatch):
+    """A step gate (mlops_ray.train.gate) for runs this test drives in-process; subprocess
+    drivers get it with `job_env(**gate.env)`. Kill tests hold the run at a step, act, then
+    release it: what the run has done when the fault comes is fixed, whatever the speed."""
+    from mlops_ray.train.gate import Gate
+    g = Gate(tmp_path / "gate")
+    for k, v in g.env.items():
+        monkeypatch.setenv(k, v)
+    return g
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 
@@ -28,8 +29,9 @@ def node_pool(node: dict[str, Any]) -> tuple[str, str]:
 class NodeHours:
     """`with NodeHours(10) as nh: ...; nh.report(cost_cfg)`; samples in a daemon thread."""
 
-    def __init__(self, sample_s: float, nodes: Any = None) -> None:
-        self.sample_s = sample_s
+    def __init__(self, sample_s: float, nodes: Any = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.sample_s, self._clock = sample_s, clock
         self._nodes = nodes  # a callable returning ray.nodes()-shaped dicts (tests pass their own)
         self.seconds: dict[tuple[str, str], float] = defaultdict(float)
         self.peak: dict[tuple[str, str], int] = defaultdict(int)
@@ -37,7 +39,7 @@ class NodeHours:
         self._last = 0.0
 
     def sample(self) -> None:
-        now = time.monotonic()
+        now = self._clock()
         dt, self._last = now - self._last, now
         try:
             nodes = self._nodes() if self._nodes else __import__("ray").nodes()
@@ -56,7 +58,7 @@ class NodeHours:
             self.sample()
 
     def __enter__(self) -> NodeHours:
-        self._last = time.monotonic()
+        self._last = self._clock()
         self._thread = threading.Thread(target=self._run, daemon=True, name="node-hours")
         self._thread.start()
         return self

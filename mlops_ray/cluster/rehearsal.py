@@ -25,8 +25,10 @@ from typing import Any
 class LocalCluster:
     """Head (`head_cpus`, no spot resource) + `workers` spot nodes of `worker_cpus` each."""
 
-    def __init__(self, workers: int = 2, head_cpus: int = 1, worker_cpus: int = 1) -> None:
+    def __init__(self, workers: int = 2, head_cpus: int = 1, worker_cpus: int = 1,
+                 dashboard: bool = False) -> None:
         self.n, self.head_cpus, self.worker_cpus = workers, head_cpus, worker_cpus
+        self.dashboard = dashboard  # Ray's state API (ray.util.state) goes through it
         self.workers: list[Any] = []
 
     def __enter__(self) -> LocalCluster:
@@ -40,17 +42,23 @@ class LocalCluster:
         # started from here (raylets, workers) inherit the variable.
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
         ray_constants.ENABLE_RAY_CLUSTER = False
-        self.cluster = Cluster(initialize_head=True, head_node_args={
-            "num_cpus": self.head_cpus, "include_dashboard": False,
-            "node_ip_address": "127.0.0.1"})
+        head: dict[str, Any] = {"num_cpus": self.head_cpus, "include_dashboard": self.dashboard,
+                                "node_ip_address": "127.0.0.1"}
+        if self.dashboard:
+            import socket
+            with socket.socket() as sock:  # not 8265: a user's own Ray may hold it
+                sock.bind(("127.0.0.1", 0))
+                head.update(dashboard_host="127.0.0.1", dashboard_port=sock.getsockname()[1])
+        self.cluster = Cluster(initialize_head=True, head_node_args=head)
         for _ in range(self.n):
             self.add(wait=False)
         self.cluster.wait_for_nodes()
         ray.init(address=self.cluster.address, logging_level=logging.WARNING)
         claim_address_file(self.cluster.address)
         # the driver (and so the Train controller) must live on the head, which never dies here
-        head = self.cluster.head_node  # Ray types it None (set in start)
-        assert ray.get_runtime_context().get_node_id() == head.node_id  # type: ignore[attr-defined]
+        head_node = self.cluster.head_node  # Ray types it None (set in start)
+        assert ray.get_runtime_context().get_node_id() == \
+            head_node.node_id  # type: ignore[attr-defined]
         return self
 
     @property
@@ -64,6 +72,13 @@ class LocalCluster:
         if wait:
             self.cluster.wait_for_nodes()
         return node
+
+    def node(self, node_id: str) -> Any:
+        """The worker node with this id (hex, as Ray's state API and runtime context give it)."""
+        found = [n for n in self.workers if n.node_id == node_id]
+        if not found:
+            raise KeyError(f"no live worker node {node_id}")
+        return found[0]
 
     def kill(self, node: Any) -> float:
         """Hard loss of a node (no drain, like a VM pulled away); returns the time it died."""

@@ -626,7 +626,8 @@ class RolloutCfg(Strict):
     steps: list[int] = [10, 50, 100]
     bake_s: float = Field(30, ge=0)
     poll_s: float = Field(0.5, gt=0)
-    min_requests: int = Field(20, ge=1)
+    min_requests: int = Field(20, ge=1)  # a step also waits for these, up to max_bake_s
+    max_bake_s: float = Field(600, gt=0)
     max_error_rate: float = Field(0.02, ge=0, le=1)
     max_p99_ms: float = Field(250, gt=0)
     max_prediction_shift: float = Field(0.1, ge=0, le=1)
@@ -639,6 +640,9 @@ class RolloutCfg(Strict):
                 or self.steps != sorted(self.steps):
             raise ValueError(f"serve.rollout.steps={self.steps}: increasing percentages in "
                              "(0, 100]")
+        if self.max_bake_s < self.bake_s:
+            raise ValueError(f"serve.rollout.max_bake_s={self.max_bake_s} is below "
+                             f"bake_s={self.bake_s}")
         if len(self.ab_weights) != 2 or min(self.ab_weights) < 0 or sum(self.ab_weights) <= 0:
             raise ValueError(f"serve.rollout.ab_weights={self.ab_weights}: two weights >= 0")
         return self

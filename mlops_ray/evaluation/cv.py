@@ -32,7 +32,8 @@ def fold_indices(prepared: Prepared, k: int, seed: int) -> list[tuple[np.ndarray
 
 
 def run_fold(cfg: dict[str, Any], prepared: Prepared, train_rows: np.ndarray,
-             held_rows: np.ndarray, fold: int, epochs: int | None = None) -> dict[str, Any]:
+             held_rows: np.ndarray, fold: int, epochs: int | None = None,
+             step_gate: str | None = None) -> dict[str, Any]:
     """Train one fold in this process (no Ray session) and score its held-out rows."""
     from mlops_ray.train import checkpoint as ckpt_io
     from mlops_ray.train.loop import train_loop_per_worker
@@ -56,7 +57,7 @@ def run_fold(cfg: dict[str, Any], prepared: Prepared, train_rows: np.ndarray,
     with tempfile.TemporaryDirectory() as d:
         lc = loop_config(fold_cfg, {"feature_names": pre.feature_names,
                                     "preprocessor": pre.to_dict()}, None, f"fold-{fold}")
-        lc.update(session="local", data=data, local_dir=d, seed=seed)
+        lc.update(session="local", data=data, local_dir=d, seed=seed, step_gate=step_gate)
         out = train_loop_per_worker(lc)
         model, _, _ = ckpt_io.load_model(d)
     p = ckpt_io.predict_proba(model, xh)
@@ -70,6 +71,8 @@ def cross_validate(cfg: dict[str, Any], prepared: Prepared, k: int, *, parallel:
                    save: Callable[[int, dict], None] = lambda i, r: None,
                    log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Per-fold metrics, reusing folds that `load` returns; `save` stores each new one."""
+    from mlops_ray.train.gate import from_env
+    gate = from_env()  # read here: folds run in Ray workers (a test seam, train/gate.py)
     folds = fold_indices(prepared, k, cfg["seed"])
     results: dict[int, dict[str, Any]] = {}
     todo = []
@@ -91,7 +94,7 @@ def cross_validate(cfg: dict[str, Any], prepared: Prepared, k: int, *, parallel:
         while queue or pending:
             while queue and len(pending) < max_parallel:
                 i = queue.pop(0)
-                pending[remote.remote(cfg_ref, prep_ref, *folds[i], i, epochs)] = i
+                pending[remote.remote(cfg_ref, prep_ref, *folds[i], i, epochs, gate)] = i
             ready, _ = ray.wait(list(pending), num_returns=1)
             i = pending.pop(ready[0])
             results[i] = ray.get(ready[0])
@@ -99,7 +102,7 @@ def cross_validate(cfg: dict[str, Any], prepared: Prepared, k: int, *, parallel:
             log(f"  fold {i}: auc {results[i]['auc']:.4f}")
     else:
         for i in todo:
-            results[i] = run_fold(cfg, prepared, *folds[i], i, epochs)
+            results[i] = run_fold(cfg, prepared, *folds[i], i, epochs, gate)
             save(i, results[i])
     return [results[i] for i in range(k)]
 

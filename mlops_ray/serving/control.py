@@ -316,12 +316,21 @@ def _canary(job: dict[str, Any], reg: Registry, to: str, stable: dict[str, Any],
         _audit(reg, job, "traffic", spec["version"], strategy="canary", alias=to,
                arms={stable["ref"]: 100 - step, spec["ref"]: step})
         log(f"canary {spec['ref']} at {step}%: baking {r['bake_s']} s")
-        deadline = time.monotonic() + r["bake_s"]
-        while time.monotonic() < deadline:
+        # a step ends after bake_s *and* min_requests canary requests: a canary is never
+        # passed for want of traffic; none within max_bake_s rolls it back (inconclusive)
+        t0 = time.monotonic()
+        while True:
             time.sleep(r["poll_s"])
             st = stats(job)["arms"]
             why = _breach(st[spec["ref"]], st.get(stable["ref"]), r)
             if why:
+                return _abort(job, reg, to, stable, spec, why, st[spec["ref"]], log)
+            waited, seen = time.monotonic() - t0, st[spec["ref"]]["requests"]
+            if waited >= r["bake_s"] and seen >= r["min_requests"]:
+                break
+            if waited >= r["max_bake_s"]:
+                why = (f"inconclusive: {seen} request(s) routed to it in {waited:.0f} s, "
+                       f"fewer than serve.rollout.min_requests={r['min_requests']}")
                 return _abort(job, reg, to, stable, spec, why, st[spec["ref"]], log)
     final = {"arms": [_arm(spec, 100, "stable")], "mode": "weighted", "previous": prev}
     set_routing(job, final)

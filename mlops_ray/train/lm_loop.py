@@ -40,6 +40,7 @@ from torch import nn
 from mlops_ray.models.synthetic import SyntheticTokens
 from mlops_ray.perf import PEAK_TFLOPS, mfu
 from mlops_ray.train import checkpoint as ckpt_io
+from mlops_ray.train.gate import StepGate
 from mlops_ray.train.loop import EarlyStopping, _LocalSession, _seed_for, _TrainSession
 from mlops_ray.utils import build
 
@@ -347,6 +348,7 @@ def lm_train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     loss_sum = torch.zeros((), device=device)
     win_steps, win_t0 = 0, time.perf_counter()
     stop, drained = stopped, False
+    gate = StepGate(config.get("step_gate"), config["run_name"], rank, world)
 
     def mem_gib() -> float | None:
         return torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
@@ -412,9 +414,12 @@ def lm_train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             if step == total and steady_t0 is not None and step - start > warmup:
                 summary = summarise(steady_t0, _now(device))
             epoch_end = step % spe == 0
+            held_into_drain = not epoch_end and gate.hold(step // spe, step % spe,
+                                                          session.preempted)  # gate.py
             # get_preemption_info() is a barrier: every rank asks at the same steps
-            jit = bool(preempt_every) and step % preempt_every == 0 and not epoch_end \
-                and not drained and session.preempted()
+            jit = not epoch_end and not drained and (held_into_drain or bool(preempt_every)
+                                                     and step % preempt_every == 0
+                                                     and session.preempted())
             mid_ckpt = bool(every_steps) and step % every_steps == 0 and not epoch_end \
                 and not jit
             if not (epoch_end or jit or mid_ckpt or step % log_every == 0):

@@ -17,6 +17,7 @@ from typing import Any
 from mlops_ray.cluster.cost import summary_line as cost_line
 from mlops_ray.runtime import code_version, ensure_ray, library_versions
 from mlops_ray.storage import from_cfg
+from mlops_ray.train.gate import from_env as gate_from_env
 from mlops_ray.train.trainer import (
     _best_checkpoint,
     checkpoint_uri,
@@ -50,6 +51,7 @@ def lm_loop_config(cfg: dict[str, Any], run_name: str) -> dict[str, Any]:
         "preemption_check_every_n_steps": ck["preemption_check_every_n_steps"],
         "preemption_grace_s": cfg["failure"]["preemption_grace_s"],
         "score_attribute": ck["checkpoint_score_attribute"],
+        "step_gate": gate_from_env(),  # tests: hold the run at a step (train/gate.py)
     }
 
 

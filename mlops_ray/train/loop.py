@@ -24,6 +24,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from mlops_ray.train import checkpoint as ckpt_io
+from mlops_ray.train.gate import StepGate
 from mlops_ray.utils import build
 
 _MIX = (1_000_003, 10_007, 101)
@@ -102,9 +103,10 @@ class _TrainSession:
 
     def hold(self, grace_s: float) -> None:
         """After a just-in-time checkpoint: wait for Ray Train to tear this group down at the
-        drain deadline instead of training steps that the restart would redo. A drain that
-        never ends in a restart (the notice was withdrawn) lets training go on."""
-        until = self.info.deadline_ms / 1000 + grace_s + 30 if self.info else time.time()
+        drain deadline instead of training steps that the restart would redo. Ray Train
+        restarts at the deadline (+ grace) even when the node stays; should that restart not
+        come within 2 minutes (a controller that is gone), training goes on."""
+        until = self.info.deadline_ms / 1000 + grace_s + 120 if self.info else time.time()
         while time.time() < until:
             time.sleep(0.2)
 
@@ -270,6 +272,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         session.publish({"checkpoint_seconds": ckpt_s}, config["run_name"])
 
     preempted = session.preempted
+    gate = StepGate(config.get("step_gate"), config["run_name"], rank, world)
 
     last: dict[str, Any] = history[-1] if history else {}
     stop, drained = stopped, False  # a run that stopped early stays stopped when rerun
@@ -301,8 +304,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             log_step("step", epoch, step + 1)
             if step + 1 == steps_per_epoch:
                 break  # the epoch end below reports (and checks for a drain)
-            if preempt_every and (step + 1) % preempt_every == 0 and not drained \
-                    and preempted():
+            held_into_drain = gate.hold(epoch, step + 1, preempted)  # a test seam: gate.py
+            if not drained and (held_into_drain or preempt_every
+                                and (step + 1) % preempt_every == 0 and preempted()):
                 # just-in-time checkpoint at (epoch, step+1), once per drain; the drained node
                 # dies after this. Metrics of these weights, so scoring stays honest.
                 drained = True

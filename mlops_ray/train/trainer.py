@@ -25,6 +25,7 @@ from mlops_ray.evaluation.metrics import binary_metrics
 from mlops_ray.runtime import code_version, ensure_ray, library_versions
 from mlops_ray.storage import Storage, from_cfg
 from mlops_ray.train import checkpoint as ckpt_io
+from mlops_ray.train.gate import from_env as gate_from_env
 from mlops_ray.train.resume import repair_run_dir
 from mlops_ray.utils import stable_hash
 
@@ -66,6 +67,7 @@ def loop_config(cfg: dict[str, Any], prepared: Prepared | dict[str, Any], data_r
         "preemption_grace_s": cfg["failure"]["preemption_grace_s"],
         # a per-step log for bench/preemption.py (a path every node can write: a local cluster)
         "step_log": os.environ.get("MLOPS_RAY_STEP_LOG"),
+        "step_gate": gate_from_env(),  # tests: hold the run at a step (train/gate.py)
         "score_attribute": cfg["checkpoint"]["checkpoint_score_attribute"],
         **(data_meta(prepared) if isinstance(prepared, Prepared) else prepared),
         "data_ref": data_ref,

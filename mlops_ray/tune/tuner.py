@@ -83,20 +83,23 @@ def _trainable(base: dict[str, Any], meta: dict[str, Any], data_ref: Any, backen
                storage: Storage, study: str, driver_resources: dict[str, float]) -> Any:
     from ray import tune
 
+    from mlops_ray.train.gate import from_env
+    gate = from_env()  # read here, on the driver: trials run in other processes
+
     def function_trial(config: dict[str, Any]) -> None:
         from mlops_ray.train.loop import train_loop_per_worker
         cfg = apply(base, config)
         trial_id = tune.get_context().get_trial_id()
         train_loop_per_worker({**loop_config(cfg, meta, data_ref, f"trial-{trial_id}"),
-                               "session": "tune"})
+                               "session": "tune", "step_gate": gate})
 
     def train_trial(config: dict[str, Any]) -> None:
         from ray.tune.integration.ray_train import TuneReportCallback
         cfg = apply(base, config)
         # a stable name: a retried or restored trial resumes its own Train checkpoints
         name = f"trial-{tune.get_context().get_trial_id()}"
-        trainer_for(cfg, loop_config(cfg, meta, data_ref, name), name, storage,
-                    f"tune/{study}/trials", [TuneReportCallback()]).fit()
+        trainer_for(cfg, {**loop_config(cfg, meta, data_ref, name), "step_gate": gate}, name,
+                    storage, f"tune/{study}/trials", [TuneReportCallback()]).fit()
 
     res = base["scaling"].get("resources_per_worker") or {"CPU": 1}
     if backend == "function":

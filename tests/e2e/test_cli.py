@@ -204,12 +204,17 @@ def test_cluster_remote_submits_streams_and_stops(ray_head, tmp_path):
     assert "run record" in out.stdout  # the remote job's own summary, streamed here
     assert list((tmp_path / "out" / "runs").glob("german_mlp-*/run.json"))
     log = tmp_path / "stop.log"
-    proc = subprocess.Popen([sys.executable, "-m", "jobs.train", *common, "train.epochs=5000",
-                             "train.early_stopping=null", "name=long"], cwd=REPO, env=job_env(**ray_head["env"]),
+    from mlops_ray.train.gate import Gate
+    gate = Gate(tmp_path / "gate")
+    gate.hold(epoch=1, step=2)  # the remote run waits there: it cannot end before the Ctrl-C
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.train", *common, "train.epochs=3",
+                             f"+cluster.env_vars.MLOPS_RAY_STEP_GATE={gate.folder}",
+                             "name=long"], cwd=REPO, env=job_env(**ray_head["env"]),
                             stdout=open(log, "w"), stderr=subprocess.STDOUT)
     try:
-        wait_until(lambda: "starting in" in log.read_text(), 300, interval=1,
-                   what="the remote training to start")
+        wait_until(lambda: gate.events("waiting") or proc.poll() is not None, 300, interval=1,
+                   what="the remote training held at epoch 1")
+        assert proc.poll() is None, log.read_text()[-3000:]
         proc.send_signal(signal.SIGINT)
         proc.wait(120)
     finally:

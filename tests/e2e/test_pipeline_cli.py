@@ -17,23 +17,29 @@ from tests.conftest import REPO, free_port, job_env, wait_until
 pytestmark = pytest.mark.slow
 
 
-def make_run(tmp_path, name: str, *args: str) -> tuple[subprocess.Popen, object]:
+def make_run(tmp_path, name: str, *args: str, **env: str | None
+             ) -> tuple[subprocess.Popen, object]:
     log = tmp_path / name
     quick = ["train.epochs=2", "cv.folds=3", "cv.epochs=1", "cv.max_parallel=1", "n_boot=50",
              "fairness.n_boot=50", "tracking=none", f"storage.uri={tmp_path / 'out'}", *args]
     proc = subprocess.Popen(["make", "-s", "run", "ARGS=" + " ".join(quick)], cwd=REPO,
-                            env=job_env(RAY_AUTH_MODE=None, RAY_AUTH_TOKEN=None),
+                            env=job_env(RAY_AUTH_MODE=None, RAY_AUTH_TOKEN=None, **env),
                             stdout=open(log, "w"), stderr=subprocess.STDOUT,
                             start_new_session=True)  # its own group: make, python and Ray
     return proc, log
 
 
 def test_make_run_killed_during_evaluation_resumes_there_and_serves(tmp_path):
+    from mlops_ray.train.gate import Gate
     port = free_port()
-    proc, log = make_run(tmp_path, "first.log", f"serve.port={port}")
+    gate = Gate(tmp_path / "gate")
+    # the training run and the first fold go through; the second fold waits to be killed
+    gate.hold(epoch=0, step=5, let_pass=2)
+    proc, log = make_run(tmp_path, "first.log", f"serve.port={port}", **gate.env)
     try:
-        wait_until(lambda: "  fold " in log.read_text() or proc.poll() is not None, 600,
-                   interval=0.5, what="the first cross-validation fold")
+        wait_until(lambda: "  fold 0" in log.read_text() and gate.events("waiting")
+                   or proc.poll() is not None, 600, interval=0.5,
+                   what="the first fold done, the second held")
         assert proc.poll() is None, log.read_text()[-3000:]
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the whole pipeline, mid-evaluation
@@ -41,7 +47,7 @@ def test_make_run_killed_during_evaluation_resumes_there_and_serves(tmp_path):
     first = log.read_text()
     assert "== [2/5] evaluate" in first and "== [3/5] promote" not in first
 
-    proc, log = make_run(tmp_path, "second.log", f"serve.port={port}")
+    proc, log = make_run(tmp_path, "second.log", f"serve.port={port}", MLOPS_RAY_STEP_GATE=None)
     try:
         wait_until(lambda: "serving until Ctrl-C" in log.read_text() or proc.poll() is not None,
                    600, interval=0.5, what="the resumed pipeline to serve")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -286,7 +285,9 @@ def test_blue_green_switch_fails_no_request(env):
         wait_until(lambda: load.ok >= n + 20, 60, what="answers after the switch")
     assert load.failed == [] and load.ok > 40
     assert control.stats(job)["pid"] == pid  # traffic moved by reconfigure, no restart
-    assert load.versions[0] == v["good"].version and load.versions[-1] == v["equal"].version
+    # under load: answered by the old version, then the new one (the order of the last few
+    # answers across client threads is theirs, so the switch is checked on a fresh request)
+    assert load.versions[0] == v["good"].version and v["equal"].version in load.versions
     new = post(env["url"] + "/predict", {"records": [rec]}).json()
     assert new["version"] == v["equal"].version != old["version"]  # not the cached answer
     traffic = [a for a in reg.audit_log(MODEL) if a["action"] == "traffic"]
@@ -303,13 +304,15 @@ def test_canary_with_errors_rolls_back_automatically(env):
     reg.set_alias(MODEL, "canary", v["equal"].version)
     broken = {**job, "serve": {**job["serve"], "model": {**job["serve"]["model"],
                                                          "chaos_error_rate": 0.5}}}
+    seen = len(reg.audit_log(MODEL))
     with Load(env["url"], env["records"]) as load:
-        t0 = time.monotonic()
         with pytest.raises(control.ServeError, match="error rate") as err:
             control.rollout(broken, reg, "canary", "canary", log=lambda _: None)
-        took = time.monotonic() - t0
-    assert took < job["serve"]["rollout"]["bake_s"] + 30
     assert "answered" in str(err.value)
+    # caught at the first step: the canary never got more than its first 10%
+    moves = [json.loads(a["details"])["arms"] for a in reg.audit_log(MODEL)[seen:]
+             if a["action"] == "traffic"]
+    assert moves == [{v["good"].ref: 90, v["equal"].ref: 10}], moves
     assert control.current_routing(job)["arms"][0]["ref"] == v["good"].ref
     rb = [a for a in reg.audit_log(MODEL) if a["action"] == "rollback"][-1]
     d = json.loads(rb["details"])

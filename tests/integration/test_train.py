@@ -13,17 +13,13 @@ from mlops_ray.config import compose, validate
 from mlops_ray.config.schema import TrainJobCfg
 from mlops_ray.data import dataset_version, load_table
 from mlops_ray.train.trainer import run_name_for, run_training
-from tests.conftest import kill_when, run_job, wait_until
+from tests.conftest import run_job, wait_until
 
 pytestmark = pytest.mark.ray
 
 
 def job_cfg(*overrides: str) -> dict:
     return validate(compose("train", list(overrides)), TrainJobCfg).model_dump(by_alias=True)
-
-
-def checkpoints(run_dir: Path) -> list[str]:
-    return sorted(p.name for p in run_dir.glob("checkpoint_*")) if run_dir.exists() else []
 
 
 def final_weights(record: dict) -> dict[str, torch.Tensor]:
@@ -49,17 +45,18 @@ def test_run_record_lineage_metrics_and_wandb(ray_2_cpus, tmp_path):
     assert list(wandb_dir.rglob("*.wandb")), "offline W&B run file missing"
 
 
-def test_training_publishes_dashboard_metrics(ray_2_cpus, tmp_path):
-    """samples/s, epoch and checkpoint time reach Ray's Prometheus endpoint while it trains."""
+def test_training_publishes_dashboard_metrics(ray_2_cpus, tmp_path, gate):
+    """samples/s, epoch and checkpoint time reach Ray's Prometheus endpoint while it trains
+    (held at epoch 2 until they have been scraped)."""
     import os
-    import threading
 
     import requests
-    cfg = job_cfg(*ADULT_SHORT, f"storage.uri={tmp_path}", "train.epochs=15")
+
+    from mlops_ray.cluster.rehearsal import Background
+    gate.hold(epoch=2, step=5)
+    cfg = job_cfg(*ADULT_SHORT, f"storage.uri={tmp_path}")
     run = run_name_for(cfg, dataset_version(load_table("builtin://adult")))
-    done = threading.Event()
-    t = threading.Thread(target=lambda: (run_training(cfg), done.set()), daemon=True)
-    t.start()
+    bg = Background(lambda: run_training(cfg))
     names = ("samples_per_second", "epoch_seconds", "checkpoint_seconds", "epoch",
              "preemptions_survived", "restarts")
 
@@ -70,14 +67,14 @@ def test_training_publishes_dashboard_metrics(ray_2_cpus, tmp_path):
                if x.startswith(f"ray_mlops_train_{n}{{") and f'run="{run}"' in x}
         return got if len(got) == len(names) else None
     try:
-        got = wait_until(lambda: scraped() or done.is_set(), 180, interval=1,
-                         what="training metrics on Ray's endpoint")
-        assert got is not True, "the run ended before its metrics were scraped"
+        wait_until(lambda: gate.events("waiting") or bg.done(), 180, what="the run at epoch 2")
+        got = wait_until(scraped, 180, interval=1, what="training metrics on Ray's endpoint")
         assert float(got["samples_per_second"].rsplit(" ", 1)[1]) > 0
+        assert float(got["epoch"].rsplit(" ", 1)[1]) == 2  # held in its third epoch
         assert float(got["restarts"].rsplit(" ", 1)[1]) == 0
     finally:
-        t.join(300)
-    assert done.is_set()
+        gate.release()
+    assert bg.result(300)["status"] == "finished"
 
 
 def test_ddp_two_workers(ray_2_cpus, tmp_path):
@@ -92,7 +89,7 @@ ADULT_SHORT = ["+experiment=adult_mlp", "train.epochs=6", "train.early_stopping=
                "tracking=none"]
 
 
-def test_killed_driver_resumes_to_identical_weights(ray_2_cpus, tmp_path):
+def test_killed_driver_resumes_to_identical_weights(ray_2_cpus, tmp_path, gate):
     """SIGKILL of jobs.train mid-run, rerun of the same command: same weights as no kill."""
     reference = run_training(job_cfg(*ADULT_SHORT, f"storage.uri={tmp_path / 'a'}"))
     args = ["jobs.train", *ADULT_SHORT, f"storage.uri={tmp_path / 'b'}",
@@ -100,45 +97,52 @@ def test_killed_driver_resumes_to_identical_weights(ray_2_cpus, tmp_path):
     import subprocess
     import sys
 
-    from tests.conftest import REPO, job_env
-    proc = subprocess.Popen([sys.executable, "-m", *args], cwd=REPO, env=job_env(),
+    from tests.conftest import REPO, committed, job_env
+    gate.hold(epoch=4, step=10)  # the driver is killed while its run waits here
+    proc = subprocess.Popen([sys.executable, "-m", *args], cwd=REPO, env=job_env(**gate.env),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     run_dir = tmp_path / "b" / "runs" / reference["run_name"]
     try:
-        wait_until(lambda: "checkpoint_e0003_s00000" in checkpoints(run_dir) or proc.poll(),
-                   240, what="the third checkpoint")
-        assert proc.poll() is None, "the run finished before it could be killed"
+        wait_until(lambda: gate.events("waiting") or proc.poll() is not None, 240,
+                   what="the run held at epoch 4")
+        assert proc.poll() is None, "the driver died before it was killed"
+        wait_until(lambda: "checkpoint_e0004_s00000" in committed(run_dir), 60,
+                   what="the fourth checkpoint committed")
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert json.loads((run_dir / "run.json").read_text())["status"] == "running"
-    done = run_job(args, timeout=300)
+    done = run_job(args, timeout=300, MLOPS_RAY_STEP_GATE=None)
     assert done.returncode == 0, done.stderr[-3000:]
     resumed = json.loads((run_dir / "run.json").read_text())
     assert resumed["status"] == "finished" and resumed["resumed"] is True
-    # the newest checkpoint *committed* before the kill: the third one's folder may still have
-    # been in flight, so at least the second (resumed mid-run, not from scratch)
-    assert resumed["restored_from"]["epoch"] >= 2
+    # from the newest checkpoint committed before the kill, redoing the steps after it
+    assert resumed["restored_from"] == {"epoch": 4, "step": 0, "jit": False}
     a, b = final_weights(reference), final_weights(resumed)
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), f"{k} differs after resume"
 
 
-def test_killed_worker_process_is_survived(ray_2_cpus, tmp_path):
+def test_killed_worker_process_is_survived(ray_2_cpus, tmp_path, gate):
+    from mlops_ray.cluster.rehearsal import Background
+    from tests.conftest import committed, kill_pids
+    gate.hold(epoch=3, step=10)
     cfg = job_cfg(*ADULT_SHORT, f"storage.uri={tmp_path}", "train.epochs=8")
     run_dir = tmp_path / "runs" / run_name_for(cfg, dataset_version(load_table("builtin://adult")))
-    # a checkpoint folder appears before Ray commits it; the third one means the first two are
-    t, killed = kill_when(lambda: "checkpoint_e0003_s00000" in checkpoints(run_dir),
-                          "RayTrainWorker", "the third checkpoint")
-    rec = run_training(cfg)
-    t.join(5)
-    assert killed, "no worker was killed"
+    run = Background(lambda: run_training(cfg))
+    wait_until(lambda: gate.events("waiting") or run.done(), 240, what="the run at epoch 3")
+    wait_until(lambda: "checkpoint_e0003_s00000" in committed(run_dir), 60,
+               what="the third checkpoint committed")
+    kill_pids([e["pid"] for e in gate.events("waiting")])  # the Train worker process
+    gate.release()
+    rec = run.result(300)
     assert rec["status"] == "finished" and len(rec["history"]) == 8
-    # Ray Train restarted the worker group, which resumed from a committed checkpoint
-    assert rec["restored_from"] is not None and rec["restored_from"]["epoch"] >= 1
+    # Ray Train restarted the worker group, which resumed from the committed checkpoint
+    assert rec["restarts"] == 1
+    assert rec["restored_from"] == {"epoch": 3, "step": 0, "jit": False}
 
 
 @pytest.mark.s3

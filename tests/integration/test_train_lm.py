@@ -14,7 +14,7 @@ from mlops_ray.config.schema import LmTrainJobCfg
 from mlops_ray.train.lm_loop import lm_train_loop_per_worker
 from mlops_ray.train.lm_trainer import lm_loop_config
 from mlops_ray.train.trainer import run_training
-from tests.conftest import REPO, kill_when, run_job
+from tests.conftest import REPO, run_job
 
 pytestmark = pytest.mark.ray
 
@@ -64,21 +64,27 @@ def test_ddp_two_workers_follow_the_single_process_run(ray_2_cpus, tmp_path):
     assert rec["history"][-1]["train/loss"] < rec["history"][0]["train/loss"] - 2.0
 
 
-def test_fsdp_two_workers_survive_a_killed_worker_group(ray_2_cpus, tmp_path):
-    """FSDP2 over gloo (torch >= 2.6 shards on CPU): both workers are SIGKILLed after the
-    third checkpoint; Ray Train restarts them from a committed (full, unsharded) checkpoint and
-    the run ends where an uninterrupted single-process run ends."""
+def test_fsdp_two_workers_survive_a_killed_worker_group(ray_2_cpus, tmp_path, gate):
+    """FSDP2 over gloo (torch >= 2.6 shards on CPU): both workers are SIGKILLed while held at
+    step 35, after the third checkpoint; Ray Train restarts them from that committed (full,
+    unsharded) checkpoint and the run ends where an uninterrupted single-process run ends."""
+    from mlops_ray.cluster.rehearsal import Background
+    from tests.conftest import committed, kill_pids, wait_until
     ov = ["train.epochs=6", "lm.steps_per_epoch=10", "failure.max_failures=2",
           f"storage.uri={tmp_path}"]
     cfg = lm_cfg(*TWO_WORKERS, "lm.strategy=fsdp", *ov)
-    run_dir = tmp_path / "runs"
-    t, killed = kill_when(lambda: any(run_dir.glob("*/checkpoint_e0003_s00000")),
-                          "RayTrainWorker", "the third checkpoint")
-    rec = run_training(cfg)
-    t.join(5)
-    assert killed, "no worker was killed"
+    gate.hold(epoch=3, step=5)
+    run = Background(lambda: run_training(cfg))
+    wait_until(lambda: len(gate.events("waiting")) == 2 or run.done(), 240,
+               what="both workers held at step 35")
+    (run_dir,) = (tmp_path / "runs").glob("gpt_synthetic-*")
+    wait_until(lambda: "checkpoint_e0003_s00000" in committed(run_dir), 60,
+               what="the third checkpoint committed")
+    kill_pids([e["pid"] for e in gate.events("waiting")])
+    gate.release()
+    rec = run.result(300)
     assert rec["status"] == "finished" and rec["summary"]["strategy"] == "fsdp"
-    assert rec["restarts"] >= 1 and rec["restored_from"]["step"] >= 10
+    assert rec["restarts"] == 1 and rec["restored_from"]["step"] == 30
     ref = one_process(tmp_path, *ov)  # DDP's math in one process: FSDP needs a process group
     assert rec["final"]["step"] == 60
     assert rec["final"]["val/loss"] == pytest.approx(ref["history"][-1]["val/loss"], abs=1e-3)

@@ -16,7 +16,7 @@ from mlops_ray.config.schema import TrainJobCfg, TuneJobCfg
 from mlops_ray.data import dataset_version, load_table
 from mlops_ray.train.trainer import run_training
 from mlops_ray.tune.tuner import run_tuning, study_name, with_tuned_params
-from tests.conftest import REPO, job_env, kill_when, run_job, wait_until
+from tests.conftest import REPO, job_env, run_job, wait_until
 
 pytestmark = pytest.mark.ray
 
@@ -29,7 +29,10 @@ def tune_cfg(*overrides: str) -> dict:
 
 
 def test_tpe_asha_summary_best_run_and_retrain(ray_2_cpus, tmp_path):
-    job = tune_cfg(*GERMAN, f"storage.uri={tmp_path}", "tune.num_samples=6")
+    # one trial at a time: ASHA's decisions then depend on the values alone, not on which of
+    # two concurrent trials reaches a rung first
+    job = tune_cfg(*GERMAN, f"storage.uri={tmp_path}", "tune.num_samples=6",
+                   "tune.max_concurrent_trials=1")
     s = run_tuning(job)
     on_disk = json.loads((tmp_path / "tune" / s["study"] / "tune.json").read_text())
     assert on_disk["n_trials"] == 6 and len({t["trial_id"] for t in on_disk["trials"]}) == 6
@@ -93,26 +96,28 @@ def _complete_params(db_path: Path, study: str) -> list[str]:
     return sorted(json.dumps(p, sort_keys=True) for p in by_trial.values())
 
 
-def test_killed_tuning_driver_resumes_the_study(ray_2_cpus, tmp_path):
+def test_killed_tuning_driver_resumes_the_study(ray_2_cpus, tmp_path, gate):
     overrides = [*GERMAN, f"storage.uri={tmp_path}", "tune.num_samples=6", "scheduler=fifo",
                  "search=random"]
     study = study_name(tune_cfg(*overrides), GERMAN_VERSION)
     args = ["jobs.tune", *overrides, f"ray.address={ray_2_cpus}"]
-    proc = subprocess.Popen([sys.executable, "-m", *args], cwd=REPO, env=job_env(),
+    gate.hold(epoch=2, step=1, let_pass=2)  # two trials finish; the next ones wait there
+    proc = subprocess.Popen([sys.executable, "-m", *args], cwd=REPO, env=job_env(**gate.env),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     db = tmp_path / "mlops_ray.db"
     try:
-        wait_until(lambda: len(_complete_params(db, study)) >= 2 or proc.poll() is not None,
-                   300, what="two finished trials")
-        assert proc.poll() is None, "the study finished before it could be killed"
+        wait_until(lambda: len(_complete_params(db, study)) == 2 and len(gate.events("waiting"))
+                   == 2 or proc.poll() is not None, 300,
+                   what="two finished trials and two held ones")
+        assert proc.poll() is None, "the tuning driver died before it was killed"
         before = _complete_params(db, study)
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert len(before) < 6
-    done = run_job(args, timeout=600)
+    assert len(before) == 2
+    done = run_job(args, timeout=600, MLOPS_RAY_STEP_GATE=None)
     assert done.returncode == 0, done.stderr[-3000:]
     s = json.loads((tmp_path / "tune" / study / "tune.json").read_text())
     assert s["resumed"] is True and s["n_trials"] == 6
@@ -127,20 +132,25 @@ def test_killed_tuning_driver_resumes_the_study(ray_2_cpus, tmp_path):
         assert sum(numeric[:-1] in f for f in final) == 1
 
 
-def test_killed_trial_worker_resumes_from_its_checkpoint(ray_2_cpus, tmp_path):
+def test_killed_trial_worker_resumes_from_its_checkpoint(ray_2_cpus, tmp_path, gate):
+    from mlops_ray.cluster.rehearsal import Background
+    from tests.conftest import kill_pids
     job = tune_cfg("+experiment=adult_mlp", "tracking=none", f"storage.uri={tmp_path}",
                    "tune.num_samples=2", "scheduler=fifo", "tune.max_concurrent_trials=1",
                    "train.epochs=10")
-    exp = tmp_path / "tune" / study_name(job, dataset_version(load_table("builtin://adult")))
-    # a function trial runs in a ray::ImplicitFunc process
-    t, killed = kill_when(lambda: list(exp.glob("trial_*/checkpoint_000002")), "ImplicitFunc",
-                          "a trial's third checkpoint")
-    s = run_tuning(job)
-    t.join(5)
-    assert killed
+    gate.hold(epoch=3, step=10)  # after the trial's third checkpoint
+    run = Background(lambda: run_tuning(job))
+    wait_until(lambda: gate.events("waiting") or run.done(), 240,
+               what="the first trial held at epoch 3")
+    (held,) = gate.events("waiting")
+    kill_pids([held["pid"]])  # its ray::ImplicitFunc process
+    gate.release()
+    s = run.result(600)
     assert s["n_trials"] == 2 and all(x["status"] == "TERMINATED" for x in s["trials"])
-    restored = [x for x in s["trials"] if x["restored_from_epoch"] >= 0]
-    assert restored and restored[0]["epochs"] == 10, json.dumps(s["trials"], indent=1)[:3000]
+    restored = {x["trial_id"]: (x["restored_from_epoch"], x["epochs"]) for x in s["trials"]
+                if x["restored_from_epoch"] >= 0}
+    # Tune processed each epoch's checkpoint before the trial went on: it resumes at epoch 3
+    assert restored == {held["run"].removeprefix("trial-"): (3, 10)}, restored
 
 
 def test_multi_worker_trials_run_as_train_runs(ray_2_cpus, tmp_path):

@@ -219,3 +219,9 @@ def test_default_point_is_the_experiments_own_config():
         "model.dropout": 0.1}
     cfg["optim"]["lr"] = 0.5  # outside the space: no default trial
     assert default_point(cfg, cfg["space"]) is None
+
+
+def test_canary_max_bake_must_cover_the_bake():
+    from jobs.serve import job_from_args
+    with pytest.raises(ConfigError, match=r"serve.rollout.max_bake_s=10.0 is below bake_s=30"):
+        job_from_args(["model=m", "serve.rollout.max_bake_s=10", "serve.rollout.bake_s=30"])

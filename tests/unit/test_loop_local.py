@@ -44,3 +44,26 @@ def test_a_split_without_both_classes_is_refused():
     cfg = compose("train", ["+experiment=adult_mlp", "dataset.split.test_value=nope"])
     with pytest.raises(DataValidationError, match="split 'test' has 0 rows"):
         prepare(cfg["dataset"], 0)
+
+
+def test_step_gate_holds_a_run_until_released(tmp_path, monkeypatch):
+    """The test seam the kill tests rely on: a run cannot pass the gate before it is lifted,
+    and the first `let_pass` arrivals go on."""
+    import threading
+
+    from mlops_ray.train.gate import Gate
+    gate = Gate(tmp_path / "gate")
+    gate.hold(epoch=1, step=2, let_pass=1)
+    monkeypatch.setenv("MLOPS_RAY_STEP_GATE", str(gate.folder))
+    first, _ = _run(tmp_path / "first")  # ticket 0: goes on
+    assert len(first["history"]) == 3 and gate.events("passed", epoch=1, step=2)
+    done = threading.Event()
+    t = threading.Thread(target=lambda: (_run(tmp_path / "second"), done.set()), daemon=True)
+    t.start()
+    from tests.conftest import wait_until
+    wait_until(lambda: gate.events("waiting"), 60, what="the second run at the gate")
+    assert not done.is_set()  # held: it finishes only after the release below
+    assert ckpt_io.load_state(tmp_path / "second")["epoch"] == 1  # epoch 0 saved, no further
+    gate.release()
+    t.join(60)
+    assert done.is_set() and gate.events("released", epoch=1, step=2)
