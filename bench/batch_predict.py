@@ -58,15 +58,16 @@ def make_registry(work: Path) -> str:
     version of the default network, alias production; returns the version's folder."""
     import torch
 
-    from mlops_ray.config import compose
+    from mlops_ray.config.compose import compose
+    from mlops_ray.config.train import DatasetCfg
     from mlops_ray.data import prepare
     from mlops_ray.data.profile import profile
+    from mlops_ray.pipeline.promote import signature
     from mlops_ray.registry import Policy, Registry
-    from mlops_ray.registry.promote import signature
     from mlops_ray.storage import resolve
     from mlops_ray.utils import build
     cfg = compose("train", ["+experiment=adult_mlp"])
-    p = prepare(cfg["dataset"], cfg["seed"])
+    p = prepare(DatasetCfg.model_validate(cfg["dataset"]), cfg["seed"])
     torch.manual_seed(0)
     model = build(cfg["model"], in_features=p.preprocessor.n_features)
     buf = io.BytesIO()
@@ -162,7 +163,7 @@ def run_job(data: Path, out: Path, work: Path, overrides: list[str], env: dict
             ) -> tuple[float, float | None, dict]:
     """`python -m jobs.predict` on `data` -> (process wall s, Ray Data execution s, manifest)."""
     wall, stdout, stderr = run_child(
-        [sys.executable, "-m", "jobs.predict", f"model={MODEL}@production", f"input={data}",
+        [sys.executable, "-m", "jobs.predict", f"ref={MODEL}@production", f"input={data}",
          f"output={out}", f"storage.uri={work}", *overrides], env, work / f"job-{out.name}")
     return wall, execution_s(stdout + stderr), json.loads((out / "_SUCCESS").read_text())
 
@@ -193,7 +194,7 @@ def main() -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from mlops_ray.config import compose
+    from mlops_ray.config.compose import compose
     cfg = compose("predict", [])["predict"]
     batch = a.batch_size or int(cfg["batch_size"])
     conc = a.concurrency or cfg["concurrency"]

@@ -113,12 +113,12 @@ def run_jobs_train(size: str, batch: int, steps: int, warmup: int, compile: bool
                    peak_tflops_override: float | None = None, strategy: str = "ddp",
                    cpu_threads: int = 1, ray_address: str | None = None,
                    lr: float = 6e-4) -> dict[str, Any]:
-    """Arm (b): `+experiment=gpt_synthetic` through mlops_ray.train.lm_trainer.run_lm_training
+    """Arm (b): `+experiment=gpt_synthetic` through mlops_ray.train.driver.run_training
     (TorchTrainer, 1 worker) with the bare arm's model, batch, optimizer and step count; the
     row has run_bare's keys. Runs in a temporary storage folder, tracking off."""
-    from mlops_ray.config import compose, validate
-    from mlops_ray.config.schema import LmTrainJobCfg
-    from mlops_ray.train.lm_trainer import run_lm_training
+    from mlops_ray.config.compose import job
+    from mlops_ray.config.lm import LmJob
+    from mlops_ray.train.driver import run_training
     cuda = torch.cuda.is_available()
     with tempfile.TemporaryDirectory(prefix="gpu_train-") as store:
         overrides = [
@@ -136,8 +136,7 @@ def run_jobs_train(size: str, batch: int, steps: int, warmup: int, compile: bool
             overrides.append(f"lm.peak_tflops_override={peak_tflops_override}")
         if ray_address:
             overrides.append(f"ray.address={ray_address}")
-        cfg = validate(compose("train", overrides), LmTrainJobCfg).model_dump(by_alias=True)
-        rec = run_lm_training(cfg, log=lambda _: None)
+        rec = run_training(job("train", LmJob, overrides), log=lambda _: None)
     s, h = rec["summary"], rec["history"]
     return {
         "variant": variant_name("jobs.train", compile, compile_mode, dtype,

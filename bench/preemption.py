@@ -35,10 +35,10 @@ from mlops_ray.cluster.rehearsal import (  # noqa: E402
     read_step_log,
     wait_for,
 )
-from mlops_ray.config import compose, validate  # noqa: E402
-from mlops_ray.config.schema import TrainJobCfg  # noqa: E402
+from mlops_ray.config.compose import job  # noqa: E402
+from mlops_ray.config.train import TrainJob  # noqa: E402
 from mlops_ray.data import prepare  # noqa: E402
-from mlops_ray.train.trainer import run_name_for, run_training  # noqa: E402
+from mlops_ray.train.driver import run_training  # noqa: E402
 
 NOTICE_S = 15  # AWS gives 120 s, GCP and Azure 30 s; shortened so the bench runs quickly
 
@@ -47,17 +47,16 @@ def one(cluster: LocalCluster, interval: int, notice: bool, epochs: int, root: P
     out = root / f"k{interval}-{'notice' if notice else 'kill'}"
     log = out / "steps.log"
     out.mkdir(parents=True)
-    cfg = validate(compose("train", [
+    cfg = job("train", TrainJob, [
         "+experiment=adult_mlp", f"train.epochs={epochs}", "train.early_stopping=null",
         "tracking=none", "scaling.num_workers=2", "+scaling.resources_per_worker.spot=1",
         "scaling.resources_per_worker.CPU=0.5", "failure.max_failures=2",
         f"checkpoint.every_n_steps={interval}", "checkpoint.num_to_keep=2",
         f"checkpoint.preemption_check_every_n_steps={1 if notice else 0}",
-        f"storage.uri={out}", f"ray.address={cluster.address}"]), TrainJobCfg
-    ).model_dump(by_alias=True)
-    prepared = prepare(cfg["dataset"], cfg["seed"])
-    spe = len(prepared.splits["train"]) // cfg["train"]["batch_size"]
-    run_dir = out / "runs" / run_name_for(cfg, prepared.version)
+        f"storage.uri={out}", f"ray.address={cluster.address}"])
+    prepared = prepare(cfg.dataset, cfg.seed)
+    spe = len(prepared.splits["train"]) // cfg.train.batch_size
+    run_dir = out / "runs" / cfg.run_name(prepared.version)
     os.environ["MLOPS_RAY_STEP_LOG"] = str(log)
     run = Background(lambda: run_training(cfg, prepared=prepared, log=lambda _: None))
     # the fault comes mid-interval in the second epoch

@@ -37,15 +37,16 @@ def make_registry(work: Path) -> dict:
     """A registry with one version of the default model (MLP 256-256 on 108 inputs)."""
     import torch
 
-    from mlops_ray.config import compose
+    from mlops_ray.config.compose import compose
+    from mlops_ray.config.train import DatasetCfg
     from mlops_ray.data import prepare
     from mlops_ray.data.profile import profile
+    from mlops_ray.pipeline.promote import signature
     from mlops_ray.registry import Policy, Registry
-    from mlops_ray.registry.promote import signature
     from mlops_ray.storage import resolve
     from mlops_ray.utils import build
     cfg = compose("train", ["+experiment=adult_mlp"])
-    p = prepare(cfg["dataset"], cfg["seed"])
+    p = prepare(DatasetCfg.model_validate(cfg["dataset"]), cfg["seed"])
     torch.manual_seed(0)
     model = build(cfg["model"], in_features=p.preprocessor.n_features)  # weights don't matter here
     buf = io.BytesIO()
@@ -76,8 +77,9 @@ def bare_app(folder: str, ref: str):
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse
 
+    from mlops_ray.errors import RequestInvalid
     from mlops_ray.serving.predictor import Predictor
-    from mlops_ray.serving.schema import RequestInvalid, validate_records
+    from mlops_ray.serving.schema import validate_records
     pred = Predictor.load(folder, ref)
     app = FastAPI()
 
@@ -108,7 +110,8 @@ def serve_defaults_app(folder: str, ref: str):
 
         @api.post("/predict")
         async def predict(self, request: Request):
-            from mlops_ray.serving.schema import RequestInvalid, validate_records
+            from mlops_ray.errors import RequestInvalid
+            from mlops_ray.serving.schema import validate_records
             try:
                 recs = validate_records((await request.json())["records"],
                                         self.pred.signature, 1000)
@@ -140,14 +143,16 @@ def run_server(arm: str, work: Path, port: int, info: dict) -> None:
     else:
         if arm == "h":  # Serve's HAProxy ingress instead of its Python proxy (opt-in)
             os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
-        from jobs.serve import job_from_args
+        from mlops_ray.config.compose import job as compose_job
+        from mlops_ray.config.serve import ServeJob
         from mlops_ray.registry import open_registry
         from mlops_ray.serving import control
-        job = job_from_args([f"model={MODEL}", f"storage.uri={work}", f"serve.port={port}",
-                             "ray.num_cpus=2", "ray.include_dashboard=false",
-                             f"serve.cache.enabled={'true' if arm == 'b' else 'false'}"])
+        job = compose_job("serve", ServeJob, [
+            f"ref={MODEL}", f"storage.uri={work}", f"serve.port={port}", "ray.num_cpus=2",
+            "ray.include_dashboard=false",
+            f"serve.cache.enabled={'true' if arm == 'b' else 'false'}"])
         control.start(job)
-        control.serve_alias(job, open_registry(job), "production", log=lambda _: None)
+        control.serve_ref(job, open_registry(job), log=lambda _: None)
     print("READY", flush=True)
     while not stop["now"]:
         time.sleep(0.2)

@@ -28,12 +28,13 @@ def bare(epochs: int, batch: int) -> dict:
     """The same data, model, optimiser, schedule and thread count as jobs.train, no Ray."""
     import torch
 
-    from mlops_ray.config import compose
+    from mlops_ray.config.compose import compose
+    from mlops_ray.config.train import DatasetCfg
     from mlops_ray.data import prepare
     from mlops_ray.models.mlp import MLP
     torch.set_num_threads(1)
     cfg = compose("train", ["+experiment=adult_mlp"])
-    p = prepare(cfg["dataset"], cfg["seed"])
+    p = prepare(DatasetCfg.model_validate(cfg["dataset"]), cfg["seed"])
     (x, y), (xv, yv) = p.xy("train"), p.xy("val")
     x, y, xv, yv = map(torch.tensor, (x, y, xv, yv))
     torch.manual_seed(0)

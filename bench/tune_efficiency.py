@@ -22,14 +22,13 @@ sys.path.insert(0, str(REPO))
 
 
 def study(overrides: list[str], store: str, prepared) -> dict:
-    from mlops_ray.config import compose, validate
-    from mlops_ray.config.schema import TuneJobCfg
+    from mlops_ray.config.compose import job
+    from mlops_ray.config.tune import TuneJob
     from mlops_ray.tune.tuner import run_tuning
-    job = validate(compose("tune", ["+experiment=adult_mlp", "tracking=none",
-                                    f"storage.uri={store}", "train.epochs=8",
-                                    "tune.num_samples=12", "tune.include_defaults=false",
-                                    *overrides]), TuneJobCfg)
-    return run_tuning(job.model_dump(by_alias=True), prepared=prepared, log=lambda *_: None)
+    return run_tuning(job("tune", TuneJob, ["+experiment=adult_mlp", "tracking=none",
+                                            f"storage.uri={store}", "train.epochs=8",
+                                            "tune.num_samples=12", "tune.include_defaults=false",
+                                            *overrides]), prepared=prepared, log=lambda *_: None)
 
 
 def epochs_to_reach(curve: list, target: float) -> int | None:
@@ -43,12 +42,13 @@ def main() -> None:
     a = ap.parse_args()
     import ray
 
-    from mlops_ray.config import compose
+    from mlops_ray.config.compose import job
+    from mlops_ray.config.train import TrainJob
     from mlops_ray.data import prepare
     from mlops_ray.tune.tuner import plot_curves
     ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
              logging_level="ERROR", log_to_driver=False)
-    prepared = prepare(compose("train", ["+experiment=adult_mlp"])["dataset"], 0)
+    prepared = prepare(job("train", TrainJob, ["+experiment=adult_mlp"]).dataset, 0)
     rows, curves, reach = [], {}, []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in a.seeds:

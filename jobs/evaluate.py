@@ -12,18 +12,19 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from mlops_ray.config import user_errors, validate
-from mlops_ray.config.schema import EvaluateJobCfg
+from mlops_ray.errors import user_errors
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
     with user_errors():
-        job = validate(cfg, EvaluateJobCfg).model_dump(by_alias=True)
+        from mlops_ray.config.compose import validated
+        from mlops_ray.config.evaluate import EvaluateJob
+        job = validated(cfg, EvaluateJob)
         from mlops_ray.cluster.submit import submit_if_remote
         submit_if_remote("jobs.evaluate", job)  # cluster=remote: run there, exit with its status
         from mlops_ray.evaluation.gates import enforce, verdict_table
-        from mlops_ray.evaluation.job import run_evaluation
+        from mlops_ray.pipeline.evaluate import run_evaluation
         report = run_evaluation(job)
         print(verdict_table(report["gates"]))
         print(f"report     {report['report_uri']}\nmodel card {report['model_card']}", flush=True)

@@ -19,19 +19,18 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from mlops_ray.config import user_errors, validate
-from mlops_ray.config.schema import MonitorJobCfg
+from mlops_ray.errors import user_errors
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="monitor")
 def main(cfg: DictConfig) -> None:
     with user_errors():
-        job = validate(cfg, MonitorJobCfg).model_dump(by_alias=True)
+        from mlops_ray.config.compose import validated
+        from mlops_ray.config.pipeline import MonitorJob
+        job = validated(cfg, MonitorJob)
         from mlops_ray.pipeline.monitor import monitor
         sys.exit(monitor(job))
 
 
 if __name__ == "__main__":
-    from jobs.pipeline import cli_args
-    sys.argv[1:] = cli_args(sys.argv[1:])
     main()

@@ -15,17 +15,18 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from mlops_ray.config import user_errors, validate
-from mlops_ray.config.schema import PromoteJobCfg
+from mlops_ray.errors import user_errors
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="promote")
 def main(cfg: DictConfig) -> None:
     with user_errors():
-        job = validate(cfg, PromoteJobCfg).model_dump(by_alias=True)
+        from mlops_ray.config.compose import validated
+        from mlops_ray.config.evaluate import PromoteJob
+        job = validated(cfg, PromoteJob)
         from mlops_ray.cluster.submit import submit_if_remote
         submit_if_remote("jobs.promote", job)  # cluster=remote: run there, exit with its status
-        from mlops_ray.registry.promote import promote
+        from mlops_ray.pipeline.promote import promote
         out = promote(job)
         print(out["table"])
         print(f"version    {out['model']}:{out['version']} ({out['artifact']})\n"

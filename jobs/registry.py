@@ -24,8 +24,7 @@ import json
 import sys
 from typing import Any
 
-from mlops_ray.config import compose, user_errors, validate
-from mlops_ray.config.schema import RegistryJobCfg
+from mlops_ray.errors import user_errors
 
 
 def parser() -> argparse.ArgumentParser:
@@ -79,8 +78,10 @@ def _out(args: argparse.Namespace, obj: Any, text: str) -> None:
 
 
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
+    from mlops_ray.config.compose import job as compose_job
+    from mlops_ray.config.evaluate import RegistryJob
     from mlops_ray.registry import ANY, open_registry, parse_ref
-    job = validate(compose("registry_cli", overrides), RegistryJobCfg).model_dump(by_alias=True)
+    job = compose_job("registry_cli", RegistryJob, overrides)
     reg = open_registry(job)
     c = args.cmd
     if c == "whoami":

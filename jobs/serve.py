@@ -1,116 +1,103 @@
-"""Serve registry versions on Ray Serve, roll them out and back.
+"""Serve a registry version on Ray Serve, and act on the app that serves it (conf/serve.yaml).
 
-    python -m jobs.serve model=adult_mlp                  # adult_mlp@production on 127.0.0.1:8000 until Ctrl-C
-    python -m jobs.serve model=adult_mlp ray.address=auto serve.detach=true   # leave it on a running cluster
-    python -m jobs.serve rollout model=adult_mlp to=canary strategy=canary    # 10% -> 50% -> 100%, auto rollback
-    python -m jobs.serve rollout model=adult_mlp to=challenger strategy=shadow   # or ab, bluegreen
-    python -m jobs.serve status model=adult_mlp
-    python -m jobs.serve drift model=adult_mlp
-    python -m jobs.serve rollback model=adult_mlp
-    python -m jobs.serve export model=adult_mlp out=serve_config.yaml   # for serve deploy / a RayService
+    python -m jobs.serve ref=adult_mlp                 # adult_mlp@production on 127.0.0.1:8000 until Ctrl-C
+    python -m jobs.serve ref=adult_mlp action=rollout to=canary strategy=canary   # 10% -> 50% -> 100%
+    python -m jobs.serve ref=adult_mlp action=rollout to=challenger strategy=shadow   # or ab, bluegreen
+    python -m jobs.serve ref=adult_mlp action=status   # routing, per-version stats, cache, live AUC
+    python -m jobs.serve ref=adult_mlp action=drift    # per-feature drift table
+    python -m jobs.serve ref=adult_mlp action=rollback # traffic back to the previous stable version
+    python -m jobs.serve ref=adult_mlp action=export out=serve_config.yaml   # `serve deploy` / RayService
 
-Verbs other than `serve` join the running cluster (ray.address=auto unless given). Every
-traffic change is in `python -m jobs.registry history adult_mlp`. Exit 10 when a deployment
-fails or a canary was rolled back.
+`ref` is name@alias, name:VERSION, or a bare name (= @production). Actions other than `serve`
+join the running cluster (ray.address, default auto). Exit codes: 0 ok, 2 bad config, 6 unknown
+model/version/alias, 7 denied, 10 a deployment failed or a canary was rolled back.
 """
 from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
-import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from mlops_ray.config import compose_with_model, user_errors, validate
-from mlops_ray.config.schema import ServeJobCfg
-from mlops_ray.errors import ConfigError
+import hydra
+from omegaconf import DictConfig
 
-VERBS = ("serve", "rollout", "status", "drift", "rollback", "export")
+from mlops_ray.errors import ConfigError, user_errors
 
-
-def job_from_args(args: list[str]) -> dict:
-    """conf/serve.yaml with `model=NAME`, a registry model name."""
-    cfg = compose_with_model("serve", args, {
-        "model": "the registry model to serve, e.g. model=adult_mlp"})
-    return validate(cfg, ServeJobCfg).model_dump(by_alias=True)
+if TYPE_CHECKING:
+    from mlops_ray.config.serve import ServeJob
+    from mlops_ray.registry import Registry
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = list(sys.argv[1:] if argv is None else argv)
-    verb = args.pop(0) if args and args[0] in VERBS else "serve"
-    bad = [a for a in args if "=" not in a]
-    if bad:
-        print(f"error: unknown argument(s) {bad}; verbs: {', '.join(VERBS)}; settings are "
-              "key=value", file=sys.stderr)
-        sys.exit(2)
+def log(line: str) -> None:
+    print(line, flush=True)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="serve")
+def main(cfg: DictConfig) -> None:
     with user_errors():
-        job = job_from_args(args)
-        if verb != "serve" and not job["ray"]["address"]:
-            job["ray"]["address"] = "auto"  # talk to the cluster that serves the app
-        if job["serve"]["detach"] and not job["ray"]["address"]:
+        from mlops_ray.config.compose import validated
+        from mlops_ray.config.serve import ServeJob
+        job = validated(cfg, ServeJob)
+        if job.action != "serve" and not job.ray.address:
+            job.ray.address = "auto"  # talk to the cluster that serves the app
+        if job.serve.detach and not job.ray.address:
             raise ConfigError("serve.detach=true needs ray.address (a cluster that outlives "
                               "this process); a local Ray started here stops when it exits")
         from mlops_ray.registry import open_registry
-        from mlops_ray.serving import control
         reg = open_registry(job)
-        if verb == "export":  # no Ray needed: resolve the alias, write the Serve config file
+        if job.action == "export":  # no Ray needed: resolve the ref, write the Serve config
+            from mlops_ray.serving import control
             export(job, control.export_config(job, reg))
             return
-        if verb == "serve":
-            reg.get(f"{job['model']}@{job['alias']}")  # a bad name fails before Ray starts
-        facts = control.start(job)
-        s = job["serve"]
-        if verb == "serve":
-            try:
-                control.serve_alias(job, reg, job["alias"])
-                url = f"http://{s['host']}:{s['port']}{s['route_prefix'].rstrip('/')}"
-                print(f"endpoint   {url}/predict  {url}/v2/models/{job['model']}/infer  "
-                      f"{url}/docs\ndashboard  {facts['dashboard_url'] or '(see the cluster)'}",
-                      flush=True)
-                if s["detach"]:
-                    return
-                stop = threading.Event()
-                for sig in (signal.SIGINT, signal.SIGTERM):
-                    signal.signal(sig, lambda *_: stop.set())
-                while not stop.wait(0.5):
-                    pass
-            except KeyboardInterrupt:  # Ctrl-C while the app was still starting
-                pass
-            print("stopping", flush=True)
-            import ray
-            from ray import serve
-            serve.shutdown()
-            ray.shutdown()
-            print("stopped", flush=True)
-        elif verb == "rollout":
-            to = job["to"] or "canary"
-            control.rollout(job, reg, to, job["strategy"] or s["rollout"]["strategy"])
-        elif verb == "status":
-            from ray import serve
-            st = control.stats(job)
-            apps = {k: v.status for k, v in serve.status().applications.items()}
-            print(json.dumps({"applications": apps, **st}, indent=1, default=str))
-        elif verb == "drift":
-            from mlops_ray.serving.drift import format_table
-            for ref, rows in control.drift(job).items():
-                print(f"{ref}\n{format_table(rows)}\n")
-        elif verb == "rollback":
-            control.rollback(job, reg)
+        if job.action == "serve":
+            reg.get(job.ref)  # a bad name fails before Ray starts
+        act(job, reg)
 
 
-def export(job: dict, config: dict) -> None:
+def act(job: ServeJob, reg: Registry) -> None:
+    from mlops_ray.serving import control, rollout
+    facts = control.start(job)
+    if job.action == "serve":
+        from mlops_ray.runtime import serve_until_stopped, stop_serving
+        try:
+            control.serve_ref(job, reg)
+            url = job.endpoint()
+            log(f"endpoint   {url}/predict  {url}/v2/models/{job.model}/infer  {url}/docs\n"
+                f"dashboard  {facts['dashboard_url'] or '(see the cluster)'}")
+            if job.serve.detach:
+                return
+            serve_until_stopped(log, announce=False)
+        except KeyboardInterrupt:  # Ctrl-C while the app was still starting
+            stop_serving(log)
+    elif job.action == "rollout":
+        rollout.rollout(job, reg, job.to or "canary", job.strategy or job.serve.rollout.strategy)
+    elif job.action == "status":
+        from ray import serve
+        st = control.stats(job)
+        apps = {k: v.status for k, v in serve.status().applications.items()}
+        print(json.dumps({"applications": apps, **st}, indent=1, default=str))
+    elif job.action == "drift":
+        from mlops_ray.serving.drift import format_table
+        for ref, rows in control.drift(job).items():
+            print(f"{ref}\n{format_table(rows)}\n")
+    elif job.action == "rollback":
+        rollout.rollback(job, reg)
+
+
+def export(job: ServeJob, config: dict) -> None:
     import yaml
-    auth = job["serve"]["auth"]
-    if auth["api_keys"] or auth["key_file"]:
+    auth = job.serve.auth
+    if auth.api_keys or auth.key_file:
         print(f"note: API keys are not written into the file; the replicas read them from "
-              f"${auth['api_keys_env']} (a Kubernetes secret, or runtime_env env_vars)",
+              f"${auth.api_keys_env} (a Kubernetes secret, or runtime_env env_vars)",
               file=sys.stderr)
     text = yaml.safe_dump(config, sort_keys=False)
-    if not job["out"]:
+    if not job.out:
         print(text, end="")
         return
-    out = Path(job["out"])
+    out = Path(job.out)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, out)

@@ -16,21 +16,23 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from mlops_ray.config import user_errors, validate
-from mlops_ray.config.schema import TrainJobCfg, train_job_schema
+from mlops_ray.errors import user_errors
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> None:
     with user_errors():
-        # task: lm (+experiment=gpt_synthetic) validates against LmTrainJobCfg
-        job = validate(cfg, train_job_schema(cfg)).model_dump(by_alias=True)
+        from mlops_ray.config import train_job_schema, validate
+        from mlops_ray.config.compose import to_dict
+        data = to_dict(cfg)
+        job = validate(data, train_job_schema(data))  # task: lm -> the LM job's schema
         from mlops_ray.cluster.submit import submit_if_remote
         submit_if_remote("jobs.train", job)  # cluster=remote: run there, exit with its status
-        if job["from_tune"]:  # the best parameters of a tuning run, validated again
+        from mlops_ray.config.train import TrainJob
+        if isinstance(job, TrainJob) and job.from_tune:  # a tuning run's best parameters
             from mlops_ray.tune.tuner import with_tuned_params
-            job = validate(with_tuned_params(job), TrainJobCfg).model_dump(by_alias=True)
-        from mlops_ray.train.trainer import run_training, summary_lines
+            job = with_tuned_params(job)
+        from mlops_ray.train.driver import run_training, summary_lines
         record = run_training(job)
         print("\n".join(summary_lines(record)), flush=True)
 

@@ -13,14 +13,15 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from mlops_ray.config import user_errors, validate
-from mlops_ray.config.schema import TuneJobCfg
+from mlops_ray.errors import user_errors
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="tune")
 def main(cfg: DictConfig) -> None:
     with user_errors():
-        job = validate(cfg, TuneJobCfg).model_dump(by_alias=True)
+        from mlops_ray.config.compose import validated
+        from mlops_ray.config.tune import TuneJob
+        job = validated(cfg, TuneJob)
         from mlops_ray.cluster.submit import submit_if_remote
         submit_if_remote("jobs.tune", job)  # cluster=remote: run there, exit with its status
         from mlops_ray.tune.tuner import run_tuning, summary_lines

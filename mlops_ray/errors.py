@@ -1,5 +1,17 @@
-"""Typed errors. Jobs turn each into one clear message and a non-zero exit code."""
+"""Every typed error and its exit code. Jobs turn each into one clear message on stderr and
+that code (`user_errors`); library code raises them and never exits.
+
+    0 ok · 2 config, missing file, storage · 3 data · 4 training failed · 5 gate failed ·
+    6 registry · 7 denied · 8 lost a compare-and-swap · 9 audit chain broken ·
+    10 Serve deployment / canary / smoke test · 11 Jobs API · 12 export refused ·
+    130 a remote job stopped by Ctrl-C
+"""
 from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+from typing import Any
 
 
 class MlopsError(Exception):
@@ -74,3 +86,55 @@ class PermissionDenied(MlopsError):
     """The caller's role does not allow the action (the denial itself is audited)."""
 
     exit_code = 7
+
+
+class InputInvalid(DataValidationError):
+    """Batch-scoring input that does not match the model (survives pickling: read tasks raise
+    it on Ray workers)."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (self.dataset, self.violations)
+
+
+class RequestInvalid(MlopsError):
+    """A request does not match the model's input signature (HTTP 422 / 413)."""
+
+    def __init__(self, problems: list[str], status: int = 422):
+        self.problems, self.status = list(problems), status
+        super().__init__("; ".join(self.problems[:50]) + (
+            f" (+{len(self.problems) - 50} more)" if len(self.problems) > 50 else ""))
+
+
+class ServeError(MlopsError):
+    """A Serve application failed to deploy, or a rollout was rolled back."""
+
+    exit_code = 10
+
+
+class SmokeFailed(MlopsError):
+    """The live endpoint did not answer held-out rows as the registry version does."""
+
+    exit_code = 10
+
+
+class SubmissionError(MlopsError):
+    """The Jobs API refused the job or could not be reached."""
+
+    exit_code = 11
+
+
+class ExportError(MlopsError):
+    """A bundle cannot be built, or failed its own checks (onnx.checker, parity with the served
+    model); nothing was written."""
+
+    exit_code = 12
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn typed errors into one message on stderr and the error's exit code (no traceback)."""
+    try:
+        yield
+    except MlopsError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(e.exit_code)

@@ -105,3 +105,28 @@ def library_versions() -> dict[str, str]:
     import torch
     return {"python": platform.python_version(), "ray": ray.__version__,
             "torch": torch.__version__}
+
+
+def serve_until_stopped(log: Any = print, announce: bool = True) -> None:
+    """A local Ray (and the apps on it) lives as long as this process: wait for Ctrl-C or
+    SIGTERM, then stop Serve and Ray. An explicit handler: a process started in the
+    background inherits SIGINT ignored."""
+    import signal
+    import threading
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    if announce:
+        log("serving until Ctrl-C")
+    while not stop.wait(0.5):
+        pass
+    stop_serving(log)
+
+
+def stop_serving(log: Any = print) -> None:
+    import ray
+    from ray import serve
+    log("stopping")
+    serve.shutdown()
+    ray.shutdown()
+    log("stopped")

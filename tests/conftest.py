@@ -24,6 +24,27 @@ os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.2"
 os.environ["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"
 
 
+def dataset(experiment: str = "adult_mlp", *overrides: str):
+    """An experiment's validated `dataset` section (a DatasetCfg)."""
+    from mlops_ray.config.compose import job
+    from mlops_ray.config.train import TrainJob
+    return job("train", TrainJob, [f"+experiment={experiment}", *overrides]).dataset
+
+
+def in_process(config: str, schema, overrides: list[str], fn) -> int:
+    """What `python -m jobs.<job> overrides...` does, in this process: compose, validate, run
+    `fn(job)`; returns the exit code (0, or the typed error's; its message on stderr)."""
+    from mlops_ray.config import validate
+    from mlops_ray.config.compose import compose
+    from mlops_ray.errors import user_errors
+    try:
+        with user_errors():
+            fn(validate(compose(config, overrides), schema))
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -16,7 +16,7 @@ def make_version(reg: Registry, prepared, seed: int, bias: float = 0.0):
 
     from mlops_ray.data.profile import profile
     from mlops_ray.models.mlp import MLP
-    from mlops_ray.registry.promote import signature
+    from mlops_ray.pipeline.promote import signature
     torch.manual_seed(seed)
     x, y = prepared.xy("train")
     model = MLP(prepared.preprocessor.n_features, hidden=[16], dropout=0.0)

@@ -21,15 +21,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mlops_ray.errors import MlopsError
+from mlops_ray.config.base import ClusterCfg
+from mlops_ray.errors import SubmissionError
 
 EXIT = {"SUCCEEDED": 0, "STOPPED": 130}
-
-
-class SubmissionError(MlopsError):
-    """The Jobs API refused the job or could not be reached."""
-
-    exit_code = 11
 
 
 def _token_available() -> bool:
@@ -43,39 +38,39 @@ def entrypoint(module: str, overrides: list[str], python: str) -> str:
                      "cluster=local"])
 
 
-def submit_if_remote(module: str, job: dict[str, Any]) -> None:
+def submit_if_remote(module: str, job: Any) -> None:
     """With cluster=remote, run this very command on the cluster and exit with its status."""
-    if job["cluster"]["mode"] == "remote":
-        sys.exit(submit(module, sys.argv[1:], job["cluster"]))
+    if job.cluster.mode == "remote":
+        sys.exit(submit(module, sys.argv[1:], job.cluster))
 
 
-def submit(module: str, overrides: list[str], cfg: dict[str, Any], log: Any = print) -> int:
+def submit(module: str, overrides: list[str], cfg: ClusterCfg, log: Any = print) -> int:
     """Submit `python -m module overrides... cluster=local`, follow it, return its exit code."""
     if "RAY_AUTH_MODE" not in os.environ and _token_available():
         os.environ["RAY_AUTH_MODE"] = "token"
     from ray.job_submission import JobStatus, JobSubmissionClient
-    runtime_env: dict[str, Any] = {"working_dir": str(Path(cfg["working_dir"]).resolve()),
-                                   "excludes": list(cfg["excludes"]),
-                                   "env_vars": {"PYTHONUNBUFFERED": "1", **cfg["env_vars"]}}
-    if cfg["pip"]:
-        runtime_env["pip"] = list(cfg["pip"])
+    runtime_env: dict[str, Any] = {"working_dir": str(Path(cfg.working_dir).resolve()),
+                                   "excludes": list(cfg.excludes),
+                                   "env_vars": {"PYTHONUNBUFFERED": "1", **cfg.env_vars}}
+    if cfg.pip:
+        runtime_env["pip"] = list(cfg.pip)
     deadline = time.monotonic() + 120
     while True:
         try:
-            client = JobSubmissionClient(cfg["address"])
+            client = JobSubmissionClient(cfg.address)
             job_id = client.submit_job(
-                entrypoint=entrypoint(module, overrides, cfg["python"]), runtime_env=runtime_env,
-                entrypoint_num_cpus=cfg["entrypoint_num_cpus"],
-                entrypoint_resources=cfg["entrypoint_resources"] or None)
+                entrypoint=entrypoint(module, overrides, cfg.python), runtime_env=runtime_env,
+                entrypoint_num_cpus=cfg.entrypoint_num_cpus,
+                entrypoint_resources=cfg.entrypoint_resources or None)
             break
         except Exception as e:  # noqa: BLE001 - connection, auth and validation errors alike
             # a head that just started answers before its job agent is up: wait for it
             if "No available agent" in str(e) and time.monotonic() < deadline:
                 time.sleep(2)
                 continue
-            raise SubmissionError(f"cluster.address={cfg['address']}: the job was not "
+            raise SubmissionError(f"cluster.address={cfg.address}: the job was not "
                                   f"submitted ({type(e).__name__}: {e})") from None
-    log(f"submitted {job_id} to {cfg['address']} (stop it with Ctrl-C)")
+    log(f"submitted {job_id} to {cfg.address} (stop it with Ctrl-C)")
     shown = 0
     final = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
     # an explicit handler: a process started in the background inherits SIGINT ignored
@@ -96,7 +91,7 @@ def submit(module: str, overrides: list[str], cfg: dict[str, Any], log: Any = pr
             stopping = True
             log(f"stopping {job_id} ...")
             client.stop_job(job_id)
-        stop.wait(cfg["poll_s"])
+        stop.wait(cfg.poll_s)
     info = client.get_job_info(job_id)
     log(f"job {job_id} {status.value}" + (f": {info.message}" if info.message else ""))
     if status == JobStatus.FAILED:

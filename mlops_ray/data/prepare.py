@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -11,6 +11,10 @@ from sklearn.model_selection import train_test_split
 from mlops_ray.data.io import dataset_version, load_table
 from mlops_ray.data.preprocess import Preprocessor
 from mlops_ray.data.validate import validate_frame
+
+if TYPE_CHECKING:
+    from mlops_ray.config.base import StorageCfg
+    from mlops_ray.config.train import DatasetCfg
 
 
 @dataclass
@@ -22,6 +26,7 @@ class Prepared:
     label: str
     positive: Any
     sensitive: list[str]
+    key: str = ""  # hash of the dataset config and seed it was prepared from (reuse check)
 
     def labels(self, rows: pd.DataFrame) -> np.ndarray:
         """0/1 labels (float32) of raw rows: 1 where the label equals `positive`."""
@@ -48,41 +53,46 @@ def _strata(df: pd.DataFrame, cols: list[str]) -> pd.Series | None:
     return None
 
 
-def split_rows(df: pd.DataFrame, cfg: dict[str, Any], seed: int) -> dict[str, np.ndarray]:
-    s = cfg.get("split", {})
+def split_rows(df: pd.DataFrame, ds: DatasetCfg, seed: int) -> dict[str, np.ndarray]:
+    s = ds.split
     pos = np.arange(len(df))
-    strat_cols = [cfg["label"], *cfg["sensitive"]]
-    if s.get("column"):
-        is_test = (df[s["column"]].astype(str) == str(s.get("test_value", "test"))).to_numpy()
+    strat_cols = [ds.label, *ds.sensitive]
+    if s.column:
+        is_test = (df[s.column].astype(str) == str(s.test_value)).to_numpy()
         rest, test = pos[~is_test], pos[is_test]
     else:
-        rest, test = train_test_split(pos, test_size=s.get("test", 0.2), random_state=seed,
+        rest, test = train_test_split(pos, test_size=s.test, random_state=seed,
                                       stratify=_strata(df, strat_cols))
-    train, val = train_test_split(rest, test_size=s.get("val", 0.1), random_state=seed,
+    train, val = train_test_split(rest, test_size=s.val, random_state=seed,
                                   stratify=_strata(df.iloc[rest], strat_cols))
     return {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
 
 
-def prepare(cfg: dict[str, Any], seed: int, frame: pd.DataFrame | None = None,
-            storage: dict[str, Any] | None = None) -> Prepared:
-    """`cfg` is the validated `dataset` section (plain dict). Deterministic for a given seed."""
-    storage = storage or {}
+def prepare(ds: DatasetCfg, seed: int, frame: pd.DataFrame | None = None,
+            storage: StorageCfg | None = None) -> Prepared:
+    """Load (unless `frame` is given) -> drop PII -> validate -> hash -> split -> fit the
+    preprocessing on the training rows. Deterministic for a given seed."""
     df = frame if frame is not None else load_table(
-        cfg["uri"], cfg.get("format", "auto"), storage.get("endpoint_url"), storage.get("region"))
-    df = df.drop(columns=[c for c in cfg.get("pii", []) if c in df.columns])
-    validate_frame(df, cfg)
+        ds.uri, ds.format, storage.endpoint_url if storage else None,
+        storage.region if storage else None)
+    df = df.drop(columns=[c for c in ds.pii if c in df.columns])
+    validate_frame(df, ds)
     df = df.reset_index(drop=True)
-    splits = split_rows(df, cfg, seed)
-    y = (df[cfg["label"]].astype(str) == str(cfg.get("positive", 1))).to_numpy()
+    splits = split_rows(df, ds, seed)
+    y = (df[ds.label].astype(str) == str(ds.positive)).to_numpy()
     bad = [f"split '{k}' has {len(v)} rows and {len(set(y[v]))} label value(s); it needs rows of "
            "both classes (check dataset.split)" for k, v in splits.items()
            if len(v) == 0 or len(set(y[v])) < 2]
     if bad:
         from mlops_ray.errors import DataValidationError
-        raise DataValidationError(cfg["name"], bad)
-    sens = set(cfg["sensitive"]) if not cfg.get("sensitive_as_features") else set()
-    numeric = [c for c in cfg["numeric"] if c not in sens]
-    categorical = [c for c in cfg["categorical"] if c not in sens]
+        raise DataValidationError(ds.name, bad)
+    numeric, categorical = ds.features()
     pre = Preprocessor.fit(df.iloc[splits["train"]], numeric, categorical)
-    return Prepared(df, dataset_version(df), splits, pre, cfg["label"], cfg.get("positive", 1),
-                    list(cfg["sensitive"]))
+    return Prepared(df, dataset_version(df), splits, pre, ds.label, ds.positive,
+                    list(ds.sensitive), prepared_key(ds.model_dump(by_alias=True), seed))
+
+
+def prepared_key(dataset: dict[str, Any], seed: int) -> str:
+    """Same key, same rows in the same splits: what a stage may reuse from another."""
+    from mlops_ray.utils import stable_hash
+    return stable_hash([dataset, seed])

@@ -44,6 +44,18 @@ CV_METRICS = ("auc", "pr_auc", "accuracy", "log_loss", "brier")
 FAIR_METRICS = ("dp_diff", "dp_ratio", "eo_diff")
 
 
+def expand_rules(rules: Iterable[Mapping[str, Any]], attrs: list[str]) -> list[dict[str, Any]]:
+    """`{attr}` in a rule's name and metric -> one rule per sensitive attribute."""
+    out = []
+    for r in rules:
+        if "{attr}" in r["metric"] or "{attr}" in r["name"]:
+            out += [{**r, "name": r["name"].format(attr=a), "metric": r["metric"].format(attr=a)}
+                    for a in attrs]
+        else:
+            out.append(dict(r))
+    return out
+
+
 def metric_names(sensitive: Iterable[str]) -> list[str]:
     """Every metric name a report can hold, for validating gates before anything runs."""
     names = [f"test/{m}" for m in TEST_METRICS]

@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from mlops_ray.errors import ExportError
 from mlops_ray.export import templates
-from mlops_ray.export.errors import ExportError
 
 FORMATS = ("onnx", "torchscript")
 MODEL_FILE = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from mlops_ray.export.errors import ExportError
+from mlops_ray.errors import ExportError
 
 OPSET = 20  # Equal on strings needs opset 19; onnxruntime >= 1.17 runs 20
 RESERVED = ("probability", "label")  # output names; the prefixes below name internal tensors

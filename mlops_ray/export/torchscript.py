@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from mlops_ray.export.errors import ExportError
+from mlops_ray.errors import ExportError
 
 
 class Folded(torch.nn.Module):

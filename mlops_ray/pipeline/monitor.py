@@ -7,56 +7,56 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from mlops_ray.config.pipeline import MonitorJob
 from mlops_ray.errors import ConfigError, GateFailed, MlopsError
 
 
-def check(job: dict[str, Any], sj: dict[str, Any], ref: str) -> tuple[list[str], dict[str, Any]]:
+def check(job: MonitorJob, sj: Any, ref: str) -> tuple[list[str], dict[str, Any]]:
     """Reasons to retrain `ref` (empty: none) and the evidence: drift rows and live quality."""
     from mlops_ray.serving import control
-    m = job["monitor"]
+    m = job.monitor
     rows = control.drift(sj).get(ref, [])
     fb = control.stats(sj)["feedback"].get(ref, {})
     drifted = [r for r in rows if r.get("alert")]
     reasons = []
-    if m["max_drifted_features"] and len(drifted) >= m["max_drifted_features"]:
+    if m.max_drifted_features and len(drifted) >= m.max_drifted_features:
         reasons.append("drift in " + ", ".join(
             f"{r['feature']} ({'PSI' if 'psi' in r else 'JS'} "
             f"{r.get('psi', r.get('js')):.2f}, n={r['n']})" for r in drifted))
     auc, n = fb.get("auc"), fb.get("labelled_rows", 0)
-    if m["min_live_auc"] is not None and auc is not None and n >= m["min_labelled_rows"] \
-            and auc < m["min_live_auc"]:
-        reasons.append(f"live AUC {auc:.3f} < {m['min_live_auc']} on {n} labelled rows")
+    if m.min_live_auc is not None and auc is not None and n >= m.min_labelled_rows \
+            and auc < m.min_live_auc:
+        reasons.append(f"live AUC {auc:.3f} < {m.min_live_auc} on {n} labelled rows")
     return reasons, {"drift": drifted,
                      "live": fb, "rows_seen": max((r["n"] for r in rows), default=0)}
 
 
-def monitor(job: dict[str, Any], log: Callable[[str], Any] = print) -> int:
+def monitor(job: MonitorJob, log: Callable[[str], Any] = print) -> int:
     """Check every monitor.interval_s (once with monitor.once=true). Returns the exit code of
     the last retraining: 0 promoted or nothing to do, 5 refused by the gates, else its error's."""
     from mlops_ray.data import prepare
-    from mlops_ray.pipeline.run import serve_job
     from mlops_ray.registry import open_registry
     from mlops_ray.serving import control
-    m = job["monitor"]
+    m = job.monitor
     reg = open_registry(job)
-    model = job["promote"]["model"] or job["name"]
-    sj = serve_job(job, model)
+    model = job.model_name
+    sj = job.serve_job()
     control.start(sj)  # joins the cluster that serves the app
-    new = {**job["dataset"], "uri": m["new_data"]}
+    new = job.dataset.model_copy(update={"uri": m.new_data})
     handled: set[tuple[int, str]] = set()  # (production version, data version) already tried
     code = 0
     while True:
         cur = control.current_routing(sj)
         if not cur:
-            raise ConfigError(f"monitor: app '{control.app_name(sj)}' is not serving on this "
-                              "cluster (ray.address); deploy it with jobs.pipeline or jobs.serve")
+            raise ConfigError(f"monitor: app '{sj.app_name}' is not serving on this cluster "
+                              "(ray.address); deploy it with jobs.pipeline or jobs.serve")
         ref = next(a["ref"] for a in cur["arms"] if a["role"] == "stable")
         reasons, evidence = check(job, sj, ref)
         if not reasons:
             log(f"{ref}: no drift past the thresholds ({evidence['rows_seen']} live rows per "
                 "feature in the window)")
         else:
-            prepared = prepare(new, job["seed"], storage=job["storage"])  # validated first
+            prepared = prepare(new, job.seed, storage=job.storage)  # validated first
             version = int(ref.split(":")[-1])
             if (version, prepared.version) in handled:
                 log(f"{ref}: still {'; '.join(reasons)}; data {prepared.version} was already "
@@ -64,24 +64,26 @@ def monitor(job: dict[str, Any], log: Callable[[str], Any] = print) -> int:
             else:
                 handled.add((version, prepared.version))
                 code = retrain(job, reg, model, version, reasons, evidence, prepared, log)
-        if m["once"]:
+        if m.once:
             return code
-        time.sleep(m["interval_s"])
+        time.sleep(m.interval_s)
 
 
-def retrain(job: dict[str, Any], reg: Any, model: str, version: int, reasons: list[str],
+def retrain(job: MonitorJob, reg: Any, model: str, version: int, reasons: list[str],
             evidence: dict[str, Any], prepared: Any, log: Callable[[str], Any]) -> int:
     """The pipeline on the new data (already loaded and validated: `prepared`), audited."""
+    from mlops_ray.config.base import view
+    from mlops_ray.config.pipeline import PipelineJob
     from mlops_ray.pipeline.run import run_pipeline, stage_table
-    m, data_version = job["monitor"], prepared.version
+    m, data_version = job.monitor, prepared.version
     why = "; ".join(reasons)
-    log(f"{model}:{version}: {why} -> retraining on {m['new_data']} (data {data_version})")
+    log(f"{model}:{version}: {why} -> retraining on {m.new_data} (data {data_version})")
     reg.record("retrain_triggered", model, version, need="retrain", reason=why,
-               details={"new_data": m["new_data"], "data_version": data_version, **evidence})
-    rollout = {**job["serve"]["rollout"],
-               "max_prediction_shift": m["canary_max_prediction_shift"]}
-    pj = {**job, "dataset": {**job["dataset"], "uri": m["new_data"]},
-          "serve": {**job["serve"], "rollout": rollout}, "trigger": f"jobs.monitor: {why}"}
+               details={"new_data": m.new_data, "data_version": data_version, **evidence})
+    serve = job.serve.plain()
+    serve["rollout"]["max_prediction_shift"] = m.canary_max_prediction_shift
+    pj = view(job, PipelineJob, dataset={**job.dataset.plain(), "uri": m.new_data},
+              serve=serve, trigger=f"jobs.monitor: {why}")
     verdict, code, details = "promoted", 0, {}
     try:
         out = run_pipeline(pj, log=log, prepared=prepared)

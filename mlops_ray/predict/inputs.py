@@ -17,7 +17,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from mlops_ray.errors import DataValidationError, StorageError
+from mlops_ray.errors import InputInvalid, StorageError
 from mlops_ray.storage import Storage, resolve
 
 PARQUET_EXT = (".parquet", ".pq")
@@ -26,13 +26,6 @@ TASK_ROWS = 131_072  # consecutive Parquet row groups per read task, up to about
 BLOCK_ROWS = 65_536  # rows per block a read task yields (Parquet record batches)
 CSV_BLOCK_BYTES = 4 << 20  # bytes of CSV text parsed at a time
 SOURCE_FILE, SOURCE_ROW = "source_file", "source_row"
-
-
-class InputInvalid(DataValidationError):
-    """DataValidationError that survives pickling: read tasks raise it on Ray workers."""
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return type(self), (self.dataset, self.violations)
 
 
 @dataclass(frozen=True)

@@ -21,17 +21,13 @@ from typing import Any
 
 import pyarrow as pa
 
+from mlops_ray.config.batch import PredictJob
 from mlops_ray.errors import ConfigError, MlopsError
 from mlops_ray.predict.drift import drift_columns, drift_table, merge
 from mlops_ray.predict.inputs import ReadUnit, TableInput
 from mlops_ray.predict.output import PREDICTIONS, REPORT, SUCCESS, Output, merge_worker
 from mlops_ray.predict.scorer import Scorer
 from mlops_ray.storage import Storage, resolve
-
-
-def registry_ref(model: str) -> str:
-    """`name@alias` and `name:N` as given; a bare name means `name@production`."""
-    return model if "@" in model or ":" in model else f"{model}@production"
 
 
 def _read(inp: TableInput, unit: ReadUnit, columns: list[str], numeric: list[str],
@@ -111,25 +107,25 @@ def _user_error(e: BaseException) -> MlopsError | None:
     return None
 
 
-def run(job: dict[str, Any], log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Score `job['input']` with `job['model']` into `job['output']`; returns the manifest."""
+def run(job: PredictJob, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Score `job.input` with `job.ref` into `job.output`; returns the manifest."""
     from mlops_ray.registry import open_registry
     t0 = time.monotonic()
-    p, st = job["predict"], job["storage"]
+    p, st = job.predict, job.storage
     reg = open_registry(job)
-    version, folder = reg.fetch(registry_ref(job["model"]))
+    version, folder = reg.fetch(job.ref)
     signature = json.loads((folder / "signature.json").read_text())
     reference = json.loads((folder / "reference.json").read_text())
     if not version.artifact_uri.startswith("file://"):
         shutil.rmtree(folder, ignore_errors=True)  # the actors fetch (and verify) their own
 
-    inp = TableInput(job["input"], p["format"], st["endpoint_url"], st["region"])
-    id_column = p["id_column"]
+    inp = TableInput(job.input, p.format, st.endpoint_url, st.region)
+    id_column = p.id_column
     columns = inp.check(signature, id_column,
                         [*reference["numeric"], *reference["categorical"]])
-    out = resolve(job["output"], st["endpoint_url"], st["region"])
+    out = resolve(job.output, st.endpoint_url, st.region)
     if _inside(out, inp.storage) or _inside(inp.storage, out):
-        raise ConfigError(f"output='{job['output']}' overlaps input='{job['input']}': write the "
+        raise ConfigError(f"output='{job.output}' overlaps input='{job.input}': write the "
                           "predictions somewhere else")
     inputs_used = {i["name"] for i in signature["inputs"]} | set(reference["numeric"]) \
         | set(reference["categorical"])
@@ -139,26 +135,26 @@ def run(job: dict[str, Any], log: Callable[[str], None] = print) -> dict[str, An
     units = inp.units()
 
     from mlops_ray.runtime import ensure_ray
-    ensure_ray(job["ray"])
+    ensure_ray(job.ray.plain())
     import ray.data
     ctx = ray.data.DataContext.get_current()
     saved = copy.deepcopy(ctx.execution_options), ctx.enable_progress_bars  # process-wide
     ctx.execution_options.preserve_order = True  # same input, same part files
     ctx.enable_progress_bars = False
-    if p["object_store_mb"]:  # blocks in flight (read, scored, not yet written) stay under it
+    if p.object_store_mb:  # blocks in flight (read, scored, not yet written) stay under it
         ctx.execution_options.resource_limits = ray.data.ExecutionResources.for_limits(
-            object_store_memory=p["object_store_mb"] * (1 << 20))
+            object_store_memory=p.object_store_mb * (1 << 20))
     source_cls, sink_cls = _ray_data_classes()
     output = Output(out, f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}")
-    sink = sink_cls(output, p["rows_per_file"])
-    conc = p["concurrency"]
+    sink = sink_cls(output, p.rows_per_file)
+    conc = p.concurrency
     try:
         ds = ray.data.read_datasource(source_cls(inp, units, columns, numeric, id_column))
         ds = ds.map_batches(
-            Scorer, batch_size=p["batch_size"], batch_format="pyarrow", zero_copy_batch=True,
+            Scorer, batch_size=p.batch_size, batch_format="pyarrow", zero_copy_batch=True,
             compute=ray.data.ActorPoolStrategy(min_size=conc[0], max_size=conc[1])
             if isinstance(conc, list) else ray.data.ActorPoolStrategy(size=conc),
-            num_cpus=p["num_cpus"],
+            num_cpus=p.num_cpus,
             fn_constructor_kwargs={
                 "ref": version.ref, "artifact_uri": version.artifact_uri,
                 "content_hash": version.content_hash, "storage": reg.storage,
@@ -173,13 +169,13 @@ def run(job: dict[str, Any], log: Callable[[str], None] = print) -> dict[str, An
             for w, m in r["workers"].items():
                 merge_worker(workers, {"id": w, **m})
         rows = sum(r["rows"] for r in returns)
-        table = drift_table(counts, reference, p["drift"])
+        table = drift_table(counts, reference, p.drift.plain())
         created = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        facts = {"model": version.ref, "requested": job["model"],
+        facts = {"model": version.ref, "requested": job.ref,
                  "content_hash": version.content_hash, "input": inp.storage.uri,
                  "input_files": len(inp.files), "format": inp.format, "rows_scored": rows,
                  "created_at": created}
-        report = {**facts, "thresholds": p["drift"], "features": table,
+        report = {**facts, "thresholds": p.drift.plain(), "features": table,
                   "alerts": [r["feature"] for r in table if r.get("alert")]}
         manifest = {**facts, "status": "complete", "output": out.uri,
                     "files": sorted(f"{PREDICTIONS}/{r['file']}" for r in returns if r["file"]),

@@ -10,10 +10,9 @@ from mlops_ray.registry.store import ANY, Registry, Version, parse_ref
 __all__ = ["ANY", "Policy", "Registry", "Version", "open_registry", "parse_ref"]
 
 
-def open_registry(job: dict[str, Any]) -> Registry:
-    """The registry of a validated job config: `db.url`, `storage`, `registry.policy`."""
+def open_registry(job: Any) -> Registry:
+    """The registry a validated job names: its `storage`, `db.url` and `registry.policy`."""
     from mlops_ray.db import db_url
     from mlops_ray.storage import from_cfg
-    storage = from_cfg(job["storage"])
-    return Registry(db_url(job.get("db") or {}, storage), storage,
-                    Policy.load((job.get("registry") or {}).get("policy")))
+    storage = from_cfg(job.storage.plain())
+    return Registry(db_url(job.db.plain(), storage), storage, Policy.load(job.registry.policy))

@@ -6,16 +6,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from mlops_ray.errors import MlopsError
-
-
-class RequestInvalid(MlopsError):
-    """A request does not match the model's input signature (HTTP 422 / 413)."""
-
-    def __init__(self, problems: list[str], status: int = 422):
-        self.problems, self.status = list(problems), status
-        super().__init__("; ".join(self.problems[:50]) + (
-            f" (+{len(self.problems) - 50} more)" if len(self.problems) > 50 else ""))
+from mlops_ray.errors import RequestInvalid
 
 
 def _number(v: Any) -> float | None:

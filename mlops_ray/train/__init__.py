@@ -1,2 +1,3 @@
-"""Ray Train: the per-worker loop (`loop`), the checkpoint layout (`checkpoint`, Ray-free) and
-the driver that builds the TorchTrainer and writes the run record (`trainer`)."""
+"""Ray Train: the driver (run record, TorchTrainer from typed sections, fit, summary), where a
+loop runs (`session`), what makes it spot-safe (`spot`, `gate`, `resume`), the tasks it runs
+(`tasks/`: tabular MLP, LM) and CV folds as training (`folds`)."""

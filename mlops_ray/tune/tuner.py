@@ -14,42 +14,29 @@ import time
 from typing import Any
 
 from mlops_ray.cluster.cost import NodeHours
+from mlops_ray.config.train import NOT_HASHED, TrainJob
+from mlops_ray.config.tune import TuneJob
 from mlops_ray.data import Prepared, prepare
 from mlops_ray.db import db_url
 from mlops_ray.runtime import ensure_ray
 from mlops_ray.storage import Storage, from_cfg
-from mlops_ray.train.trainer import (
-    NOT_HASHED,
-    arrays,
-    base_record,
-    checkpoint_uri,
-    data_meta,
-    loop_config,
-    penalty_attribute,
-    test_metrics,
-    trainer_for,
-)
+from mlops_ray.train.driver import base_record, checkpoint_uri, trainer_for
+from mlops_ray.train.tasks.tabular import arrays, loop_config, test_metrics
 from mlops_ray.tune.space import apply, decode, default_point, define_by_run
 from mlops_ray.utils import stable_hash
 
-TUNE_KEYS = ("space", "search", "scheduler", "tune", "db")
 
-
-def split_job(job: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(train config, tuning sections)."""
-    return ({k: v for k, v in job.items() if k not in TUNE_KEYS},
-            {k: job[k] for k in TUNE_KEYS})
-
-
-def study_name(job: dict[str, Any], data_version: str) -> str:
+def study_name(job: TuneJob, data_version: str) -> str:
     """<name>-tune-<hash of everything that shapes the study, and the dataset version>."""
-    base, t = split_job(job)
+    base = job.train_job().plain()
+    t = job.tune
     what = {**{k: v for k, v in base.items() if k not in NOT_HASHED},
-            "space": t["space"], "search": t["search"], "scheduler": t["scheduler"],
-            "tune": {k: t["tune"][k] for k in ("num_samples", "metric", "mode", "trial_backend")},
-            **({} if t["tune"].get("include_defaults", True) else {"no_defaults": True}),
+            "space": {k: v.plain() for k, v in job.space.items()},
+            "search": job.search.plain(), "scheduler": job.scheduler.plain(),
+            "tune": {k: getattr(t, k) for k in ("num_samples", "metric", "mode", "trial_backend")},
+            **({} if t.include_defaults else {"no_defaults": True}),
             "data_version": data_version}
-    return f"{job['name']}-tune-{stable_hash(what)}"
+    return f"{job.name}-tune-{stable_hash(what)}"
 
 
 def trial_dirname(trial: Any) -> str:
@@ -57,91 +44,103 @@ def trial_dirname(trial: Any) -> str:
     return f"trial_{trial.trial_id}"
 
 
-def _sampler(search: dict[str, Any]) -> Any:
+def _sampler(job: TuneJob) -> Any:
     import optuna
-    if search["algorithm"] == "random":
-        return optuna.samplers.RandomSampler(seed=search["seed"])
-    if search["algorithm"] == "cmaes":
-        return optuna.samplers.CmaEsSampler(seed=search["seed"], n_startup_trials=search[
-            "n_startup_trials"], warn_independent_sampling=False)
-    return optuna.samplers.TPESampler(seed=search["seed"],
-                                      n_startup_trials=search["n_startup_trials"])
+    search = job.search
+    if search.algorithm == "random":
+        return optuna.samplers.RandomSampler(seed=search.seed)
+    if search.algorithm == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=search.seed,
+                                            n_startup_trials=search.n_startup_trials,
+                                            warn_independent_sampling=False)
+    return optuna.samplers.TPESampler(seed=search.seed, n_startup_trials=search.n_startup_trials)
 
 
-def _scheduler(job: dict[str, Any]) -> Any:
+def _scheduler(job: TuneJob) -> Any:
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    s = job["scheduler"]
-    if s["name"] == "fifo":
+    s = job.scheduler
+    if s.name == "fifo":
         return FIFOScheduler()
     # the reported epoch count is the time axis: a restored trial keeps its rung (Tune's own
     # training_iteration restarts at 1 after a restore)
-    return ASHAScheduler(time_attr="epochs_done", max_t=s["max_t"] or job["train"]["epochs"],
-                         grace_period=s["grace_period"], reduction_factor=s["reduction_factor"])
+    return ASHAScheduler(time_attr="epochs_done", max_t=job.max_t(),
+                         grace_period=s.grace_period, reduction_factor=s.reduction_factor)
 
 
-def _trainable(base: dict[str, Any], meta: dict[str, Any], data_ref: Any, backend: str,
-               storage: Storage, study: str, driver_resources: dict[str, float]) -> Any:
+def _trainable(job: TuneJob, prepared: Prepared, data_ref: Any, backend: str,
+               storage: Storage, study: str) -> Any:
+    """The Tune trainable: each trial's train job is the base job with the sampled values."""
     from ray import tune
 
     from mlops_ray.train.gate import from_env
     gate = from_env()  # read here, on the driver: trials run in other processes
+    base = job.train_job().plain()
+    pre = prepared.preprocessor
+    names, pre_dict = pre.feature_names, pre.to_dict()
+
+    def trial_job(config: dict[str, Any]) -> TrainJob:
+        return TrainJob.stored(apply(base, config))  # the space's values are within its bounds
 
     def function_trial(config: dict[str, Any]) -> None:
-        from mlops_ray.train.loop import train_loop_per_worker
-        cfg = apply(base, config)
-        trial_id = tune.get_context().get_trial_id()
-        train_loop_per_worker({**loop_config(cfg, meta, data_ref, f"trial-{trial_id}"),
-                               "session": "tune", "step_gate": gate})
+        from mlops_ray.train.session import TuneSession
+        from mlops_ray.train.tasks.tabular import train_loop_per_worker
+        name = f"trial-{tune.get_context().get_trial_id()}"
+        lc = loop_config(trial_job(config), names, pre_dict, name, data_ref)
+        train_loop_per_worker(lc.model_copy(update={"step_gate": gate}).plain(), TuneSession())
 
     def train_trial(config: dict[str, Any]) -> None:
         from ray.tune.integration.ray_train import TuneReportCallback
-        cfg = apply(base, config)
+
+        from mlops_ray.train.tasks.tabular import train_loop_per_worker
+        tj = trial_job(config)
         # a stable name: a retried or restored trial resumes its own Train checkpoints
         name = f"trial-{tune.get_context().get_trial_id()}"
-        trainer_for(cfg, {**loop_config(cfg, meta, data_ref, name), "step_gate": gate}, name,
-                    storage, f"tune/{study}/trials", [TuneReportCallback()]).fit()
+        lc = loop_config(tj, names, pre_dict, name, data_ref).model_copy(
+            update={"step_gate": gate})
+        trainer_for(tj, train_loop_per_worker, lc.plain(), name, storage,
+                    f"tune/{study}/trials", [TuneReportCallback()]).fit()
 
-    res = base["scaling"].get("resources_per_worker") or {"CPU": 1}
     if backend == "function":
+        res = job.scaling.resources_per_worker or {"CPU": 1}
         req = {k.lower() if k in ("CPU", "GPU") else k: v for k, v in res.items()}
-        if base["scaling"]["use_gpu"]:
+        if job.scaling.use_gpu:
             req.setdefault("gpu", 1)
         return tune.with_resources(function_trial, req)
-    drv = {k.lower() if k in ("CPU", "GPU") else k: v for k, v in driver_resources.items()}
+    drv = {k.lower() if k in ("CPU", "GPU") else k: v
+           for k, v in job.tune.driver_resources.items()}
     return tune.with_resources(train_trial, drv)
 
 
-def _tuner(job: dict[str, Any], trainable: Any, storage: Storage, study: str, url: str
+def _tuner(job: TuneJob, trainable: Any, storage: Storage, study: str, url: str
            ) -> tuple[Any, bool]:
     from optuna.storages import RDBStorage
     from ray import tune
 
     from mlops_ray.tune.resumable_search import ResumableOptunaSearch
-    t = job["tune"]
+    t = job.tune
     path = storage.path("tune", study)
     fs = None if storage.is_local else storage.fs
     if tune.Tuner.can_restore(path, storage_filesystem=fs):
         # finished trials are kept; running/pending ones resume from their checkpoints
         return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True,
                                   resume_errored=True, storage_filesystem=fs), True
-    base, _ = split_job(job)
-    first = default_point(base, job["space"]) if t["include_defaults"] else None
-    search = ResumableOptunaSearch(space=define_by_run(job["space"]), metric=t["metric"], mode=t["mode"],
-                          points_to_evaluate=[first] if first else None,
-                          sampler=_sampler(job["search"]), study_name=study,
-                          storage=RDBStorage(url, heartbeat_interval=None))
+    space = {k: v.plain() for k, v in job.space.items()}
+    first = default_point(job.train_job().plain(), space) if t.include_defaults else None
+    search = ResumableOptunaSearch(space=define_by_run(space), metric=t.metric, mode=t.mode,
+                                   points_to_evaluate=[first] if first else None,
+                                   sampler=_sampler(job), study_name=study,
+                                   storage=RDBStorage(url, heartbeat_interval=None))
     return tune.Tuner(
         trainable,
-        tune_config=tune.TuneConfig(metric=t["metric"], mode=t["mode"],
-                                    num_samples=t["num_samples"],
-                                    max_concurrent_trials=t["max_concurrent_trials"],
+        tune_config=tune.TuneConfig(metric=t.metric, mode=t.mode, num_samples=t.num_samples,
+                                    max_concurrent_trials=t.max_concurrent_trials,
                                     search_alg=search, scheduler=_scheduler(job),
                                     trial_dirname_creator=trial_dirname),
         run_config=tune.RunConfig(
             name=study, **storage.ray_args("tune"),
-            failure_config=tune.FailureConfig(max_failures=t["max_failures"]),
+            failure_config=tune.FailureConfig(max_failures=t.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2), verbose=0,
-            callbacks=[metrics_callback(study, t["metric"], t["mode"])]),
+            callbacks=[metrics_callback(study, t.metric, t.mode)]),
     ), False
 
 
@@ -156,14 +155,14 @@ def _trial_rows(result: Any) -> list[dict[str, Any]]:
             for r in df[keep].to_dict("records")]
 
 
-def _summarise(results: Any, job: dict[str, Any], storage: Storage) -> dict[str, Any]:
-    t, max_t = job["tune"], job["scheduler"]["max_t"] or job["train"]["epochs"]
-    sign = 1 if t["mode"] == "max" else -1
+def _summarise(results: Any, job: TuneJob, storage: Storage) -> dict[str, Any]:
+    t, max_t = job.tune, job.max_t()
+    sign = 1 if t.mode == "max" else -1
     trials = []
     for r in results:
         rows = _trial_rows(r)
         last = rows[-1] if rows else {}
-        scores = [row[t["metric"]] for row in rows if row.get(t["metric"]) is not None]
+        scores = [row[t.metric] for row in rows if row.get(t.metric) is not None]
         ckpts = [row["checkpoint_path"] for row in rows if row.get("checkpoint_path")]
         ckpt = (checkpoint_uri(storage, ckpts[-1]) if ckpts else
                 (checkpoint_uri(storage, r.checkpoint.path) if r.checkpoint else None))
@@ -219,54 +218,51 @@ def plot_curves(curves: dict[str, list[tuple[int, float]]], metric: str, path: s
     plt.close(fig)
 
 
-def run_tuning(job: dict[str, Any], *, prepared: Prepared | None = None,
+def run_tuning(job: TuneJob, *, prepared: Prepared | None = None,
                log: Any = print) -> dict[str, Any]:
-    """Tune from a validated TuneJobCfg dict; returns the tune.json summary."""
+    """Tune from a validated TuneJob; returns the tune.json summary."""
     import ray
     t0 = time.perf_counter()
-    base, _ = split_job(job)
-    storage = from_cfg(job["storage"])
-    prepared = prepared or prepare(base["dataset"], base["seed"], storage=base["storage"])
+    storage = from_cfg(job.storage.plain())
+    prepared = prepared or prepare(job.dataset, job.seed, storage=job.storage)
     study = study_name(job, prepared.version)
-    url = db_url(job["db"], storage)
-    cluster = ensure_ray(job["ray"])
-    workers = base["scaling"]["num_workers"]
-    hi = workers if isinstance(workers, int) else workers[1]
-    backend = job["tune"]["trial_backend"]
-    backend = ("function" if hi == 1 else "train") if backend == "auto" else backend
-    trainable = _trainable(base, data_meta(prepared),
-                           ray.put(arrays(prepared, penalty_attribute(base))), backend,
-                           storage, study, job["tune"]["driver_resources"])
+    url = db_url(job.db.plain(), storage)
+    cluster = ensure_ray(job.ray.plain())
+    backend = job.tune.backend(job.scaling.bounds()[1])
+    data_ref = ray.put(arrays(prepared, job.penalty_attribute()))
+    trainable = _trainable(job, prepared, data_ref, backend, storage, study)
     tuner, restored = _tuner(job, trainable, storage, study, url)
     log(f"study {study}: {'resuming' if restored else 'starting'} "
-        f"({job['search']['algorithm']} + {job['scheduler']['name']}, "
-        f"{job['tune']['num_samples']} trials, {backend} trials) in {storage.uri_of('tune', study)}"
+        f"({job.search.algorithm} + {job.scheduler.name}, "
+        f"{job.tune.num_samples} trials, {backend} trials) in {storage.uri_of('tune', study)}"
         + (f"; dashboard {cluster['dashboard_url']}" if cluster["dashboard_url"] else ""))
-    with NodeHours(job["cost"]["sample_s"]) as node_hours:
+    with NodeHours(job.cost.sample_s) as node_hours:
         results = tuner.fit()
     s = _summarise(results, job, storage)
-    t, best = job["tune"], s["best"]
+    t, best = job.tune, s["best"]
     summary: dict[str, Any] = {
         "study": study, "db_url": url.split("@")[-1] if "@" in url else url,
-        "algorithm": job["search"]["algorithm"], "scheduler": job["scheduler"]["name"],
-        "metric": t["metric"], "mode": t["mode"], "num_samples": t["num_samples"],
+        "algorithm": job.search.algorithm, "scheduler": job.scheduler.name,
+        "metric": t.metric, "mode": t.mode, "num_samples": t.num_samples,
         "trial_backend": backend, "resumed": restored, "n_trials": len(s["trials"]),
         "total_epochs": sum(x["reported_epochs"] for x in s["trials"]),
         "wall_s": round(time.perf_counter() - t0, 1),
         "trials": [{k: v for k, v in x.items() if k != "_rows"} for x in s["trials"]],
-        "curve": _curve(s["trials"], t["metric"], t["mode"]),
+        "curve": _curve(s["trials"], t.metric, t.mode),
         "tune_uri": storage.uri_of("tune", study),
         # trials that restarted from their own checkpoint (a lost node, a killed driver)
         "resumed_trials": sum(x["restored_from_epoch"] >= 0 for x in s["trials"]),
-        "cost": node_hours.report(job["cost"]),
+        "cost": node_hours.report(job.cost.plain()),
     }
     if best:
-        best_cfg = apply(base, best["params"])
-        rec = base_record(best_cfg, prepared, f"{study}-best", storage)
+        best_job = TrainJob.stored(apply(job.train_job().plain(), best["params"]))
+        rec = base_record(best_job, f"{study}-best", {"name": job.dataset.name,
+                                                      "uri": job.dataset.uri,
+                                                      **prepared.summary()}, storage)
         ckpt = _checkpoint(best["checkpoint"], storage)
         rec.update(status="finished", history=[r for r in best["_rows"]],
                    checkpoints={"latest": best["checkpoint"], "best": best["checkpoint"]},
-                   best={t["metric"]: best["final_value"]}, test=test_metrics(ckpt, prepared),
+                   best={t.metric: best["final_value"]}, test=test_metrics(ckpt, prepared),
                    tune={"study": study, "trial_id": best["trial_id"],
                          "params": best["params"]})
         storage.write_json(rec, "runs", f"{study}-best", "run.json")
@@ -277,7 +273,7 @@ def run_tuning(job: dict[str, Any], *, prepared: Prepared | None = None,
     storage.write_json(summary, "tune", study, "tune.json")
     if storage.is_local:
         plot_curves({f"{summary['algorithm']}+{summary['scheduler']}": summary["curve"]},
-                    t["metric"], storage.path("tune", study, "tune_curve.png"))
+                    t.metric, storage.path("tune", study, "tune_curve.png"))
     return summary
 
 
@@ -368,10 +364,12 @@ def summary_lines(s: dict[str, Any]) -> list[str]:
     return lines
 
 
-def with_tuned_params(cfg: dict[str, Any]) -> dict[str, Any]:
-    """`from_tune=<tuning folder or tune.json URI>`: the train config with the best params."""
-    summary = load_summary(cfg["from_tune"], cfg["storage"])
+def with_tuned_params(job: TrainJob) -> TrainJob:
+    """`from_tune=<tuning folder or tune.json URI>`: the train job with the best params."""
+    from mlops_ray.config import validate
+    assert job.from_tune is not None
+    summary = load_summary(job.from_tune, job.storage.plain())
     if not summary.get("best"):
         from mlops_ray.errors import RunNotFound
-        raise RunNotFound(f"from_tune={cfg['from_tune']}: the study has no finished trial")
-    return apply(cfg, summary["best"]["params"])
+        raise RunNotFound(f"from_tune={job.from_tune}: the study has no finished trial")
+    return validate(apply(job.plain(), summary["best"]["params"]), TrainJob)

@@ -82,7 +82,7 @@ def test_serve_cli_answers_then_stops_on_ctrl_c(tmp_path):
 
     import requests
 
-    from mlops_ray.config import compose
+    from mlops_ray.config.compose import compose
     from mlops_ray.data import prepare
     from mlops_ray.registry import Policy, Registry
     from mlops_ray.storage import resolve

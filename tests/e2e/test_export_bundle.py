@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from mlops_ray.config import compose
+from mlops_ray.config.compose import compose
 from mlops_ray.data import prepare
 from mlops_ray.registry import Policy, Registry
 from mlops_ray.serving.predictor import Predictor

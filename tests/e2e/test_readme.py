@@ -11,15 +11,16 @@ import shlex
 
 import pytest
 
-from mlops_ray.config import compose, validate
 from mlops_ray.config import schema as S
+from mlops_ray.config import validate
+from mlops_ray.config.compose import compose
 from mlops_ray.errors import ConfigError
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
 
-HYDRA_JOBS = {"train": ("train", S.TrainJobCfg), "tune": ("tune", S.TuneJobCfg),
-              "evaluate": ("evaluate", S.EvaluateJobCfg), "promote": ("promote", S.PromoteJobCfg),
+HYDRA_JOBS = {"train": ("train", S.TrainJob), "tune": ("tune", S.TuneJob),
+              "evaluate": ("evaluate", S.EvaluateJob), "promote": ("promote", S.PromoteJobCfg),
               "pipeline": ("pipeline", S.PipelineJobCfg), "monitor": ("monitor", S.MonitorJobCfg)}
 ARG_JOBS = ("serve", "export", "predict")  # key=value parsers of their own (job_from_args)
 

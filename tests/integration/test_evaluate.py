@@ -6,14 +6,16 @@ import json
 from pathlib import Path
 
 import pytest
+from mlops_ray.evaluation.job import run_evaluation
 
-from mlops_ray.config import compose, validate
-from mlops_ray.config.schema import EvaluateJobCfg, TrainJobCfg
+from mlops_ray.config import validate
+from mlops_ray.config.compose import compose
+from mlops_ray.config.evaluate import EvaluateJob
+from mlops_ray.config.train import TrainJob
 from mlops_ray.data import load_table, prepare
 from mlops_ray.errors import ConfigError, DataValidationError, RunNotFound
 from mlops_ray.evaluation import cv as cvmod
-from mlops_ray.evaluation.job import run_evaluation
-from mlops_ray.train.trainer import run_training
+from mlops_ray.train.driver import run_training
 from tests.conftest import run_job
 
 pytestmark = pytest.mark.ray
@@ -21,13 +23,13 @@ pytestmark = pytest.mark.ray
 
 def train(store: Path, *overrides: str) -> dict:
     cfg = validate(compose("train", ["+experiment=adult_mlp", "tracking=none",
-                                     f"storage.uri={store}", *overrides]), TrainJobCfg)
+                                     f"storage.uri={store}", *overrides]), TrainJob)
     return run_training(cfg.model_dump(by_alias=True))
 
 
 def eval_job(run_uri: str, *overrides: str) -> dict:
     return validate(compose("evaluate", ["+experiment=adult_mlp", f"run={run_uri}",
-                                         *overrides]), EvaluateJobCfg).model_dump(by_alias=True)
+                                         *overrides]), EvaluateJob).model_dump(by_alias=True)
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +67,7 @@ def test_default_adult_passes_default_gates(adult_run):
 
 def test_parallel_cv_equals_sequential(ray_2_cpus):
     cfg = validate(compose("train", ["+experiment=german_mlp", "train.epochs=5"]),
-                   TrainJobCfg).model_dump(by_alias=True)
+                   TrainJob).model_dump(by_alias=True)
     prepared = prepare(cfg["dataset"], cfg["seed"])
     par = cvmod.cross_validate(cfg, prepared, 3, parallel=True, log=lambda _: None)
     seq = cvmod.cross_validate(cfg, prepared, 3, parallel=False, log=lambda _: None)

@@ -14,7 +14,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mlops_ray.config import compose
 from mlops_ray.data import prepare
 from mlops_ray.data.io import BUILTIN
 from mlops_ray.errors import DataValidationError
@@ -22,7 +21,7 @@ from mlops_ray.predict.job import run
 from mlops_ray.registry import Policy, Registry
 from mlops_ray.serving.predictor import Predictor
 from mlops_ray.storage import resolve
-from tests.conftest import run_job
+from tests.conftest import dataset, run_job
 from tests.serving import MODEL, make_version
 
 pytestmark = pytest.mark.ray
@@ -30,7 +29,7 @@ pytestmark = pytest.mark.ray
 
 @pytest.fixture(scope="module")
 def prepared():
-    return prepare(compose("train", ["+experiment=adult_mlp"])["dataset"], 0)
+    return prepare(dataset("adult_mlp"), 0)
 
 
 @pytest.fixture(scope="module")

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from mlops_ray.config import compose, validate
-from mlops_ray.config.schema import TrainJobCfg
+from mlops_ray.config import validate
+from mlops_ray.config.compose import compose
+from mlops_ray.config.train import TrainJob
 from mlops_ray.data import load_table
-from mlops_ray.train.trainer import run_training
+from mlops_ray.train.driver import run_training
 from tests.conftest import run_job
 
 pytestmark = pytest.mark.ray
@@ -22,7 +23,7 @@ PLANTED = "jane.roe.4711@example.org"
 
 def train(store: Path, *overrides: str) -> dict:
     cfg = validate(compose("train", ["+experiment=adult_mlp", "tracking=none",
-                                     f"storage.uri={store}", *overrides]), TrainJobCfg)
+                                     f"storage.uri={store}", *overrides]), TrainJob)
     return run_training(cfg.model_dump(by_alias=True))
 
 

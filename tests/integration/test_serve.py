@@ -20,7 +20,7 @@ from mlops_ray.registry import Policy, Registry
 from mlops_ray.serving import control
 from mlops_ray.serving.predictor import Predictor
 from mlops_ray.storage import resolve
-from tests.conftest import free_port, wait_until
+from tests.conftest import dataset, free_port, wait_until
 from tests.serving import MODEL, make_version
 
 pytestmark = pytest.mark.ray
@@ -31,7 +31,6 @@ def env(ray_2_cpus, tmp_path_factory):
     from ray import serve
 
     from jobs.serve import job_from_args
-    from mlops_ray.config import compose
     store = tmp_path_factory.mktemp("serve")
     port, grpc_port = free_port(), free_port()
     hook = Webhook()
@@ -43,7 +42,7 @@ def env(ray_2_cpus, tmp_path_factory):
                          # Ray 2.60's gRPC proxy binds [::]: on only for this test module
                          "serve.grpc.enabled=true", f"serve.grpc.port={grpc_port}"])
     reg = Registry(f"sqlite:///{store / 'reg.db'}", resolve(str(store)), Policy.default())
-    prepared = prepare(compose("train", ["+experiment=adult_mlp"])["dataset"], 0)
+    prepared = prepare(dataset("adult_mlp"), 0)
     versions = {"good": make_version(reg, prepared, 0),
                 "equal": make_version(reg, prepared, 0, bias=0.01),
                 "skewed": make_version(reg, prepared, 0, bias=4.0)}

@@ -8,18 +8,19 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from mlops_ray.config import compose, validate
-from mlops_ray.config.schema import TrainJobCfg
-from mlops_ray.data import dataset_version, load_table
 from mlops_ray.train.trainer import run_name_for, run_training
+
+from mlops_ray.config import validate
+from mlops_ray.config.compose import compose
+from mlops_ray.config.train import TrainJob
+from mlops_ray.data import dataset_version, load_table
 from tests.conftest import run_job, wait_until
 
 pytestmark = pytest.mark.ray
 
 
 def job_cfg(*overrides: str) -> dict:
-    return validate(compose("train", list(overrides)), TrainJobCfg).model_dump(by_alias=True)
+    return validate(compose("train", list(overrides)), TrainJob).model_dump(by_alias=True)
 
 
 def final_weights(record: dict) -> dict[str, torch.Tensor]:

@@ -8,12 +8,13 @@ import json
 from pathlib import Path
 
 import pytest
-
-from mlops_ray.config import compose, validate
-from mlops_ray.config.schema import LmTrainJobCfg
 from mlops_ray.train.lm_loop import lm_train_loop_per_worker
 from mlops_ray.train.lm_trainer import lm_loop_config
-from mlops_ray.train.trainer import run_training
+
+from mlops_ray.config import validate
+from mlops_ray.config.compose import compose
+from mlops_ray.config.lm import LmJob
+from mlops_ray.train.driver import run_training
 from tests.conftest import REPO, run_job
 
 pytestmark = pytest.mark.ray
@@ -24,7 +25,7 @@ TWO_WORKERS = ["scaling.num_workers=2", "scaling.resources_per_worker.CPU=0.5",
 
 def lm_cfg(*overrides: str) -> dict:
     return validate(compose("train", ["+experiment=gpt_synthetic", *overrides]),
-                    LmTrainJobCfg).model_dump(by_alias=True)
+                    LmJob).model_dump(by_alias=True)
 
 
 def one_process(tmp_path: Path, *overrides: str) -> dict:

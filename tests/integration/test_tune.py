@@ -11,10 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from mlops_ray.config import compose, validate
-from mlops_ray.config.schema import TrainJobCfg, TuneJobCfg
+from mlops_ray.config import validate
+from mlops_ray.config.compose import compose
+from mlops_ray.config.train import TrainJob
+from mlops_ray.config.tune import TuneJob
 from mlops_ray.data import dataset_version, load_table
-from mlops_ray.train.trainer import run_training
+from mlops_ray.train.driver import run_training
 from mlops_ray.tune.tuner import run_tuning, study_name, with_tuned_params
 from tests.conftest import REPO, job_env, run_job, wait_until
 
@@ -25,7 +27,7 @@ GERMAN_VERSION = dataset_version(load_table("builtin://german"))
 
 
 def tune_cfg(*overrides: str) -> dict:
-    return validate(compose("tune", list(overrides)), TuneJobCfg).model_dump(by_alias=True)
+    return validate(compose("tune", list(overrides)), TuneJob).model_dump(by_alias=True)
 
 
 def test_tpe_asha_summary_best_run_and_retrain(ray_2_cpus, tmp_path):
@@ -61,12 +63,12 @@ def test_tpe_asha_summary_best_run_and_retrain(ray_2_cpus, tmp_path):
                what="ray_mlops_tune_trials{state=TERMINATED} = 6 on the metrics endpoint")
     # `jobs.train from_tune=...` trains the best parameters
     train = validate(compose("train", [*GERMAN, f"storage.uri={tmp_path}", "train.epochs=2",
-                                       f"from_tune={s['tune_uri']}"]), TrainJobCfg)
+                                       f"from_tune={s['tune_uri']}"]), TrainJob)
     tuned = with_tuned_params(train.model_dump(by_alias=True))
     for key, value in best["params"].items():
         section, name = key.split(".")
         assert tuned[section][name] == value
-    assert run_training(validate(tuned, TrainJobCfg).model_dump(by_alias=True))["status"] == \
+    assert run_training(validate(tuned, TrainJob).model_dump(by_alias=True))["status"] == \
         "finished"
 
 

@@ -27,9 +27,11 @@ from mlops_ray.cluster.rehearsal import (
     read_step_log,
     wait_for,
 )
-from mlops_ray.config import compose, validate
-from mlops_ray.config.schema import TrainJobCfg, TuneJobCfg
-from mlops_ray.train.trainer import run_training
+from mlops_ray.config import validate
+from mlops_ray.config.compose import compose
+from mlops_ray.config.train import TrainJob
+from mlops_ray.config.tune import TuneJob
+from mlops_ray.train.driver import run_training
 from tests.conftest import committed
 
 pytestmark = pytest.mark.multinode
@@ -52,13 +54,14 @@ def train_cfg(c: LocalCluster, storage: Path, *extra: str) -> dict:
         "scaling.resources_per_worker.CPU=0.5", "failure.max_failures=1",
         f"storage.uri={storage}", f"ray.address={c.address}", "cost.sample_s=1",
         "ray.env_vars.RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S=10", *extra]),
-        TrainJobCfg).model_dump(by_alias=True)
+        TrainJob).model_dump(by_alias=True)
 
 
 def run_dir(cfg: dict) -> Path:
+    from mlops_ray.train.trainer import run_name_for
+
     from mlops_ray.data import load_table
     from mlops_ray.data.io import dataset_version
-    from mlops_ray.train.trainer import run_name_for
     name = run_name_for(cfg, dataset_version(load_table("builtin://adult")))
     return Path(cfg["storage"]["uri"]) / "runs" / name
 
@@ -178,7 +181,7 @@ def test_node_loss_during_tuning_resumes_trials(cluster, tmp_path, gate):
         "+experiment=adult_mlp", "tune.num_samples=3", "tune.max_concurrent_trials=2",
         "train.epochs=5", "scheduler=fifo", "tracking=none", f"storage.uri={tmp_path}",
         "+scaling.resources_per_worker.spot=1", "scaling.resources_per_worker.CPU=0.5",
-        f"ray.address={cluster.address}", "cost.sample_s=1"]), TuneJobCfg).model_dump(by_alias=True)
+        f"ray.address={cluster.address}", "cost.sample_s=1"]), TuneJob).model_dump(by_alias=True)
     run = Background(lambda: run_tuning(job))
     until(lambda: len({e["run"] for e in gate.events("waiting")}) == 2,
           "two running trials held at epoch 3, step 10", run)

@@ -499,12 +499,15 @@ def test_rayservice_embeds_a_serve_config_like_jobs_serve_export(manifests):
     """Serve's schema accepts it, and its ingress settings are the ones the code reads today."""
     from ray.serve.schema import ServeDeploySchema
 
-    from jobs.serve import job_from_args
+    from mlops_ray.config.compose import job
+    from mlops_ray.config.serve import ServeJob
     from mlops_ray.serving.control import ingress_config
+    from mlops_ray.serving.core import IngressCfg
     cfg = yaml.safe_load(manifests["rayservice.yaml"]["spec"]["serveConfigV2"])
     ServeDeploySchema.parse_obj(cfg)
     ingress = cfg["applications"][0]["args"]["ingress"]
-    current = ingress_config(job_from_args(["model=adult_mlp"]))
+    current = ingress_config(job("serve", ServeJob, ["ref=adult_mlp"]))
+    IngressCfg.model_validate(ingress)  # what the ingress replica validates it against
     assert set(ingress) == set(current) | {"api_keys_env"}
     for section in ("cache", "limits", "drift", "feedback"):
         assert set(ingress[section]) == set(current[section]), section

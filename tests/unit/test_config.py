@@ -5,8 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from mlops_ray.config import CONF_DIR, compose, validate
-from mlops_ray.config.schema import TrainJobCfg
+from mlops_ray.config import validate
+from mlops_ray.config.compose import CONF_DIR, compose
+from mlops_ray.config.train import TrainJob
 from mlops_ray.errors import ConfigError
 
 # tabular experiments; language-model ones (`task: lm`) have their own schema: tests/unit/test_lm.py
@@ -16,7 +17,7 @@ EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml")
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_composes_and_validates(experiment):
-    job = validate(compose("train", [f"+experiment={experiment}"]), TrainJobCfg)
+    job = validate(compose("train", [f"+experiment={experiment}"]), TrainJob)
     assert job.name == experiment
     assert job.train.batch_size % job.scaling.bounds()[1] == 0
 
@@ -31,7 +32,7 @@ def test_experiment_is_a_delta_on_the_defaults():
 
 def _errors(overrides: list[str]) -> str:
     with pytest.raises(ConfigError) as e:
-        validate(compose("train", ["+experiment=adult_mlp", *overrides]), TrainJobCfg)
+        validate(compose("train", ["+experiment=adult_mlp", *overrides]), TrainJob)
     return str(e.value)
 
 
@@ -79,7 +80,7 @@ def test_unknown_metric_for_early_stopping_and_checkpoints():
 def test_elastic_workers_bounds():
     assert "[min, max]" in _errors(["scaling.num_workers=[3,1]"])
     job = validate(compose("train", ["+experiment=adult_mlp", "scaling.num_workers=[1,2]",
-                                     "scaling.resources_per_worker.CPU=0.5"]), TrainJobCfg)
+                                     "scaling.resources_per_worker.CPU=0.5"]), TrainJob)
     assert job.scaling.bounds() == (1, 2)
 
 
@@ -101,24 +102,24 @@ def test_configs_are_yaml_only():
 
 
 # ---- jobs.tune -------------------------------------------------------------------------------
-from mlops_ray.config.schema import TuneJobCfg  # noqa: E402
+from mlops_ray.config.tune import TuneJob  # noqa: E402
 
 
 def _tune_errors(overrides: list[str]) -> str:
     with pytest.raises(ConfigError) as e:
-        validate(compose("tune", ["+experiment=adult_mlp", *overrides]), TuneJobCfg)
+        validate(compose("tune", ["+experiment=adult_mlp", *overrides]), TuneJob)
     return str(e.value)
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_has_a_valid_search_space(experiment):
-    job = validate(compose("tune", [f"+experiment={experiment}"]), TuneJobCfg)
+    job = validate(compose("tune", [f"+experiment={experiment}"]), TuneJob)
     assert job.space and job.search.algorithm == "tpe" and job.scheduler.name == "asha"
 
 
 def test_search_and_scheduler_baselines_compose():
     job = validate(compose("tune", ["+experiment=adult_mlp", "search=random",
-                                    "scheduler=fifo"]), TuneJobCfg)
+                                    "scheduler=fifo"]), TuneJob)
     assert job.search.algorithm == "random" and job.scheduler.name == "fifo"
 
 
@@ -128,7 +129,7 @@ def _space_errors(**changes) -> str:
     for key, value in changes.items():
         cfg["space"][key.replace("__", ".")] = value
     with pytest.raises(ConfigError) as e:
-        validate(cfg, TuneJobCfg)
+        validate(cfg, TuneJob)
     return str(e.value)
 
 
@@ -207,7 +208,7 @@ def test_asha_is_refused_for_torchtrainer_trials():
     assert "scheduler=asha with TorchTrainer trials" in msg and "scheduler=fifo" in msg
     job = validate(compose("tune", ["+experiment=adult_mlp", "scaling.num_workers=2",
                                     "scaling.resources_per_worker.CPU=0.5", "scheduler=fifo",
-                                    "tune.max_concurrent_trials=1"]), TuneJobCfg)
+                                    "tune.max_concurrent_trials=1"]), TuneJob)
     assert job.tune.backend(2) == "train"
 
 
@@ -222,6 +223,7 @@ def test_default_point_is_the_experiments_own_config():
 
 
 def test_canary_max_bake_must_cover_the_bake():
-    from jobs.serve import job_from_args
+    from mlops_ray.config.serve import ServeJob
     with pytest.raises(ConfigError, match=r"serve.rollout.max_bake_s=10.0 is below bake_s=30"):
-        job_from_args(["model=m", "serve.rollout.max_bake_s=10", "serve.rollout.bake_s=30"])
+        validate(compose("serve", ["ref=m", "serve.rollout.max_bake_s=10",
+                                   "serve.rollout.bake_s=30"]), ServeJob)

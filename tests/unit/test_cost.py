@@ -4,8 +4,9 @@ from __future__ import annotations
 import pytest
 
 from mlops_ray.cluster.cost import NodeHours, node_pool, summary_line
-from mlops_ray.config import compose, validate
-from mlops_ray.config.schema import TrainJobCfg
+from mlops_ray.config import validate
+from mlops_ray.config.compose import compose
+from mlops_ray.config.train import TrainJob
 
 HEAD = {"Alive": True, "Resources": {"CPU": 0, "node:__internal_head__": 1},
         "Labels": {"ray.io/node-group": "head_on_demand"}}
@@ -24,7 +25,7 @@ def test_pool_and_market_from_labels_and_resources():
 
 def test_cost_and_saving_from_the_price_table():
     cfg = validate(compose("train", ["+experiment=adult_mlp", "cost=aws_spot_gpu"]),
-                   TrainJobCfg).model_dump(by_alias=True)["cost"]
+                   TrainJob).cost.plain()
     nh = NodeHours(10, nodes=lambda: [HEAD, GPU_SPOT, GPU_SPOT, DEAD])
     # two sampled hours: one head, two spot GPU nodes alive (the dead one is not charged)
     for key, secs in ((("head_on_demand", "on_demand"), 7200), (("gpu_spot", "spot"), 14400)):

@@ -5,19 +5,19 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mlops_ray.config import compose
 from mlops_ray.data import Preprocessor, dataset_version, load_table, prepare, validate_frame
 from mlops_ray.errors import DataValidationError, StorageError
+from tests.conftest import dataset
 
 
 @pytest.fixture(scope="module")
 def adult_cfg():
-    return compose("train", ["+experiment=adult_mlp"])["dataset"]
+    return dataset("adult_mlp")
 
 
 @pytest.fixture(scope="module")
 def adult(adult_cfg):
-    return load_table(adult_cfg["uri"])
+    return load_table(adult_cfg.uri)
 
 
 def test_builtin_datasets_load_with_declared_columns(adult, adult_cfg):
@@ -80,7 +80,7 @@ def test_sensitive_attributes_are_not_features_by_default(adult_cfg):
     names = p.preprocessor.feature_names
     assert not any(n.startswith(("sex=", "race=")) for n in names)
     assert p.preprocessor.n_features == 98  # 6 numeric + 92 one-hot (no sex/race)
-    q = prepare({**adult_cfg, "sensitive_as_features": True}, seed=0)
+    q = prepare(adult_cfg.model_copy(update={"sensitive_as_features": True}), seed=0)
     assert any(n.startswith("sex=") for n in q.preprocessor.feature_names)
 
 
@@ -97,8 +97,7 @@ def test_preprocessor_fitted_on_training_rows_only():
 
 def test_pii_columns_are_dropped_before_anything(tmp_path, adult_cfg):
     df = load_table("builtin://german").assign(email=lambda d: [f"u{i}@x.org" for i in range(len(d))])
-    cfg = compose("train", ["+experiment=german_mlp"])["dataset"]
-    p = prepare({**cfg, "pii": ["email"]}, seed=0, frame=df)
+    p = prepare(dataset("german_mlp", "dataset.pii=[email]"), seed=0, frame=df)
     assert "email" not in p.frame.columns
 
 
@@ -106,7 +105,7 @@ def test_csv_by_path(tmp_path):
     df = load_table("builtin://german")
     path = tmp_path / "g.csv"
     df.to_csv(path, index=False)
-    cfg = compose("train", ["+experiment=german_mlp", f"dataset.uri={path}"])["dataset"]
+    cfg = dataset("german_mlp", f"dataset.uri={path}")
     assert prepare(cfg, seed=0).version == dataset_version(load_table(str(path)))
     with pytest.raises(StorageError, match="file not found"):
         load_table(str(tmp_path / "missing.csv"))

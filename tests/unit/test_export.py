@@ -9,8 +9,6 @@ import json
 import numpy as np
 import pytest
 
-from jobs import export as export_job
-from mlops_ray.config import compose
 from mlops_ray.data import prepare
 from mlops_ray.export import (
     MODEL_FILE,
@@ -24,12 +22,13 @@ from mlops_ray.export import (
 from mlops_ray.registry import Policy, Registry
 from mlops_ray.serving.predictor import Predictor
 from mlops_ray.storage import resolve
+from tests.conftest import dataset, in_process
 from tests.serving import MODEL, make_version
 
 
 @pytest.fixture(scope="module")
 def adult():
-    prepared = prepare(compose("train", ["+experiment=adult_mlp"])["dataset"], 0)
+    prepared = prepare(dataset("adult_mlp"), 0)
     # held-out rows: the test split, with values Serve must also handle (missing, unseen)
     held = prepared.frame.iloc[prepared.splits["test"]].sample(300, random_state=0).copy()
     held = held.drop(columns=[prepared.label]).reset_index(drop=True)
@@ -138,9 +137,8 @@ def test_a_bundle_that_disagrees_is_refused_and_nothing_written(store, monkeypat
         return real(model, bad, threshold, **kw)
     monkeypatch.setattr(onnx_graph, "build", skewed)
     before = listing(root)
-    with pytest.raises(SystemExit) as exit_:
-        export_job.main([f"model={MODEL}@production", f"storage.uri={root}"])
-    assert exit_.value.code == ExportError.exit_code
+    assert export_job([f"ref={MODEL}@production", f"storage.uri={root}"]) == \
+        ExportError.exit_code
     err = capsys.readouterr().err
     assert "does not match the served model" in err and "nothing written" in err
     assert listing(root) == before
@@ -148,26 +146,31 @@ def test_a_bundle_that_disagrees_is_refused_and_nothing_written(store, monkeypat
 
 @pytest.mark.parametrize("args, code, expected", [
     (["format=tflite"], 2, "format='tflite': Input should be 'onnx' or 'torchscript'"),
-    ([f"model={MODEL}:99"], 6, f"{MODEL}:99 is not registered"),
-    ([f"model={MODEL}@canary"], 6, f"{MODEL}@canary: no such alias"),
-    ([f"model={MODEL}:latest"], 2, "expected a registry ref"),
-    ([], 2, "model: required"),
+    ([f"ref={MODEL}:99"], 6, f"{MODEL}:99 is not registered"),
+    ([f"ref={MODEL}@canary"], 6, f"{MODEL}@canary: no such alias"),
+    ([f"ref={MODEL}:latest"], 2, "expected a registry ref"),
+    ([], 2, "ref: required key is missing"),
 ])
 def test_bad_format_or_version_is_a_clear_error_and_writes_nothing(store, capsys, args, code,
                                                                     expected):
     root = store[0]
-    base = [] if any(a.startswith("model=") for a in args) or not args else [f"model={MODEL}"]
+    base = [] if any(a.startswith("ref=") for a in args) or not args else [f"ref={MODEL}"]
     before = listing(root)
-    with pytest.raises(SystemExit) as exit_:
-        export_job.main([*base, *args, f"storage.uri={root}"])
-    assert exit_.value.code == code
+    assert export_job([*base, *args, f"storage.uri={root}"]) == code
     assert expected in capsys.readouterr().err
     assert listing(root) == before
 
 
+def export_job(overrides: list[str]) -> int:
+    """jobs.export in this process: its exit code."""
+    from mlops_ray.config.batch import ExportJob
+    from mlops_ray.export import export
+    return in_process("export", ExportJob, overrides, lambda job: export(job))
+
+
 def test_job_writes_the_default_folder_and_audits_the_export(store, capsys):
     root, reg, version, _ = store
-    export_job.main([f"model={MODEL}", "format=torchscript", f"storage.uri={root}"])
+    assert export_job([f"ref={MODEL}", "format=torchscript", f"storage.uri={root}"]) == 0
     out = root / "exports" / f"{MODEL}-v{version.version}-torchscript"
     assert verify_bundle(out)["format"] == "torchscript"
     assert str(out) in capsys.readouterr().out

@@ -8,21 +8,17 @@ import math
 import pytest
 import torch
 
-from mlops_ray.config import compose, validate
-from mlops_ray.config.schema import LmTrainJobCfg, TrainJobCfg, train_job_schema
+from mlops_ray.artifacts import checkpoint as ckpt_io
+from mlops_ray.config import train_job_schema, validate
+from mlops_ray.config.compose import compose
+from mlops_ray.config.lm import LmJob
+from mlops_ray.config.train import TrainJob
 from mlops_ray.errors import ConfigError
 from mlops_ray.models.gpt import GPT, GPTConfig
-from mlops_ray.train import checkpoint as ckpt_io
-from mlops_ray.train import lm_loop
-from mlops_ray.train.lm_loop import (
-    Prefetcher,
-    lm_train_loop_per_worker,
-    lr_factor,
-    param_groups,
-    peak_for,
-)
-from mlops_ray.train.lm_trainer import lm_loop_config, summary_lines
-from mlops_ray.train.trainer import run_name_for
+from mlops_ray.train.driver import summary_lines
+from mlops_ray.train.session import LocalSession
+from mlops_ray.train.tasks.lm import lm_train_loop_per_worker, loop_config
+from mlops_ray.train.tasks.lm_ops import Prefetcher, lr_factor, param_groups, peak_for
 
 LM = ["+experiment=gpt_synthetic"]
 
@@ -35,9 +31,9 @@ def _one_torch_thread():
     torch.set_num_threads(before)
 
 
-def lm_cfg(*overrides: str) -> dict:
+def lm_cfg(*overrides: str) -> LmJob:
     composed = compose("train", [*LM, *overrides])
-    return validate(composed, train_job_schema(composed)).model_dump(by_alias=True)
+    return validate(composed, LmJob)
 
 
 def lm_errors(*overrides: str) -> str:
@@ -48,27 +44,27 @@ def lm_errors(*overrides: str) -> str:
 
 def test_gpt_experiment_composes_to_the_lm_schema():
     composed = compose("train", LM)
-    assert train_job_schema(composed) is LmTrainJobCfg
-    assert train_job_schema(compose("train", ["+experiment=adult_mlp"])) is TrainJobCfg
-    job = validate(composed, LmTrainJobCfg)
+    assert train_job_schema(composed) is LmJob
+    assert train_job_schema(compose("train", ["+experiment=adult_mlp"])) is TrainJob
+    job = validate(composed, LmJob)
     assert job.task == "lm" and job.model.size == "tiny" and job.train.precision == "fp32"
     assert job.lm.strategy == "ddp" and not job.lm.compile and job.total_steps() == 60
     assert job.checkpoint.checkpoint_score_attribute == "val/loss"
     assert job.lm.peak_tflops["H100"] == 989.0  # the per-GPU peak table lives in the config
     # the tabular schema refuses it with the key that marks it
     with pytest.raises(ConfigError, match="task: unknown key"):
-        validate(composed, TrainJobCfg)
+        validate(composed, TrainJob)
 
 
 def test_gpu_preset_is_the_reference_setup():
     # ray.address: validated as for a cluster (this machine's GPUs are not counted)
     job = lm_cfg("lm=gpu", "scaling=gpu", "ray.address=auto")
-    assert job["model"]["size"] == "gpt_small" and job["train"]["precision"] == "bf16"
-    assert job["lm"]["compile"] and job["lm"]["fused_optimizer"] and job["lm"]["tf32"]
-    assert job["train"]["batch_size"] == 16 and job["optim"]["lr"] == 0.0006
+    assert job.model.size == "gpt_small" and job.train.precision == "bf16"
+    assert job.lm.compile and job.lm.fused_optimizer and job.lm.tf32
+    assert job.train.batch_size == 16 and job.optim.lr == 0.0006
     # presets stay overridable key by key
     assert lm_cfg("lm=gpu", "scaling=gpu", "ray.address=auto",
-                  "lm.compile_mode=max-autotune")["lm"]["compile_mode"] == "max-autotune"
+                  "lm.compile_mode=max-autotune").lm.compile_mode == "max-autotune"
 
 
 @pytest.mark.parametrize("overrides,expected", [
@@ -94,13 +90,13 @@ def test_bad_lm_configs_name_the_field_and_what_is_allowed(overrides, expected):
 
 def test_fsdp_with_one_worker_is_allowed():
     # it shards nothing; it is how the FSDP code path runs on a single GPU
-    assert lm_cfg("lm.strategy=fsdp")["lm"]["strategy"] == "fsdp"
+    assert lm_cfg("lm.strategy=fsdp").lm.strategy == "fsdp"
 
 
 def test_run_name_follows_what_is_computed():
     base = lm_cfg()
-    assert run_name_for(base, "v") == run_name_for(lm_cfg("storage.uri=/elsewhere"), "v")
-    assert run_name_for(base, "v") != run_name_for(lm_cfg("lm.grad_clip=0.5"), "v")
+    assert base.run_name("v") == lm_cfg("storage.uri=/elsewhere").run_name("v")
+    assert base.run_name("v") != lm_cfg("lm.grad_clip=0.5").run_name("v")
 
 
 def test_lr_schedule():
@@ -143,10 +139,10 @@ def test_prefetcher_yields_in_order_and_raises_the_makers_error():
 
 
 def run_local(tmp_path, *overrides: str) -> tuple[dict, dict]:
+    """The loop as a plain call; a rerun resumes from its last checkpoint in `tmp_path`."""
     cfg = lm_cfg("train.torch_threads=1", *overrides)
-    lc = lm_loop_config(cfg, "local")
-    lc.update(session="local", local_dir=str(tmp_path))
-    out = lm_train_loop_per_worker(lc)
+    out = lm_train_loop_per_worker(loop_config(cfg, "local").plain(),
+                                   LocalSession(str(tmp_path), resume=True))
     return out, ckpt_io.load_state(tmp_path)["model"]
 
 
@@ -183,7 +179,7 @@ def test_crash_and_rerun_resumes_to_identical_weights(tmp_path, monkeypatch, cra
     ov = ("train.epochs=2", f"checkpoint.every_n_steps={every_n_steps}")
     reference, w_ref = run_local(tmp_path / "ref", *ov)
     saved = []
-    real = lm_loop._LocalLMSession.report
+    real = LocalSession.report
 
     def crashing(self, metrics, directory=None, name=None):
         real(self, metrics, directory, name)
@@ -192,10 +188,10 @@ def test_crash_and_rerun_resumes_to_identical_weights(tmp_path, monkeypatch, cra
             if len(saved) == crash_after:
                 raise RuntimeError("worker lost")
 
-    monkeypatch.setattr(lm_loop._LocalLMSession, "report", crashing)
+    monkeypatch.setattr(LocalSession, "report", crashing)
     with pytest.raises(RuntimeError, match="worker lost"):
         run_local(tmp_path / "run", *ov)
-    monkeypatch.setattr(lm_loop._LocalLMSession, "report", real)
+    monkeypatch.setattr(LocalSession, "report", real)
     resumed, w = run_local(tmp_path / "run", *ov)
     assert resumed["restored_from"]["step"] == saved[-1] == (20 if crash_after == 1 else 10)
     assert all(torch.equal(w_ref[k], w[k]) for k in w_ref)
@@ -206,7 +202,8 @@ def test_crash_and_rerun_resumes_to_identical_weights(tmp_path, monkeypatch, cra
 def test_summary_lines_of_a_record(tmp_path):
     out, _ = run_local(tmp_path, "train.epochs=1")
     cfg = lm_cfg("train.epochs=1")
-    record = {"run_name": "gpt_synthetic-x", "status": "finished", "config": cfg,
+    record = {"run_name": "gpt_synthetic-x", "status": "finished", "config": cfg.plain(),
+              "task": "lm",
               "history": out["history"], "summary": out["summary"], "world_size": 1,
               "final": out["history"][-1], "best": out["history"][-1],
               "checkpoints": {"latest": "file:///x"}, "run_uri": "file:///r", "wall_s": 1.0}

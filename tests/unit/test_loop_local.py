@@ -4,24 +4,24 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mlops_ray.config import compose, validate
-from mlops_ray.config.schema import TrainJobCfg
+from mlops_ray.artifacts import checkpoint as ckpt_io
+from mlops_ray.config import validate
+from mlops_ray.config.compose import compose
+from mlops_ray.config.train import TrainJob
 from mlops_ray.data import prepare
 from mlops_ray.errors import DataValidationError
-from mlops_ray.train import checkpoint as ckpt_io
-from mlops_ray.train.loop import train_loop_per_worker
-from mlops_ray.train.trainer import arrays, loop_config, penalty_attribute
+from mlops_ray.train.session import LocalSession
+from mlops_ray.train.tasks.tabular import arrays, loop_config, train_loop_per_worker
 
 
 def _run(tmp_path, *overrides: str) -> tuple[dict, dict]:
-    cfg = validate(compose("train", ["+experiment=german_mlp", "train.epochs=3",
-                                     "train.torch_threads=1", *overrides]),
-                   TrainJobCfg).model_dump(by_alias=True)
-    prepared = prepare(cfg["dataset"], cfg["seed"])
-    lc = loop_config(cfg, prepared, None, "local")
-    lc.update(session="local", data=arrays(prepared, penalty_attribute(cfg)),
-              local_dir=str(tmp_path))
-    out = train_loop_per_worker(lc)
+    job = validate(compose("train", ["+experiment=german_mlp", "train.epochs=3",
+                                     "train.torch_threads=1", *overrides]), TrainJob)
+    prepared = prepare(job.dataset, job.seed)
+    pre = prepared.preprocessor
+    lc = loop_config(job, pre.feature_names, pre.to_dict(), "local")
+    out = train_loop_per_worker(lc.plain(), LocalSession(
+        str(tmp_path), arrays(prepared, job.penalty_attribute())))
     return out, ckpt_io.load_state(tmp_path)["model"]
 
 
@@ -41,9 +41,10 @@ def test_fairness_penalty_changes_training(tmp_path):
 
 
 def test_a_split_without_both_classes_is_refused():
-    cfg = compose("train", ["+experiment=adult_mlp", "dataset.split.test_value=nope"])
+    job = validate(compose("train", ["+experiment=adult_mlp", "dataset.split.test_value=nope"]),
+                   TrainJob)
     with pytest.raises(DataValidationError, match="split 'test' has 0 rows"):
-        prepare(cfg["dataset"], 0)
+        prepare(job.dataset, 0)
 
 
 def test_step_gate_holds_a_run_until_released(tmp_path, monkeypatch):

@@ -5,8 +5,8 @@ import json
 
 import torch
 
+from mlops_ray.artifacts import checkpoint as ckpt_io
 from mlops_ray.storage import from_cfg
-from mlops_ray.train import checkpoint as ckpt_io
 from mlops_ray.train.resume import SNAPSHOT, repair_run_dir
 
 

@@ -1,4 +1,4 @@
-"""`jobs.serve export`: a Serve config file pinned to the version an alias names."""
+"""`jobs.serve action=export`: a Serve config file pinned to the version a ref names."""
 from __future__ import annotations
 
 import subprocess
@@ -7,11 +7,10 @@ import sys
 import pytest
 import yaml
 
-from mlops_ray.config import compose
 from mlops_ray.data import prepare
 from mlops_ray.registry import Policy, Registry
 from mlops_ray.storage import resolve
-from tests.conftest import REPO, job_env
+from tests.conftest import REPO, dataset, job_env
 from tests.serving import MODEL, make_version
 
 
@@ -19,14 +18,14 @@ from tests.serving import MODEL, make_version
 def store(tmp_path_factory):
     store = tmp_path_factory.mktemp("export")
     reg = Registry(f"sqlite:///{store / 'mlops_ray.db'}", resolve(str(store)), Policy.default())
-    prepared = prepare(compose("train", ["+experiment=adult_mlp"])["dataset"], 0)
+    prepared = prepare(dataset("adult_mlp"), 0)
     v1, v2 = make_version(reg, prepared, 0), make_version(reg, prepared, 1)
     reg.set_alias(MODEL, "production", v2.version, expected=None)
     return store, v1, v2
 
 
 def export(store, *args):
-    return subprocess.run([sys.executable, "-m", "jobs.serve", "export", f"model={MODEL}",
+    return subprocess.run([sys.executable, "-m", "jobs.serve", "action=export",
                            f"storage.uri={store}", *args], cwd=REPO, env=job_env(),
                           capture_output=True, text=True, timeout=120)
 
@@ -36,7 +35,7 @@ def test_export_pins_the_alias_and_serve_accepts_it(store, tmp_path):
     from ray.serve.schema import ServeDeploySchema
     root, _, v2 = store
     out = tmp_path / "serve_config.yaml"
-    done = export(root, f"out={out}", "serve.host=0.0.0.0",
+    done = export(root, f"ref={MODEL}", f"out={out}", "serve.host=0.0.0.0",
                   "+serve.ingress.autoscaling_config={min_replicas:2,max_replicas:4}")
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"{MODEL}:{v2.version}" in done.stdout and not list(tmp_path.glob("*.tmp"))
@@ -54,6 +53,6 @@ def test_export_pins_the_alias_and_serve_accepts_it(store, tmp_path):
 def test_export_of_a_missing_alias_fails_and_writes_nothing(store, tmp_path):
     root, _, _ = store
     out = tmp_path / "c.yaml"
-    done = export(root, f"out={out}", "alias=nonexistent")
+    done = export(root, f"ref={MODEL}@nonexistent", f"out={out}")
     assert done.returncode != 0 and "nonexistent" in done.stderr
     assert not out.exists()

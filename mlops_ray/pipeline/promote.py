@@ -1,4 +1,6 @@
-"""jobs.promote: run -> (evaluation against production) -> registry version -> aliases.
+"""jobs.promote: run -> (evaluation against production) -> registry version -> aliases. The
+registry itself only stores and guards; deciding what to register, and evaluating first when
+the run's report does not hold for this promotion, is this orchestration's.
 
 `production` moves only when the version's gates passed *and* its champion gate compared it with
 the version production points at now; the evaluation is (re)run when the run has no report, or
@@ -13,6 +15,7 @@ import json
 import tempfile
 from typing import Any
 
+from mlops_ray.config.evaluate import PromoteJob
 from mlops_ray.errors import GateFailed, PermissionDenied
 from mlops_ray.registry import Registry, open_registry
 
@@ -40,45 +43,26 @@ def signature(pre: Any, dataset: dict[str, Any], threshold: float,
             "threshold": threshold}
 
 
-def _rule_key(rules: list[dict[str, Any]]) -> list[tuple]:
-    return sorted((r["name"], r["metric"], r["op"], float(r["threshold"]),
-                   r.get("compare", r.get("on"))) for r in rules)
-
-
-def needs_evaluation(report: dict | None, rec: dict, champion_run: str | None,
-                     rules: list[dict[str, Any]]) -> str | None:
-    """Why the run's stored gate report cannot be used for this promotion (None: it can)."""
-    if report is None:
-        return "the run has no gate report"
-    if report["lineage"]["run"] != rec["run_uri"]:
-        return "the report belongs to another run"
-    compared = (report.get("champion") or {}).get("run")
-    if compared != champion_run:
-        return (f"its champion gate compared against {compared or 'nothing'}, production is "
-                f"{champion_run or 'unset'}")
-    stored = [{**g, "compare": g["on"]} for g in report["gates"] if g["name"] != "champion"]
-    if _rule_key(stored) != _rule_key(rules):
-        return "it was judged by other gate rules than this job's"
-    return None
-
-
-def version_files(job: dict[str, Any], rec: dict[str, Any], report: dict[str, Any]
-                  ) -> dict[str, bytes]:
+def version_files(job: PromoteJob, rec: dict[str, Any], report: dict[str, Any],
+                  prepared: Any = None) -> dict[str, bytes]:
     import torch
 
-    from mlops_ray.data import prepare
+    from mlops_ray.artifacts import checkpoint as ckpt_io
+    from mlops_ray.artifacts.runs import checkpoint_dir
+    from mlops_ray.config.train import TrainJob
     from mlops_ray.data.profile import profile
-    from mlops_ray.evaluation.job import _checkpoint_dir
-    from mlops_ray.train import checkpoint as ckpt_io
+    from mlops_ray.pipeline.evaluate import run_data
+    from mlops_ray.storage import resolve
     cfg = rec["config"]
+    storage = job.storage
     with tempfile.TemporaryDirectory() as tmp:
-        d = _checkpoint_dir(rec["checkpoints"]["best"], job["storage"], tmp)
+        d = checkpoint_dir(rec["checkpoints"]["best"], storage.plain(), tmp)
         model, pre, meta = ckpt_io.load_model(d)
         buf = io.BytesIO()
         torch.save(model.state_dict(), buf)  # weights only: no optimizer state, no RNG
         files = {"model.pt": buf.getvalue(), "meta.json": (d / "meta.json").read_bytes(),
                  "preprocessor.json": (d / "preprocessor.json").read_bytes()}
-    prepared = prepare(cfg["dataset"], cfg["seed"], storage=job["storage"])
+    prepared = run_data(rec, TrainJob.stored(cfg), storage, prepared)
     train_rows = prepared.frame.iloc[prepared.splits["train"]]
     cats = list(dict.fromkeys(pre.categorical + [c for c in cfg["dataset"]["sensitive"]
                                                  if c in train_rows.columns]))
@@ -96,13 +80,11 @@ def version_files(job: dict[str, Any], rec: dict[str, Any], report: dict[str, An
         "config.json": dumps(cfg), "lineage.json": dumps(lineage),
         "gate_report.json": dumps({k: v for k, v in report.items() if k != "curves"}),
     })
-    from mlops_ray.storage import resolve
-    card = resolve(report["model_card"].rsplit("/", 1)[0], job["storage"].get("endpoint_url"),
-                   job["storage"].get("region"))
+    card = resolve(report["model_card"].rsplit("/", 1)[0], storage.endpoint_url, storage.region)
     files["model_card.md"] = card.read_bytes("model_card.md")
     if mitigation.get("artifact"):
-        src = resolve(mitigation["artifact"].rsplit("/", 1)[0],
-                      job["storage"].get("endpoint_url"), job["storage"].get("region"))
+        src = resolve(mitigation["artifact"].rsplit("/", 1)[0], storage.endpoint_url,
+                      storage.region)
         files["threshold_optimizer.pkl"] = src.read_bytes("threshold_optimizer.pkl")
     return files
 
@@ -114,14 +96,17 @@ def headline(report: dict[str, Any]) -> dict[str, Any]:
             "failed_gates": [g["name"] for g in report["gates"] if not g["passed"]]}
 
 
-def promote(job: dict[str, Any], log: Any = print, registry: Registry | None = None
-            ) -> dict[str, Any]:
+def promote(job: PromoteJob, log: Any = print, registry: Registry | None = None,
+            prepared: Any = None) -> dict[str, Any]:
+    """Register the run as a version; move `production` to it when its gates passed (and the
+    approval is automatic). `prepared`: the pipeline's data, reused when it is the run's."""
+    from mlops_ray.artifacts.runs import resolve_run
     from mlops_ray.evaluation import gates as gmod
-    from mlops_ray.evaluation.job import expand_rules, resolve_run, run_evaluation
+    from mlops_ray.pipeline.evaluate import run_evaluation, stored_report
     reg = registry or open_registry(job)
-    p = job["promote"]
-    rec, run_store = resolve_run(job["run"], job["storage"])
-    model = p["model"] or rec["config"]["name"]
+    p = job.promote
+    rec, run_store = resolve_run(job.run, job.storage.plain())
+    model = p.model or rec["config"]["name"]
     prod = reg.alias_target(model, "production")
     expected = prod.version if prod else None  # the CAS token: production as we found it
     champion_run = prod.run_uri if prod else None
@@ -130,15 +115,12 @@ def promote(job: dict[str, Any], log: Any = print, registry: Registry | None = N
         return {"model": model, "version": prod.version, "passed": prod.gate_passed,
                 "production_before": expected, "production": expected,
                 "artifact": prod.artifact_uri, "report": None, "table": ""}
-    report = run_store.read_json("eval", "gate_report.json") \
-        if run_store.exists("eval", "gate_report.json") else None
-    attrs = job["fairness"]["attributes"] or rec["config"]["dataset"]["sensitive"]
-    why = needs_evaluation(report, rec, champion_run, expand_rules(job["gates"]["rules"], attrs))
-    if why:
+    report, why = stored_report(job.evaluate_job(), rec, run_store, champion_run)
+    if report is None:
         log(f"evaluating {rec['run_name']} first: {why}")
-        report = run_evaluation({**job, "champion": champion_run}, log=log)
-    assert report is not None  # needs_evaluation gives a reason whenever there is none
-    v = reg.register(model, version_files(job, rec, report), {
+        report = run_evaluation(job.evaluate_job(champion=champion_run), log=log,
+                                prepared=prepared)
+    v = reg.register(model, version_files(job, rec, report, prepared), {
         "run_uri": rec["run_uri"], "run_name": rec["run_name"],
         "data_version": rec["dataset"]["version"], "dataset_uri": rec["config"]["dataset"]["uri"],
         "config_hash": rec["config_hash"], "code_version": rec["code_version"],
@@ -146,24 +128,24 @@ def promote(job: dict[str, Any], log: Any = print, registry: Registry | None = N
         "champion_run": champion_run, "metrics": headline(report)})
     log(f"registered {v.ref} ({'gates passed' if v.gate_passed else 'gates FAILED'}) "
         f"at {v.artifact_uri}")
-    for alias in p["aliases"]:
-        reg.set_alias(model, alias, v.version, reason=p["reason"])
-    out = {"model": model, "version": v.version, "passed": v.gate_passed,
-           "production_before": expected, "production": expected, "artifact": v.artifact_uri,
-           "report": report, "table": gmod.verdict_table(report["gates"])}
-    if p["approval"] == "manual":
+    for alias in p.aliases:
+        reg.set_alias(model, alias, v.version, reason=p.reason)
+    table = gmod.verdict_table(report["gates"])
+    out: dict[str, Any] = {"model": model, "version": v.version, "passed": v.gate_passed,
+                           "production_before": expected, "production": expected,
+                           "artifact": v.artifact_uri, "report": report, "table": table}
+    if p.approval == "manual":
         log(f"approval is manual: production stays at {expected}; an approver runs\n"
             f"  python -m jobs.registry approve {v.ref} --reason '...'")
         return out
     try:
-        reg.set_alias(model, "production", v.version, expected=expected, reason=p["reason"],
-                      force=p["force"])
+        reg.set_alias(model, "production", v.version, expected=expected, reason=p.reason,
+                      force=p.force)
     except PermissionDenied:
-        if not v.gate_passed and not p["force"]:
-            raise GateFailed(headline(report)["failed_gates"], out["table"] + (
+        if not v.gate_passed and not p.force:
+            raise GateFailed(headline(report)["failed_gates"], table + (
                 f"\n{v.ref} is registered; production stays at {expected}")) from None
         raise
     out["production"] = v.version
     log(f"{model}@production: {expected} -> {v.version}")
     return out
-

@@ -1,4 +1,4 @@
-"""Checkpoint directory layout, shared by the training loop, evaluation and serving (no Ray).
+"""The checkpoint folder, as every run writes it and evaluation, promotion and export read it.
 
     state.pt           model/optimizer/scheduler state, epoch, step, RNG, history, early stopping
     meta.json          model spec and input width, feature names, run name, epoch

@@ -1,0 +1,109 @@
+"""jobs.pipeline and jobs.monitor (conf/pipeline.yaml, conf/monitor.yaml): the train, evaluate
+and promote sections, the tuning sections (`tune.enabled=true`), the Serve sections of the deploy
+and smoke stages, and when the monitor retrains. Each stage runs the job it stands for, seen
+through that job's own schema (`train_job()`, `tune_job()`, ...)."""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from mlops_ray.config.base import Strict, problems, view
+from mlops_ray.config.evaluate import EvaluateJob, EvaluateSections, PromoteJob, PromoteSections
+from mlops_ray.config.serve import ServeCfg, ServeJob
+from mlops_ray.config.train import TrainJob
+from mlops_ray.config.tune import ParamSpec, SchedulerCfg, SearchCfg, TuneCfg, TuneJob
+
+Stage = Literal["train", "evaluate", "promote", "deploy", "smoke"]
+PIPELINE_STAGES: tuple[Stage, ...] = ("train", "evaluate", "promote", "deploy", "smoke")
+
+
+class PipelineTuneCfg(TuneCfg):
+    enabled: bool = False  # tune.enabled=true: a study instead of one training run
+
+
+class SmokeCfg(Strict):
+    rows: int = Field(200, ge=1)
+
+
+class PipelineJob(TrainJob, EvaluateSections, PromoteSections):
+    run: str | None = None  # type: ignore[assignment]  # optional here: train makes it
+    stages: list[Stage] = list(PIPELINE_STAGES)
+    trigger: str | None = None
+    tune: PipelineTuneCfg = PipelineTuneCfg()
+    space: dict[str, ParamSpec] = {}
+    search: SearchCfg = SearchCfg()
+    scheduler: SchedulerCfg = SchedulerCfg()
+    smoke: SmokeCfg = SmokeCfg()
+    serve: ServeCfg = ServeCfg()
+
+    @model_validator(mode="after")
+    def _pipeline_cross(self) -> PipelineJob:
+        p: list[str] = []
+        order = [s for s in PIPELINE_STAGES if s in self.stages]
+        if self.stages != order or len(set(self.stages)) != len(self.stages):
+            p.append(f"stages={self.stages}: list each stage once, in the order "
+                     f"{list(PIPELINE_STAGES)}")
+        if not self.stages:
+            p.append("stages: empty; allowed: any ordered subset of "
+                     f"{list(PIPELINE_STAGES)}")
+        if "train" not in self.stages and not self.run:
+            p.append(f"stages={self.stages} has no train stage: give run=<run folder or tuning "
+                     "folder> to start from")
+        if "train" in self.stages and self.run:
+            p.append(f"run={self.run!r} with a train stage: drop one (run= starts after train)")
+        if self.tune.enabled:
+            if not self.space:
+                p.append("tune.enabled=true needs a search space (conf/space/<experiment>.yaml)")
+            else:  # the study's own cross-checks (CPU fit, ASHA + Train trials, metric)
+                try:
+                    self.tune_job()
+                except ValueError as e:
+                    p.append(f"tune.enabled=true: {e}")
+        problems(p)
+        return self
+
+    @property
+    def model_name(self) -> str:
+        """The registry model this pipeline promotes into."""
+        return self.promote.model or self.name
+
+    def train_job(self) -> TrainJob:
+        return view(self, TrainJob)
+
+    def tune_job(self) -> TuneJob:
+        # ASHA stops trials early; the run's own early stopping would fight it
+        t = self.tune.model_dump(exclude={"enabled"})
+        return view(self, TuneJob, tune=t,
+                    train={**self.train.plain(), "early_stopping": None})
+
+    def evaluate_job(self, run: str, champion: str | None) -> EvaluateJob:
+        return view(self, EvaluateJob, run=run, champion=champion)
+
+    def promote_job(self, run: str, **promote: Any) -> PromoteJob:
+        return view(self, PromoteJob, run=run, promote={**self.promote.plain(), **promote})
+
+    def serve_job(self) -> ServeJob:
+        return view(self, ServeJob, ref=f"{self.model_name}@production")
+
+
+class MonitorCfg(Strict):
+    new_data: str = Field(min_length=1)
+    interval_s: float = Field(30, gt=0)
+    once: bool = False
+    max_drifted_features: int = Field(1, ge=0)
+    min_live_auc: float | None = Field(None, gt=0, le=1)
+    min_labelled_rows: int = Field(200, ge=1)
+    canary_max_prediction_shift: float = Field(1.0, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _some_trigger(self) -> MonitorCfg:
+        if not self.max_drifted_features and self.min_live_auc is None:
+            raise ValueError("monitor: nothing to watch (set max_drifted_features >= 1 or "
+                             "min_live_auc)")
+        return self
+
+
+class MonitorJob(PipelineJob):
+    """jobs.monitor: the pipeline it runs when the production deployment drifts."""
+    monitor: MonitorCfg

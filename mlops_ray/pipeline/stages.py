@@ -1,0 +1,203 @@
+"""The pipeline's stages, each `stage(ctx) -> its output` on the shared Context (run.py): the
+job each stands for runs in this process, seen through that job's own schema, so a run trained
+here has the name and hash `jobs.train` would give it."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from mlops_ray.errors import GateFailed, MlopsError, SmokeFailed
+
+if TYPE_CHECKING:
+    from mlops_ray.pipeline.run import Context
+
+
+def train(ctx: Context) -> str:
+    from mlops_ray.storage import from_cfg
+    from mlops_ray.train.driver import run_training, summary_lines
+    job = ctx.job.train_job()
+    storage = from_cfg(job.storage.plain())
+    name = job.run_name(ctx.prepared.version)
+    with ctx.stage("train") as e:
+        e["output"] = storage.uri_of("runs", name)
+        if storage.exists("runs", name, "run.json") and \
+                storage.read_json("runs", name, "run.json").get("status") == "finished":
+            e.update(status="skipped", note="finished run with this config and data")
+            return e["output"]
+        rec = run_training(job, prepared=ctx.prepared, log=ctx.log)
+        ctx.log("\n".join("   " + line for line in summary_lines(rec)))
+        return rec["run_uri"]
+
+
+def tune(ctx: Context) -> str:
+    from mlops_ray.storage import from_cfg
+    from mlops_ray.tune.tuner import run_tuning, study_name, summary_lines
+    job = ctx.job.tune_job()
+    storage = from_cfg(job.storage.plain())
+    study = study_name(job, ctx.prepared.version)
+    with ctx.stage("tune") as e:
+        e["output"] = storage.uri_of("tune", study)
+        if storage.exists("tune", study, "tune.json") and \
+                (storage.read_json("tune", study, "tune.json").get("best") or {}).get("run_uri"):
+            e.update(status="skipped", note="finished study with this config and data")
+            return e["output"]
+        summary = run_tuning(job, prepared=ctx.prepared, log=ctx.log)
+        ctx.log("\n".join("   " + line for line in summary_lines(summary)))
+        if not summary.get("best"):
+            raise MlopsError(f"study {study}: no trial finished; nothing to evaluate")
+        return summary["tune_uri"]
+
+
+def evaluate(ctx: Context) -> dict[str, Any] | None:
+    from mlops_ray.evaluation.gates import verdict_table
+    from mlops_ray.pipeline.evaluate import run_evaluation, stored_report
+    prod, rec = ctx.prod, ctx.rec
+    with ctx.stage("evaluate") as e:
+        if ctx.already:
+            e.update(status="skipped", note=f"{prod.ref} is production already")
+            return None
+        champion = prod.run_uri if prod else None  # the candidate must not be worse than it
+        ej = ctx.job.evaluate_job(rec["run_uri"], champion)
+        report, why = stored_report(ej, rec, ctx.run_store, champion)
+        if report is not None:
+            e.update(status="skipped", note="gate report is current")
+        else:
+            ctx.log(f"   evaluating: {why}")
+            report = run_evaluation(ej, log=ctx.log, prepared=ctx.prepared)
+        e["output"] = report["report_uri"]
+        ctx.log(verdict_table(report["gates"]))
+        if not report["passed"]:
+            failed = [g["name"] for g in report["gates"] if not g["passed"]]
+            e["note"] = f"gates failed: {', '.join(failed)}"
+            ctx.reg.record("pipeline_refused", ctx.model, None, need="register",
+                           reason=f"gates failed: {', '.join(failed)}", verdict="failed",
+                           details={"run": rec["run_uri"], "report": report["report_uri"],
+                                    "trigger": ctx.job.trigger, "champion": champion,
+                                    "failed": {g["name"]: g.get("value")
+                                               for g in report["gates"] if not g["passed"]}})
+            raise GateFailed(failed, f"model card {report['model_card']}\nthe pipeline "
+                             f"stopped before promotion; production is unchanged "
+                             f"({prod.ref if prod else 'unset'})")
+        return report
+
+
+def promote(ctx: Context) -> int | None:
+    from mlops_ray.pipeline.promote import promote as register
+    job, prod = ctx.job, ctx.prod
+    with ctx.stage("promote") as e:
+        if ctx.already:
+            e.update(status="skipped", note=f"{prod.ref} is production already",
+                     output=prod.artifact_uri)
+            return int(prod.version)
+        reason = job.promote.reason or (f"jobs.pipeline ({job.trigger})" if job.trigger
+                                        else None)
+        pj = job.promote_job(ctx.rec["run_uri"], model=ctx.model, reason=reason)
+        res = register(pj, log=lambda m: ctx.log(f"   {m}"), registry=ctx.reg,
+                       prepared=ctx.prepared)
+        e["output"] = f"{ctx.model}:{res['version']} ({res['artifact']})"
+        if res["production"] != res["version"]:
+            e["note"] = "approval is manual: production unchanged"
+        return int(res["version"])
+
+
+def deploy(ctx: Context) -> dict[str, Any]:
+    from mlops_ray.serving import control, rollout
+    sj = ctx.job.serve_job()
+    with ctx.stage("deploy") as e:
+        prod = ctx.reg.get(f"{ctx.model}@production")
+        facts = control.start(sj)
+        e["output"] = f"{sj.endpoint()}/predict -> {prod.ref}"
+        cur = control.current_routing(sj)
+        served = [a["ref"] for a in cur["arms"]] if cur else []
+        if served == [prod.ref]:
+            e.update(status="skipped", note=f"'{sj.app_name}' serves {prod.ref}")
+        elif cur:
+            strategy = sj.serve.rollout.strategy
+            # the canary is judged on requests: held-out rows flow while it bakes
+            with _traffic(ctx, sj, prod, strategy == "canary"):
+                rollout.rollout(sj, ctx.reg, "production", strategy,
+                                log=lambda m: ctx.log(f"   {m}"))
+        else:
+            control.serve_alias(sj, ctx.reg, "production", log=lambda m: ctx.log(f"   {m}"))
+        return {"endpoint": sj.endpoint(), "app": sj.app_name, "version": prod.ref,
+                "dashboard": facts["dashboard_url"], "ray_address": facts["address"]}
+
+
+def held_out_records(prepared: Any, signature: dict[str, Any], n: int) -> tuple[list[dict], Any]:
+    """Held-out test rows as request records (the signature's columns, NaN -> null)."""
+    cols = [f["name"] for f in signature["inputs"]]
+    rows = prepared.frame.iloc[prepared.splits["test"][:n]]
+    frame = rows[cols].astype(object).where(rows[cols].notna(), None)
+    return frame.to_dict("records"), rows
+
+
+@contextmanager
+def _traffic(ctx: Context, sj: Any, v: Any, on: bool) -> Iterator[None]:
+    """Replay held-out rows against the endpoint in the background while the block runs."""
+    if not on:
+        yield
+        return
+    import requests
+    sig = json.loads((ctx.reg.fetch(v.ref)[1] / "signature.json").read_text())
+    records, _ = held_out_records(ctx.prepared, sig, 2000)
+    stop, url = threading.Event(), f"{sj.endpoint()}/predict"
+
+    def loop() -> None:
+        s, i = requests.Session(), 0
+        while not stop.is_set():
+            try:
+                s.post(url, json={"records": records[i:i + 8]}, timeout=10)
+            except requests.RequestException:
+                stop.wait(0.2)
+            i = (i + 8) % (len(records) - 8)
+            stop.wait(0.02)
+    t = threading.Thread(target=loop, daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        t.join(timeout=15)
+
+
+def smoke(ctx: Context) -> dict[str, Any]:
+    """Held-out rows through the live endpoint: every answer 200, from the production version,
+    equal to what the registry version computes offline."""
+    import requests
+
+    from mlops_ray.serving.auth import api_keys
+    from mlops_ray.serving.predictor import Predictor
+    sj = ctx.job.serve_job()
+    with ctx.stage("smoke") as e:
+        prod, folder = ctx.reg.fetch(f"{ctx.model}@production")
+        sig = json.loads((folder / "signature.json").read_text())
+        records, rows = held_out_records(ctx.prepared, sig, ctx.job.smoke.rows)
+        expected = Predictor.load(folder, prod.ref).predict_proba(rows)
+        url, got, chunk = f"{sj.endpoint()}/predict", [], sj.serve.limits.max_rows
+        headers = {}
+        if keys := api_keys(sj.serve.auth):
+            headers["Authorization"] = f"Bearer {keys[0]}"
+        t0 = time.perf_counter()
+        for i in range(0, len(records), chunk):
+            r = requests.post(url, json={"records": records[i:i + chunk]}, headers=headers,
+                              timeout=60)
+            if r.status_code != 200:
+                raise SmokeFailed(f"smoke test: {url} answered {r.status_code}: {r.text[:300]}")
+            body = r.json()
+            if body["version"] != prod.version:
+                raise SmokeFailed(f"smoke test: answered by version {body['version']}, "
+                                  f"production is {prod.ref}")
+            got += body["probabilities"]
+        diff = float(np.max(np.abs(np.asarray(got) - expected))) if got else 0.0
+        if diff > 1e-5:
+            raise SmokeFailed(f"smoke test: served probabilities differ from {prod.ref} "
+                              f"computed offline by up to {diff:.2g}")
+        ms = (time.perf_counter() - t0) * 1000
+        e["output"] = f"{len(got)} held-out rows, max |diff| {diff:.1g}, {ms:.0f} ms"
+        return {"rows": len(got), "max_abs_diff": diff, "ms": round(ms, 1)}

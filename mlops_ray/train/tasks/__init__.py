@@ -1,0 +1,31 @@
+"""Training tasks: what the driver (train/driver.py) runs. A task is its per-worker loop, the
+loop's config, the data version, what it adds to the run record, and its summary. Adding a
+model family is one module here (with `make(job, prepared) -> Task`) and a config group."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Task:
+    name: str
+    loop: Callable[[dict[str, Any]], dict[str, Any]]  # Ray Train's train_loop_per_worker
+    loop_config: Callable[[str], dict[str, Any]]  # run name -> the plain dict the workers get
+    data_version: str
+    dataset: dict[str, Any]  # run.json "dataset"
+    progress: Callable[[dict[str, Any], bool], str | None]  # one console line per report
+    summary: Callable[[dict[str, Any]], list[str]]  # the lines after the run
+    finish: Callable[[dict[str, Any], Any], None] = lambda record, best: None  # e.g. test metrics
+    record: dict[str, Any] = field(default_factory=dict)  # extra run.json fields
+    step_key: str = "epoch"  # what numbers the W&B steps
+
+
+def task_for(job: Any, prepared: Any = None) -> Task:
+    """The task a validated train job names (`task: lm`, else the tabular MLP)."""
+    if getattr(job, "task", None) == "lm":
+        from mlops_ray.train.tasks import lm
+        return lm.make(job)
+    from mlops_ray.train.tasks import tabular
+    return tabular.make(job, prepared)
