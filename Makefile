@@ -11,6 +11,7 @@ EXPERIMENT ?= adult_mlp
 PYTEST_ARGS ?=
 # extra Hydra overrides of run/train: make run ARGS='serve.keep_alive=false'
 ARGS ?=
+UNIT := not ray and not slow and not server and not s3 and not multinode and not gpu
 
 .PHONY: help install run train tune serve test test-unit test-multinode lint typecheck bench clean
 
@@ -37,23 +38,24 @@ tune: install ## tune the default experiment (Optuna TPE + ASHA on Ray Tune)
 	$(PY) -m jobs.tune +experiment=$(EXPERIMENT)
 
 serve: install ## serve the experiment's production version on 127.0.0.1:8000 (after jobs.promote)
-	$(PY) -m jobs.serve model=$(EXPERIMENT)
+	$(PY) -m jobs.serve ref=$(EXPERIMENT)
 
-test: install ## run every test tier (unit, Ray integration, e2e, multi-node); ~30 min on 2 cores
-	$(PY) -m pytest -m "not multinode" $(PYTEST_ARGS)
-	$(PY) -m pytest -m multinode $(PYTEST_ARGS)
+test: install ## every tier: unit, Ray integration, e2e (subprocess jobs), then multi-node
+	$(PY) -m pytest -m "not multinode" --durations=25 $(PYTEST_ARGS)
+	$(PY) -m pytest -m multinode --durations=10 $(PYTEST_ARGS)
+
+test-unit: install ## unit tests: no Ray, no subprocess job, no server
+	$(PY) -m pytest -m "$(UNIT)" --durations=10 $(PYTEST_ARGS)
 
 test-multinode: install ## node loss, preemption, tuning and elastic scenarios on a local multi-node cluster
-	$(PY) -m pytest -m multinode $(PYTEST_ARGS)
+	$(PY) -m pytest -m multinode --durations=10 $(PYTEST_ARGS)
 
-test-unit: install ## unit tests only (no Ray, seconds)
-	$(PY) -m pytest -m "not ray and not slow" $(PYTEST_ARGS)
+lint: install ## ruff, and the layering as import-linter contracts (pyproject.toml)
+	$(PY) -m ruff check mlops_ray jobs tests bench tools
+	$(VENV)/bin/lint-imports
 
-lint: install ## ruff
-	$(PY) -m ruff check mlops_ray jobs tests bench
-
-typecheck: install ## mypy on mlops_ray/
-	$(PY) -m mypy mlops_ray
+typecheck: install ## mypy on mlops_ray/ and jobs/
+	$(PY) -m mypy mlops_ray jobs
 
 bench: install ## benchmarks (not part of make test): training overhead vs bare PyTorch
 	$(PY) bench/train_overhead.py

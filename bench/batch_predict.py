@@ -106,8 +106,8 @@ def baseline(folder: str, data: str, batch: int, probs_out: str) -> dict:
     import numpy as np
     import pyarrow.parquet as pq
 
+    from mlops_ray.artifacts.predictor import Predictor
     from mlops_ray.predict.drift import batch_counts, drift_columns
-    from mlops_ray.serving.predictor import Predictor
     pred = Predictor.load(folder, f"{MODEL}:1")  # sets one torch thread, as in an actor
     pf = pq.ParquetFile(data)
     names = set(pf.schema_arrow.names)

@@ -77,8 +77,8 @@ def bare_app(folder: str, ref: str):
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse
 
+    from mlops_ray.artifacts.predictor import Predictor
     from mlops_ray.errors import RequestInvalid
-    from mlops_ray.serving.predictor import Predictor
     from mlops_ray.serving.schema import validate_records
     pred = Predictor.load(folder, ref)
     app = FastAPI()
@@ -105,7 +105,7 @@ def serve_defaults_app(folder: str, ref: str):
     @serve.ingress(api)
     class Plain:
         def __init__(self):
-            from mlops_ray.serving.predictor import Predictor
+            from mlops_ray.artifacts.predictor import Predictor
             self.pred = Predictor.load(folder, ref)
 
         @api.post("/predict")
@@ -146,13 +146,13 @@ def run_server(arm: str, work: Path, port: int, info: dict) -> None:
         from mlops_ray.config.compose import job as compose_job
         from mlops_ray.config.serve import ServeJob
         from mlops_ray.registry import open_registry
-        from mlops_ray.serving import control
+        from mlops_ray.serving import control, rollout
         job = compose_job("serve", ServeJob, [
             f"ref={MODEL}", f"storage.uri={work}", f"serve.port={port}", "ray.num_cpus=2",
             "ray.include_dashboard=false",
             f"serve.cache.enabled={'true' if arm == 'b' else 'false'}"])
         control.start(job)
-        control.serve_ref(job, open_registry(job), log=lambda _: None)
+        rollout.serve_ref(job, open_registry(job), log=lambda _: None)
     print("READY", flush=True)
     while not stop["now"]:
         time.sleep(0.2)

@@ -62,7 +62,7 @@ def act(job: ServeJob, reg: Registry) -> None:
     if job.action == "serve":
         from mlops_ray.runtime import serve_until_stopped, stop_serving
         try:
-            control.serve_ref(job, reg)
+            rollout.serve_ref(job, reg)
             url = job.endpoint()
             log(f"endpoint   {url}/predict  {url}/v2/models/{job.model}/infer  {url}/docs\n"
                 f"dashboard  {facts['dashboard_url'] or '(see the cluster)'}")
@@ -79,7 +79,7 @@ def act(job: ServeJob, reg: Registry) -> None:
         apps = {k: v.status for k, v in serve.status().applications.items()}
         print(json.dumps({"applications": apps, **st}, indent=1, default=str))
     elif job.action == "drift":
-        from mlops_ray.serving.drift import format_table
+        from mlops_ray.evaluation.drift import format_table
         for ref, rows in control.drift(job).items():
             print(f"{ref}\n{format_table(rows)}\n")
     elif job.action == "rollback":

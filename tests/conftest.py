@@ -1,5 +1,14 @@
-"""Shared fixtures. Tiers by marker: unmarked unit tests start nothing; `ray` tests share one
-local Ray cluster per test session; `slow` tests run the README's commands as subprocesses."""
+"""Shared fixtures and the tier guard.
+
+Tiers by marker (pyproject.toml): unmarked unit tests start nothing; `ray` tests share one local
+Ray cluster per test session; `slow` tests run the jobs (and other multi-process scenarios) as
+subprocesses; `server` tests start a server process (PostgreSQL, moto S3); `multinode` tests a
+multi-node cluster in their own process. A test that starts Ray or a subprocess without saying
+so fails (`_tier_guard`), so `make test-unit` stays what it claims.
+
+Session fixtures hold what many tests read: one local Ray (`ray_2_cpus`) and one finished,
+small Adult run (`adult_run`, trained with the CI profile, conf/profile/ci.yaml).
+"""
 from __future__ import annotations
 
 import os
@@ -49,6 +58,36 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+PROFILE = ["+experiment=adult_mlp", "+profile=ci"]  # small runs of every stage (conf/profile)
+SERVICE = {"ray", "slow", "server", "s3", "multinode"}  # markers of tests that start things
+
+
+@pytest.fixture(autouse=True)
+def _tier_guard(request, monkeypatch):
+    """An unmarked (unit) test may not start Ray or another process (git aside): fail it,
+    naming the marker it needs."""
+    marks = {m.name for m in request.node.iter_markers()}
+    if marks & SERVICE:
+        yield
+        return
+    real = subprocess.Popen.__init__
+
+    def popen(self, args, *a, **kw):  # noqa: ANN001 - subprocess's own signature
+        argv = [args] if isinstance(args, (str, bytes)) else list(args)
+        if Path(str(argv[0])).name != "git":
+            raise AssertionError(f"{request.node.nodeid} starts a process ({argv[:3]}); mark it "
+                                 "slow (a job), server (a server) or ray")
+        real(self, args, *a, **kw)
+    monkeypatch.setattr(subprocess.Popen, "__init__", popen)
+    ray = sys.modules.get("ray")
+    before = bool(ray and ray.is_initialized())
+    yield
+    ray = sys.modules.get("ray")
+    if not before and ray is not None and ray.is_initialized():
+        ray.shutdown()
+        pytest.fail(f"{request.node.nodeid} started Ray without the `ray` marker")
 
 
 def wait_until(predicate, timeout: float, interval: float = 0.2, what: str = "condition"):
@@ -111,6 +150,30 @@ def ray_2_cpus():
     claim_address_file(ctx.address_info["gcs_address"])
     yield ctx.address_info["gcs_address"]
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def adult_run(ray_2_cpus, tmp_path_factory) -> dict:
+    """A finished Adult run (the CI profile: 2 epochs), trained once for the session. Tests
+    that write next to a run (evaluation) take a copy (`copy_run`)."""
+    from mlops_ray.config.compose import job
+    from mlops_ray.config.pipeline import PipelineJob
+    from mlops_ray.train.driver import run_training
+    store = tmp_path_factory.mktemp("adult_run")
+    return run_training(job("pipeline", PipelineJob, [*PROFILE, f"storage.uri={store}"])
+                        .train_job(), log=lambda _: None)
+
+
+def copy_run(rec: dict, storage: Path) -> dict:
+    """A copy of a finished run under `storage`/runs/, its record pointing at the copy."""
+    import json
+    import shutil
+    src = Path(rec["run_uri"].removeprefix("file://"))
+    dst = storage / "runs" / src.name
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("eval"))
+    text = (dst / "run.json").read_text().replace(f"file://{src}", f"file://{dst}")
+    (dst / "run.json").write_text(text)
+    return json.loads(text)
 
 
 @pytest.fixture(scope="session")

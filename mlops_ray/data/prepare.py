@@ -44,10 +44,19 @@ class Prepared:
                 "n_features": self.preprocessor.n_features}
 
 
+def joined(df: pd.DataFrame, cols: list[str]) -> pd.Series:
+    """The columns' values as one "a|b|c" string per row (vectorised: a row-wise join is
+    seconds on a 50k-row table)."""
+    key = df[cols[0]].astype(str)
+    for c in cols[1:]:
+        key = key + "|" + df[c].astype(str)
+    return key
+
+
 def _strata(df: pd.DataFrame, cols: list[str]) -> pd.Series | None:
     """Label x sensitive groups, so small groups appear in every split; coarser if too small."""
     for k in range(len(cols), 0, -1):
-        key = df[cols[:k]].astype(str).agg("|".join, axis=1)
+        key = joined(df, cols[:k])
         if key.value_counts().min() >= 4:
             return key
     return None

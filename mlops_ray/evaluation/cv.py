@@ -9,6 +9,7 @@ import numpy as np
 from sklearn.model_selection import StratifiedKFold
 
 from mlops_ray.data import Prepared
+from mlops_ray.data.prepare import joined
 
 
 def fold_indices(prepared: Prepared, k: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -19,7 +20,7 @@ def fold_indices(prepared: Prepared, k: int, seed: int) -> list[tuple[np.ndarray
     cols = [prepared.label, *[c for c in prepared.sensitive if c in df.columns]]
     key = None
     for n in range(len(cols), 0, -1):
-        cand = df[cols[:n]].astype(str).agg("|".join, axis=1)
+        cand = joined(df, cols[:n])
         if cand.value_counts().min() >= k:
             key = cand.to_numpy()
             break

@@ -67,7 +67,7 @@ def lineage_of(version: Any) -> dict[str, Any]:
 
 def load_served(folder: Path, ref: str) -> Any:
     """The served model of a version folder: `Predictor.load`, as the Serve replicas do."""
-    from mlops_ray.serving.predictor import Predictor
+    from mlops_ray.artifacts.predictor import Predictor
     if (folder / "reference.json").exists():
         return Predictor.load(folder, ref)
     # a version without a drift reference: the same objects, built the way Predictor.load does
@@ -244,7 +244,7 @@ def _parity(p: np.ndarray, y: np.ndarray, p_ref: np.ndarray, y_ref: np.ndarray,
                           f"difference| {worst:.3g} (row {i}; allowed {TOLERANCE:g}), "
                           f"{flipped.size} label(s) differ; nothing written")
     return {"rows": int(p.size), "max_abs_diff": worst, "tolerance": TOLERANCE,
-            "against": "mlops_ray.serving.predictor.Predictor.predict_records"}
+            "against": "mlops_ray.artifacts.predictor.Predictor.predict_records"}
 
 
 def manifest(fmt: str, files: dict[str, bytes], lineage: dict[str, Any], threshold: float,

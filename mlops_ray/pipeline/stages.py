@@ -15,7 +15,7 @@ import numpy as np
 from mlops_ray.errors import GateFailed, MlopsError, SmokeFailed
 
 if TYPE_CHECKING:
-    from mlops_ray.pipeline.run import Context
+    from mlops_ray.pipeline.context import Context
 
 
 def train(ctx: Context) -> str:
@@ -124,7 +124,7 @@ def deploy(ctx: Context) -> dict[str, Any]:
                 rollout.rollout(sj, ctx.reg, "production", strategy,
                                 log=lambda m: ctx.log(f"   {m}"))
         else:
-            control.serve_alias(sj, ctx.reg, "production", log=lambda m: ctx.log(f"   {m}"))
+            rollout.serve_alias(sj, ctx.reg, "production", log=lambda m: ctx.log(f"   {m}"))
         return {"endpoint": sj.endpoint(), "app": sj.app_name, "version": prod.ref,
                 "dashboard": facts["dashboard_url"], "ray_address": facts["address"]}
 
@@ -171,8 +171,8 @@ def smoke(ctx: Context) -> dict[str, Any]:
     equal to what the registry version computes offline."""
     import requests
 
+    from mlops_ray.artifacts.predictor import Predictor
     from mlops_ray.serving.auth import api_keys
-    from mlops_ray.serving.predictor import Predictor
     sj = ctx.job.serve_job()
     with ctx.stage("smoke") as e:
         prod, folder = ctx.reg.fetch(f"{ctx.model}@production")

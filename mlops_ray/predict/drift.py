@@ -4,7 +4,7 @@ Each scoring batch is reduced to counts: per numeric feature the rows in each of
 bins (its decile edges), missing values and the sum; per categorical feature the rows of each
 training category, `<missing>`, and everything else as `<unseen>`. Counts add up, so the report
 covers every row without any worker holding more than one batch. The effect sizes are those of
-live serving (`mlops_ray.serving.drift`): PSI on the reference bins, Jensen-Shannon distance on
+live serving (`mlops_ray.evaluation.drift`): PSI on the reference bins, Jensen-Shannon distance on
 category shares. Serving's KS test needs raw values, so both kinds are tested here with a
 chi-squared test of the counts against the reference shares; a feature alerts when its effect
 size and its test both cross the `predict.drift` thresholds (same meaning as `serve.drift`).
@@ -18,7 +18,7 @@ import pandas as pd
 from scipy import stats
 from scipy.spatial.distance import jensenshannon
 
-from mlops_ray.serving.drift import EPS, psi
+from mlops_ray.evaluation.drift import EPS, psi
 
 MISSING, UNSEEN = "<missing>", "<unseen>"
 EXAMPLES = 10  # unseen category values kept as examples per feature

@@ -198,7 +198,7 @@ def run(job: PredictJob, log: Callable[[str], None] = print) -> dict[str, Any]:
 
 def _summary(manifest: dict[str, Any], report: dict[str, Any], out: Storage,
              log: Callable[[str], None]) -> None:
-    from mlops_ray.serving.drift import format_table
+    from mlops_ray.evaluation.drift import format_table
     mib = 1 << 20
     w = manifest["workers"]
     log(f"model       {manifest['model']} (requested {manifest['requested']}, content "

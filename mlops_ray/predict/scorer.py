@@ -56,8 +56,8 @@ class Scorer:
     def __init__(self, ref: str, artifact_uri: str, content_hash: str, storage: Storage,
                  features: list[str], drift_numeric: list[str], drift_categorical: list[str],
                  id_column: str | None):
+        from mlops_ray.artifacts.predictor import Predictor
         from mlops_ray.registry.artifact import fetch
-        from mlops_ray.serving.predictor import Predictor
         folder = fetch(artifact_uri, content_hash, storage)
         try:
             self.predictor = Predictor.load(folder, ref)

@@ -32,7 +32,7 @@ class ModelServer:
                  storage_cfg: dict[str, Any], batching: dict[str, Any]):
         from ray.util import metrics
 
-        from mlops_ray.serving.predictor import Predictor
+        from mlops_ray.artifacts.predictor import Predictor
         self.p = Predictor.load(fetch(artifact_uri, content_hash, storage_cfg), ref)
         self.ref = ref
         # @serve.batch adds these setters at runtime; its typing omits them

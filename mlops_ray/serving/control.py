@@ -202,30 +202,3 @@ def audit(reg: Registry, sj: ServeJob, action: str, version: int | None,
           **details: Any) -> None:
     reg.record(action, sj.model, version, reason=details.pop("reason", None),
                details={"app": sj.app_name, **details})
-
-
-def serve_ref(sj: ServeJob, reg: Registry, ref: str | None = None, log: Any = print
-              ) -> dict[str, Any]:
-    """Serve `ref` (default: the job's): the first deployment, or a blue-green switch when
-    the app runs."""
-    from mlops_ray.serving.rollout import rollout
-    ref = ref or sj.ref
-    v = reg.get(ref)
-    cur = current_routing(sj)
-    if cur and [a["ref"] for a in cur["arms"]] == [v.ref]:
-        log(f"{v.ref} is already served by '{sj.app_name}'")
-        return cur
-    if cur:
-        return rollout(sj, reg, ref, "bluegreen", log)
-    spec = deploy_version(sj, v)
-    routing = {"arms": [arm(spec, 100, "stable")], "mode": "weighted", "previous": None}
-    set_routing(sj, routing)
-    alias = ref.split("@", 1)[1] if "@" in ref else None
-    audit(reg, sj, "deploy", v.version, alias=alias, arms=[v.ref])
-    log(f"serving {v.ref} ({ref}) as app '{sj.app_name}'")
-    return routing
-
-
-def serve_alias(sj: ServeJob, reg: Registry, alias: str, log: Any = print) -> dict[str, Any]:
-    """Serve `<model>@alias`."""
-    return serve_ref(sj, reg, f"{sj.model}@{alias}", log)

@@ -69,7 +69,7 @@ class LiveState:
         self.shadow = {"compared": 0, "label_disagreements": 0, "abs_diff_sum": 0.0}
 
     def add_version(self, ref: str, reference: dict[str, Any]) -> None:
-        from mlops_ray.serving.drift import DriftMonitor
+        from mlops_ray.evaluation.drift import DriftMonitor
         self.drift[ref] = DriftMonitor(reference, self.drift_cfg)
 
     # --- requests ---------------------------------------------------------------------------

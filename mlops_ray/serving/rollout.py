@@ -1,5 +1,6 @@
-"""Rollouts on the running app: blue-green, canary (rolled back on its own), A/B and shadow, and
-rollback to the previous routing. The new version is started and checked ready before any
+"""What the app serves: the first deployment of a version (`serve_ref`), rollouts onto the
+running app (blue-green, canary rolled back on its own, A/B, shadow) and rollback to the
+previous routing. The new version is started and checked ready before any
 traffic moves; every traffic change and rollback is in the registry's audit chain."""
 from __future__ import annotations
 
@@ -146,6 +147,32 @@ def _abort(sj: ServeJob, reg: Registry, to: str, stable: dict[str, Any],
         reg.rollback(sj.model, "production", f"automatic canary rollback: {why}")
     raise ServeError(f"canary {spec['ref']} rolled back to {stable['ref']}: {why}; it answered "
                      f"{answered} request(s) ({canary_stats['requests']} routed to it)")
+
+
+def serve_ref(sj: ServeJob, reg: Registry, ref: str | None = None, log: Any = print
+              ) -> dict[str, Any]:
+    """Serve `ref` (default: the job's): the first deployment, or a blue-green switch when
+    the app runs."""
+    ref = ref or sj.ref
+    v = reg.get(ref)
+    cur = current_routing(sj)
+    if cur and [a["ref"] for a in cur["arms"]] == [v.ref]:
+        log(f"{v.ref} is already served by '{sj.app_name}'")
+        return cur
+    if cur:
+        return rollout(sj, reg, ref, "bluegreen", log)
+    spec = deploy_version(sj, v)
+    routing = {"arms": [arm(spec, 100, "stable")], "mode": "weighted", "previous": None}
+    set_routing(sj, routing)
+    alias = ref.split("@", 1)[1] if "@" in ref else None
+    audit(reg, sj, "deploy", v.version, alias=alias, arms=[v.ref])
+    log(f"serving {v.ref} ({ref}) as app '{sj.app_name}'")
+    return routing
+
+
+def serve_alias(sj: ServeJob, reg: Registry, alias: str, log: Any = print) -> dict[str, Any]:
+    """Serve `<model>@alias`."""
+    return serve_ref(sj, reg, f"{sj.model}@{alias}", log)
 
 
 def rollback(sj: ServeJob, reg: Registry, log: Any = print) -> dict[str, Any]:

@@ -70,7 +70,7 @@ class Router:
         one fails (the table is left as it was)."""
         from ray import serve
 
-        from mlops_ray.serving.predictor import Predictor
+        from mlops_ray.artifacts.predictor import Predictor
         loaded: dict[str, tuple[dict, Path]] = {}
         for spec in routing["arms"]:
             ref = spec["ref"]

@@ -20,8 +20,7 @@ pytestmark = pytest.mark.slow
 def make_run(tmp_path, name: str, *args: str, **env: str | None
              ) -> tuple[subprocess.Popen, object]:
     log = tmp_path / name
-    quick = ["train.epochs=2", "cv.folds=3", "cv.epochs=1", "cv.max_parallel=1", "n_boot=50",
-             "fairness.n_boot=50", "tracking=none", f"storage.uri={tmp_path / 'out'}", *args]
+    quick = ["+profile=ci", "cv.max_parallel=1", f"storage.uri={tmp_path / 'out'}", *args]
     proc = subprocess.Popen(["make", "-s", "run", "ARGS=" + " ".join(quick)], cwd=REPO,
                             env=job_env(RAY_AUTH_MODE=None, RAY_AUTH_TOKEN=None, **env),
                             stdout=open(log, "w"), stderr=subprocess.STDOUT,
@@ -55,10 +54,9 @@ def test_make_run_killed_during_evaluation_resumes_there_and_serves(tmp_path):
         assert proc.poll() is None, text[-3000:]
         assert "   skipped: finished run with this config and data" in text
         assert "reused)" in text  # cross-validation went on from the killed run's folds
-        status = {ln.split()[0]: ln.split()[1] for ln in text.splitlines()
-                  if ln.split()[:1] and ln.split()[0] in ("train", "evaluate", "promote",
-                                                          "deploy", "smoke")
-                  and len(ln.split()) > 2}
+        (path,) = (tmp_path / "out" / "runs").glob("adult_mlp-*/pipeline.json")
+        record = json.loads(path.read_text())
+        status = {e["stage"]: e["status"] for e in record["stages"]}
         assert status == {"train": "skipped", "evaluate": "done", "promote": "done",
                           "deploy": "done", "smoke": "done"}, text[-3000:]
         rows = [{"age": 39, "workclass": "State-gov", "fnlwgt": 77516, "education": "Bachelors",

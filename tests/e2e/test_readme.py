@@ -5,24 +5,28 @@ batch scoring, registry and cluster tests run the same commands as subprocesses)
 catches a README that drifts from the config tree: a renamed key, a removed group, a bad value."""
 from __future__ import annotations
 
-import importlib
 import re
 import shlex
 
 import pytest
 
-from mlops_ray.config import schema as S
-from mlops_ray.config import validate
+from mlops_ray.config import train_job_schema, validate
+from mlops_ray.config.batch import ExportJob, PredictJob
 from mlops_ray.config.compose import compose
+from mlops_ray.config.evaluate import EvaluateJob, PromoteJob
+from mlops_ray.config.pipeline import MonitorJob, PipelineJob
+from mlops_ray.config.serve import ServeJob
+from mlops_ray.config.tune import TuneJob
 from mlops_ray.errors import ConfigError
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
 
-HYDRA_JOBS = {"train": ("train", S.TrainJob), "tune": ("tune", S.TuneJob),
-              "evaluate": ("evaluate", S.EvaluateJob), "promote": ("promote", S.PromoteJobCfg),
-              "pipeline": ("pipeline", S.PipelineJobCfg), "monitor": ("monitor", S.MonitorJobCfg)}
-ARG_JOBS = ("serve", "export", "predict")  # key=value parsers of their own (job_from_args)
+HYDRA_JOBS = {"train": ("train", None), "tune": ("tune", TuneJob),
+              "evaluate": ("evaluate", EvaluateJob), "promote": ("promote", PromoteJob),
+              "pipeline": ("pipeline", PipelineJob), "monitor": ("monitor", MonitorJob),
+              "serve": ("serve", ServeJob), "export": ("export", ExportJob),
+              "predict": ("predict", PredictJob)}
 
 
 def readme_commands() -> list[tuple[str, str]]:
@@ -71,7 +75,7 @@ COMMANDS = readme_commands()
 
 def test_the_readme_shows_every_job():
     shown = {c.split()[2].removeprefix("jobs.") for _, c in COMMANDS}
-    assert set(HYDRA_JOBS) | set(ARG_JOBS) | {"registry"} <= shown, shown
+    assert set(HYDRA_JOBS) | {"registry"} <= shown, shown
 
 
 @pytest.mark.parametrize("doc,command", COMMANDS, ids=[c[:80] for _, c in COMMANDS])
@@ -94,20 +98,11 @@ def test_readme_command_is_accepted(doc, command):
 def accept(doc: str, command: str, job: str, args: list[str]) -> None:
     if job in HYDRA_JOBS:
         name, schema = HYDRA_JOBS[job]
-        from jobs.pipeline import cli_args
-        overrides = [a for a in cli_args(args) if not a.startswith("--")]
+        overrides = [a for a in args if not a.startswith("--")]
         if job == "monitor" and not any(a.startswith("monitor.new_data=") for a in overrides):
             overrides.append("monitor.new_data=x.parquet")  # shown as `...` in the README
         composed = compose(name, overrides)
-        validate(composed, S.train_job_schema(composed) if job == "train" else schema)
-    elif job in ARG_JOBS:
-        mod = importlib.import_module(f"jobs.{job}")
-        if job == "serve" and args and args[0] in mod.VERBS:
-            args = args[1:]
-        args = [a for a in args if "=" in a]
-        if not any(a.startswith("model=") for a in args):
-            args.append("model=adult_mlp")  # `make serve`-style commands name it elsewhere
-        mod.job_from_args(args)
+        validate(composed, schema or train_job_schema(composed))
     elif job == "registry":
         from jobs.registry import parser
         flags = [a for a in args if "=" not in a or a.startswith("--")]

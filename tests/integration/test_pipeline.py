@@ -1,7 +1,11 @@
-"""jobs.pipeline and jobs.monitor as a user runs them, on the shared local cluster: the whole
-way from data to a served model in one command; a rerun skips every finished stage; a weak
-candidate is stopped by the gates before promotion; a shifted feature replayed against the
-endpoint makes jobs.monitor retrain on the new data, and the gates' decision is audited."""
+"""jobs.pipeline and jobs.monitor on the shared local cluster: the whole way from data to a
+served model; a rerun skips every finished stage; a weak candidate is stopped by the gates
+before promotion (the job exits 5); a shifted feature replayed against the endpoint makes the
+monitor retrain on the new data, and the gates' decision is audited; `tune.enabled=true`.
+
+The pipeline runs in this process with the CI profile (every stage real, on less) and the tests
+read its record (pipeline.json); the refused candidate runs as a subprocess, as a user's does,
+for its exit code."""
 from __future__ import annotations
 
 import json
@@ -9,77 +13,69 @@ import json
 import pytest
 import requests
 
+from mlops_ray.config.compose import job
+from mlops_ray.config.pipeline import MonitorJob, PipelineJob
 from mlops_ray.data import load_table
-from tests.conftest import free_port, run_job, wait_until
+from mlops_ray.registry import open_registry
+from tests.conftest import PROFILE, free_port, run_job, wait_until
 
 pytestmark = pytest.mark.ray
-QUICK = ["train.epochs=2", "cv.folds=2", "cv.epochs=1", "n_boot=50", "fairness.n_boot=50",
-         "tracking=none"]
+
+
+def pipeline_job(common: list[str], *extra: str) -> PipelineJob:
+    return job("pipeline", PipelineJob, [*common, *extra])
 
 
 @pytest.fixture(scope="module")
 def deployed(ray_2_cpus, tmp_path_factory):
     from ray import serve
+
+    from mlops_ray.pipeline.run import run_pipeline
     store = tmp_path_factory.mktemp("pipeline")
     port = free_port()
-    common = ["+experiment=adult_mlp", f"storage.uri={store}", f"ray.address={ray_2_cpus}",
-              f"serve.port={port}", "serve.drift.check_interval_s=1", "serve.drift.min_rows=150",
-              "serve.rollout.bake_s=3", "serve.rollout.poll_s=0.2",
-              "serve.rollout.min_requests=10", *QUICK]
-    first = run_job(["jobs.pipeline", *common], timeout=900)
+    common = [*PROFILE, f"storage.uri={store}", f"ray.address={ray_2_cpus}",
+              f"serve.port={port}"]
+    logs: list[str] = []
+    first = run_pipeline(pipeline_job(common), log=logs.append)
     try:
         yield {"store": store, "common": common, "url": f"http://127.0.0.1:{port}",
-               "first": first}
+               "first": first, "logs": logs, "reg": open_registry(pipeline_job(common))}
     finally:
-        serve.shutdown()  # the app outlived the jobs (ray.address was given): remove it
+        serve.shutdown()  # the app outlived the stages (ray.address was given): remove it
 
 
-def history(store) -> list[dict]:
-    out = run_job(["jobs.registry", "--json", "history", "adult_mlp", f"storage.uri={store}"],
-                  timeout=60)
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)
+def record(run_uri: str) -> dict:
+    from pathlib import Path
+    return json.loads((Path(run_uri.removeprefix("file://")) / "pipeline.json").read_text())
 
 
-def production(store) -> int:
-    out = run_job(["jobs.registry", "--json", "show", "adult_mlp", f"storage.uri={store}"],
-                  timeout=60)
-    return json.loads(out.stdout)["aliases"]["production"]
-
-
-def stage_status(stdout: str) -> dict[str, str]:
-    return {line.split()[0]: line.split()[1] for line in stdout.splitlines()
-            if line.split()[:1] and line.split()[0] in ("train", "tune", "evaluate", "promote",
-                                                          "deploy", "smoke")
-            and len(line.split()) > 2 and line.split()[1] in ("done", "skipped", "failed")}
+def statuses(rec: dict) -> dict[str, str]:
+    return {s["stage"]: s["status"] for s in rec["stages"]}
 
 
 def test_pipeline_serves_the_gated_model_and_a_rerun_skips_finished_stages(deployed):
-    first = deployed["first"]
-    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    assert stage_status(first.stdout) == dict.fromkeys(
-        ("train", "evaluate", "promote", "deploy", "smoke"), "done")
-    assert "verdict: PASS" in first.stdout and "adult_mlp@production: None -> 1" in first.stdout
-    assert "model card file://" in first.stdout and "/eval/model_card.md" in first.stdout
-    assert f"endpoint   {deployed['url']}/predict" in first.stdout
-    # the app stays on the cluster after the job: it answers from production
+    from mlops_ray.pipeline.run import run_pipeline
+    first = record(deployed["first"]["run"])
+    assert statuses(first) == dict.fromkeys(("train", "evaluate", "promote", "deploy", "smoke"),
+                                            "done")
+    assert first["version"] == 1 and first["serving"]["version"] == "adult_mlp:1"
+    assert first["serving"]["endpoint"] == deployed["url"]
+    assert first["smoke"]["rows"] == 50 and first["smoke"]["max_abs_diff"] <= 1e-5
+    assert deployed["first"]["report"]["passed"]  # the verdict the stages acted on
+    assert any("verdict: PASS" in line for line in deployed["logs"])
+    # the app stays on the cluster after the stages: it answers from production
     rows = load_table("builtin://adult").drop(columns=["income", "uci_split"]).head(3)
     r = requests.post(deployed["url"] + "/predict", timeout=30,
                       json={"records": json.loads(rows.to_json(orient="records"))})
     assert r.status_code == 200 and r.json()["version"] == 1 and len(r.json()["labels"]) == 3
-    record = json.loads(next((deployed["store"] / "runs").glob("adult_mlp-*/pipeline.json"))
-                        .read_text())
-    assert [s["stage"] for s in record["stages"]] == ["train", "evaluate", "promote", "deploy",
-                                                       "smoke"]
-    assert record["smoke"]["rows"] == 200 and record["smoke"]["max_abs_diff"] <= 1e-5
 
-    again = run_job(["jobs.pipeline", *deployed["common"]], timeout=600)
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert stage_status(again.stdout) == {"train": "skipped", "evaluate": "skipped",
-                                          "promote": "skipped", "deploy": "skipped",
-                                          "smoke": "done"}, again.stdout[-3000:]
-    assert "adult_mlp:1 is production already" in again.stdout
-    actions = [h["action"] for h in history(deployed["store"])]
+    again = run_pipeline(pipeline_job(deployed["common"]), log=lambda _: None)
+    rec = record(again["run"])
+    assert statuses(rec) == {"train": "skipped", "evaluate": "skipped", "promote": "skipped",
+                             "deploy": "skipped", "smoke": "done"}
+    notes = {s["stage"]: s["note"] for s in rec["stages"]}
+    assert notes["evaluate"] == "adult_mlp:1 is production already"
+    actions = [h["action"] for h in deployed["reg"].audit_log("adult_mlp")]
     assert actions.count("register") == 1 and actions.count("deploy") == 1
 
 
@@ -88,23 +84,27 @@ def test_a_failed_gate_stops_the_pipeline_before_promotion(deployed):
                     "promote.model=adult_mlp", "train.epochs=1", "optim.lr=0.00003",
                     "model.hidden=[8]"], timeout=900)
     assert weak.returncode == 5, weak.stdout[-3000:] + weak.stderr[-3000:]
-    assert "FAIL" in weak.stdout and "verdict: FAIL" in weak.stdout
+    assert "verdict: FAIL" in weak.stdout
     assert "gate(s) failed" in weak.stderr and "stopped before promotion" in weak.stderr
-    assert stage_status(weak.stdout) == {"train": "done", "evaluate": "failed"}
-    assert production(deployed["store"]) == 1
-    refused = [h for h in history(deployed["store"]) if h["action"] == "pipeline_refused"]
+    (path,) = deployed["store"].glob("runs/adult_weak-*/pipeline.json")
+    rec = json.loads(path.read_text())
+    assert statuses(rec) == {"train": "done", "evaluate": "failed"}
+    reg = deployed["reg"]
+    assert reg.aliases("adult_mlp")["production"] == 1
+    refused = [h for h in reg.audit_log("adult_mlp") if h["action"] == "pipeline_refused"]
     assert refused and refused[-1]["verdict"] == "failed" and "cv_auc" in refused[-1]["reason"]
     r = requests.post(deployed["url"] + "/predict", json={"records": [{}]}, timeout=30)
     assert r.status_code == 422  # still served, still validating
 
 
 def test_drift_on_the_endpoint_triggers_retraining_through_the_gates(deployed, tmp_path):
+    from mlops_ray.pipeline.monitor import monitor
     df = load_table("builtin://adult")
     df["age"] = (df["age"] + 20).clip(upper=95)
     df["hours_per_week"] = (df["hours_per_week"] + 15).clip(upper=99)
     new_data = tmp_path / "adult_shifted.parquet"
     df.to_parquet(new_data)
-    url = deployed["url"]
+    url, reg = deployed["url"], deployed["reg"]
     before = requests.get(url + "/admin/drift", timeout=30).json()
     assert not any(r.get("alert") for r in before["adult_mlp:1"])
     # live traffic with the shift, until the ingress's drift check flags it
@@ -118,20 +118,22 @@ def test_drift_on_the_endpoint_triggers_retraining_through_the_gates(deployed, t
         return {r["feature"] for r in requests.get(url + "/admin/drift", timeout=30)
                 .json()["adult_mlp:1"] if r.get("alert")}
     wait_until(lambda: "age" in alerts(), 60, what="an age drift alert")
-    mon = run_job(["jobs.monitor", *deployed["common"], f"monitor.new_data={new_data}",
-                   "monitor.once=true"], timeout=900)
+    logs: list[str] = []
+    code = monitor(job("monitor", MonitorJob, [*deployed["common"], f"monitor.new_data={new_data}",
+                                               "monitor.once=true"]), log=logs.append)
+    text = "\n".join(logs)
     # 0: promoted, 5: refused by the gates; not 10: a model retrained for drift answers the
     # drifted traffic differently, which must not roll its canary back (canary_max_prediction_shift)
-    assert mon.returncode in (0, 5), mon.stdout[-4000:] + mon.stderr[-3000:]
-    assert "drift in age" in mon.stdout and "retraining on" in mon.stdout
-    audit = history(deployed["store"])
+    assert code in (0, 5), text[-4000:]
+    assert "drift in age" in text and "retraining on" in text
+    audit = reg.audit_log("adult_mlp")
     trig = [h for h in audit if h["action"] == "retrain_triggered"]
     done = [h for h in audit if h["action"] == "retrain_finished"]
     assert trig and "drift in age" in trig[-1]["reason"] and trig[-1]["version"] == 1
     assert json.loads(trig[-1]["details"])["new_data"] == str(new_data)
-    if mon.returncode == 0:  # better than the champion on the new data: promoted by canary
+    if code == 0:  # better than the champion on the new data: promoted by canary
         assert done[-1]["verdict"] == "promoted"
-        assert production(deployed["store"]) == 2
+        assert reg.aliases("adult_mlp")["production"] == 2
         moved = [h for h in audit if h["action"] == "alias" and h["alias"] == "production"]
         assert "jobs.monitor: drift in age" in moved[-1]["reason"]
         assert any(h["action"] == "traffic" and "canary" in (h["details"] or "")
@@ -141,18 +143,17 @@ def test_drift_on_the_endpoint_triggers_retraining_through_the_gates(deployed, t
     else:  # refused: production and traffic unchanged, the failed gates on record
         assert done[-1]["verdict"] == "refused" and json.loads(done[-1]["details"])[
             "failed_gates"]
-        assert production(deployed["store"]) == 1
+        assert reg.aliases("adult_mlp")["production"] == 1
 
 
-def test_tune_true_tunes_then_evaluates_the_best_trial(deployed):
-    tuned = run_job(["jobs.pipeline", *deployed["common"], "tune=true", "tune.num_samples=2",
-                     "scheduler=fifo", "promote.model=adult_tuned", "stages=[train,evaluate]"],
-                    timeout=900)
-    assert tuned.returncode == 0, tuned.stdout[-3000:] + tuned.stderr[-3000:]
-    assert "== [1/2] tune" in tuned.stdout and "verdict: PASS" in tuned.stdout
-    assert stage_status(tuned.stdout) == {"tune": "done", "evaluate": "done"}
+def test_tune_enabled_tunes_then_evaluates_the_best_trial(deployed):
+    from mlops_ray.pipeline.run import run_pipeline
+    out = run_pipeline(pipeline_job(deployed["common"], "tune.enabled=true",
+                                    "promote.model=adult_tuned", "stages=[train,evaluate]"),
+                       log=lambda _: None)
+    assert statuses(out) == {"tune": "done", "evaluate": "done"} and out["report"]["passed"]
     (summary,) = (deployed["store"] / "tune").glob("adult_mlp-tune-*/tune.json")
-    best = json.loads(summary.read_text())["best"]
-    assert len(json.loads(summary.read_text())["trials"]) == 2
+    tuned = json.loads(summary.read_text())
+    assert len(tuned["trials"]) == 2
     (report,) = deployed["store"].glob("runs/adult_mlp-tune-*-best/eval/gate_report.json")
-    assert json.loads(report.read_text())["lineage"]["run"] == best["run_uri"]
+    assert json.loads(report.read_text())["lineage"]["run"] == tuned["best"]["run_uri"]

@@ -14,12 +14,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from mlops_ray.artifacts.predictor import Predictor
+from mlops_ray.config.batch import PredictJob
+from mlops_ray.config.compose import job
 from mlops_ray.data import prepare
 from mlops_ray.data.io import BUILTIN
 from mlops_ray.errors import DataValidationError
 from mlops_ray.predict.job import run
 from mlops_ray.registry import Policy, Registry
-from mlops_ray.serving.predictor import Predictor
 from mlops_ray.storage import resolve
 from tests.conftest import dataset, run_job
 from tests.serving import MODEL, make_version
@@ -46,13 +48,12 @@ def env(ray_2_cpus, prepared, tmp_path_factory):
 
 
 def job_args(env, inp, out, *extra: str) -> list[str]:
-    return [f"model={MODEL}@production", f"input={inp}", f"output={out}",
+    return [f"ref={MODEL}@production", f"input={inp}", f"output={out}",
             f"storage.uri={env['store']}", f"ray.address={env['gcs']}", *extra]
 
 
-def make_job(env, inp, out, *extra: str) -> dict:
-    from jobs.predict import job_from_args
-    return job_from_args(job_args(env, inp, out, *extra))
+def make_job(env, inp, out, *extra: str) -> PredictJob:
+    return job("predict", PredictJob, job_args(env, inp, out, *extra))
 
 
 def test_predictions_equal_the_predictor_and_ids_line_up(env, tmp_path):
@@ -152,12 +153,10 @@ def test_s3_registry_input_and_output(ray_2_cpus, moto_s3, bucket, prepared, tmp
     rows = prepared.frame.iloc[prepared.splits["test"]].reset_index(drop=True).iloc[:3000]
     with s3.open(f"{bucket}/in/rows.parquet", "wb") as f:
         pq.write_table(pa.Table.from_pandas(rows, preserve_index=False), f, row_group_size=1000)
-    from jobs.predict import job_from_args
-    job = job_from_args([f"model={MODEL}", f"input=s3://{bucket}/in/", f"output=s3://{bucket}/out",
-                         "storage=s3", f"storage.uri=s3://{bucket}/mlops",
-                         f"storage.endpoint_url={moto_s3}", f"db.url={db}",
-                         f"ray.address={ray_2_cpus}"])
-    run(job, log=lambda _: None)
+    run(job("predict", PredictJob, [
+        f"ref={MODEL}", f"input=s3://{bucket}/in/", f"output=s3://{bucket}/out", "storage=s3",
+        f"storage.uri=s3://{bucket}/mlops", f"storage.endpoint_url={moto_s3}", f"db.url={db}",
+        f"ray.address={ray_2_cpus}"]), log=lambda _: None)
 
     keys = sorted(k.split(f"{bucket}/out/", 1)[1] for k in s3.find(f"{bucket}/out"))
     assert keys == ["_SUCCESS", "drift_report.json", "predictions/part-00000.parquet"]

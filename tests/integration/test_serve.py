@@ -15,10 +15,12 @@ import numpy as np
 import pytest
 import requests
 
+from mlops_ray.artifacts.predictor import Predictor
+from mlops_ray.config.compose import job
+from mlops_ray.config.serve import ServeJob
 from mlops_ray.data import prepare
 from mlops_ray.registry import Policy, Registry
-from mlops_ray.serving import control
-from mlops_ray.serving.predictor import Predictor
+from mlops_ray.serving import control, rollout
 from mlops_ray.storage import resolve
 from tests.conftest import dataset, free_port, wait_until
 from tests.serving import MODEL, make_version
@@ -30,17 +32,17 @@ pytestmark = pytest.mark.ray
 def env(ray_2_cpus, tmp_path_factory):
     from ray import serve
 
-    from jobs.serve import job_from_args
     store = tmp_path_factory.mktemp("serve")
     port, grpc_port = free_port(), free_port()
     hook = Webhook()
-    job = job_from_args([f"model={MODEL}", f"storage.uri={store}", f"serve.port={port}",
-                         f"ray.address={ray_2_cpus}", "serve.rollout.bake_s=4",
-                         "serve.rollout.poll_s=0.2", "serve.rollout.min_requests=10",
-                         "serve.drift.min_rows=300", "serve.drift.window=600",
-                         "serve.drift.check_interval_s=1", f"serve.drift.webhook_url={hook.url}",
-                         # Ray 2.60's gRPC proxy binds [::]: on only for this test module
-                         "serve.grpc.enabled=true", f"serve.grpc.port={grpc_port}"])
+    overrides = [f"ref={MODEL}", f"storage.uri={store}", f"serve.port={port}",
+                 f"ray.address={ray_2_cpus}", "serve.rollout.bake_s=4",
+                 "serve.rollout.poll_s=0.2", "serve.rollout.min_requests=10",
+                 "serve.drift.min_rows=300", "serve.drift.window=600",
+                 "serve.drift.check_interval_s=1", f"serve.drift.webhook_url={hook.url}",
+                 # Ray 2.60's gRPC proxy binds [::]: on only for this test module
+                 "serve.grpc.enabled=true", f"serve.grpc.port={grpc_port}"]
+    job = serve_job(overrides)
     reg = Registry(f"sqlite:///{store / 'reg.db'}", resolve(str(store)), Policy.default())
     prepared = prepare(dataset("adult_mlp"), 0)
     versions = {"good": make_version(reg, prepared, 0),
@@ -48,13 +50,14 @@ def env(ray_2_cpus, tmp_path_factory):
                 "skewed": make_version(reg, prepared, 0, bias=4.0)}
     reg.set_alias(MODEL, "production", versions["good"].version, expected=None)
     control.start(job)
-    control.serve_alias(job, reg, "production", log=lambda _: None)
+    rollout.serve_alias(job, reg, "production", log=lambda _: None)
     test_rows = prepared.frame.iloc[prepared.splits["test"]]
     cols = [f["name"] for f in json.loads(
         (Path(versions["good"].artifact_uri.removeprefix("file://")) / "signature.json")
         .read_text())["inputs"]]
     records = json.loads(test_rows[cols].to_json(orient="records"))
-    yield {"job": job, "reg": reg, "v": versions, "url": f"http://127.0.0.1:{port}",
+    yield {"job": job, "overrides": overrides, "reg": reg, "v": versions,
+           "url": f"http://127.0.0.1:{port}",
            "records": records, "rows": test_rows, "prepared": prepared, "hook": hook,
            "grpc": f"127.0.0.1:{grpc_port}"}
     serve.shutdown()
@@ -81,6 +84,15 @@ class Webhook:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
 
+def serve_job(overrides: list[str]) -> ServeJob:
+    return job("serve", ServeJob, overrides)
+
+
+def variant(env, *overrides: str) -> ServeJob:
+    """The module's serve job with some settings changed (another app, other options)."""
+    return serve_job([*env["overrides"], *overrides])
+
+
 def post(url: str, body, headers=None, timeout: float = 30):
     return requests.post(url, data=json.dumps(body), timeout=timeout,
                          headers={"Content-Type": "application/json", **(headers or {})})
@@ -99,7 +111,7 @@ def reset(env, alias: str = "production") -> None:
     routing = {"arms": [{**spec, "weight": 100.0, "role": "stable"}], "mode": "weighted",
                "previous": None}
     control.set_routing(job, routing)
-    control._cleanup(job, routing)
+    control.cleanup(job, routing)
 
 
 class Load:
@@ -279,7 +291,7 @@ def test_blue_green_switch_fails_no_request(env):
     old = post(env["url"] + "/predict", {"records": [rec]}).json()
     pid = control.stats(job)["pid"]
     with Load(env["url"], env["records"]) as load:
-        control.rollout(job, reg, "blue", "bluegreen", log=lambda _: None)
+        rollout.rollout(job, reg, "blue", "bluegreen", log=lambda _: None)
         n = load.ok
         wait_until(lambda: load.ok >= n + 20, 60, what="answers after the switch")
     assert load.failed == [] and load.ok > 40
@@ -292,7 +304,7 @@ def test_blue_green_switch_fails_no_request(env):
     traffic = [a for a in reg.audit_log(MODEL) if a["action"] == "traffic"]
     assert json.loads(traffic[-1]["details"])["strategy"] == "bluegreen"
     # rollback returns traffic to the previous version
-    control.rollback(job, reg, log=lambda _: None)
+    rollout.rollback(job, reg, log=lambda _: None)
     assert post(env["url"] + "/predict", {"records": [rec]}).json()["version"] == \
         v["good"].version
 
@@ -301,12 +313,11 @@ def test_canary_with_errors_rolls_back_automatically(env):
     job, reg, v = env["job"], env["reg"], env["v"]
     reset(env)
     reg.set_alias(MODEL, "canary", v["equal"].version)
-    broken = {**job, "serve": {**job["serve"], "model": {**job["serve"]["model"],
-                                                         "chaos_error_rate": 0.5}}}
+    broken = variant(env, "serve.model.chaos_error_rate=0.5")
     seen = len(reg.audit_log(MODEL))
     with Load(env["url"], env["records"]) as load:
         with pytest.raises(control.ServeError, match="error rate") as err:
-            control.rollout(broken, reg, "canary", "canary", log=lambda _: None)
+            rollout.rollout(broken, reg, "canary", "canary", log=lambda _: None)
     assert "answered" in str(err.value)
     # caught at the first step: the canary never got more than its first 10%
     moves = [json.loads(a["details"])["arms"] for a in reg.audit_log(MODEL)[seen:]
@@ -325,7 +336,7 @@ def test_canary_with_skewed_predictions_rolls_back(env):
     reg.set_alias(MODEL, "canary", v["skewed"].version)
     with Load(env["url"], env["records"]), pytest.raises(control.ServeError,
                                                          match="prediction shift"):
-        control.rollout(job, reg, "canary", "canary", log=lambda _: None)
+        rollout.rollout(job, reg, "canary", "canary", log=lambda _: None)
     assert [a["ref"] for a in control.current_routing(job)["arms"]] == [v["good"].ref]
 
 
@@ -335,7 +346,7 @@ def test_good_canary_completes(env):
     reg.set_alias(MODEL, "canary", v["equal"].version)
     steps: list[str] = []
     with Load(env["url"], env["records"]) as load:
-        routing = control.rollout(job, reg, "canary", "canary", log=steps.append)
+        routing = rollout.rollout(job, reg, "canary", "canary", log=steps.append)
     assert [a["ref"] for a in routing["arms"]] == [v["equal"].ref]
     assert load.failed == [] and set(load.versions) == {v["good"].version, v["equal"].version}
     assert any("10%" in s for s in steps) and any("50%" in s for s in steps)
@@ -345,7 +356,7 @@ def test_shadow_never_changes_an_answer(env):
     job, reg, v = env["job"], env["reg"], env["v"]
     reset(env)
     reg.set_alias(MODEL, "challenger", v["skewed"].version)
-    control.rollout(job, reg, "challenger", "shadow", log=lambda _: None)
+    rollout.rollout(job, reg, "challenger", "shadow", log=lambda _: None)
     recs = env["records"][100:160]
     want = offline(reg, v["good"].ref, env["rows"].iloc[100:160])
     got = [post(env["url"] + "/predict", {"records": [r]}).json() for r in recs]
@@ -361,7 +372,7 @@ def test_ab_assignment_is_sticky(env):
     job, reg, v = env["job"], env["reg"], env["v"]
     reset(env)
     reg.set_alias(MODEL, "b", v["equal"].version)
-    control.rollout(job, reg, "b", "ab", log=lambda _: None)
+    rollout.rollout(job, reg, "b", "ab", log=lambda _: None)
     rec = env["records"][3]
 
     def arm(key: str) -> int:
@@ -428,11 +439,9 @@ def test_metrics_reach_rays_prometheus_endpoint(env):
 def test_api_keys(env):
     """A second app with API keys: 401 without the key, health endpoints open."""
     from ray import serve
-    job = {**env["job"], "serve": {**env["job"]["serve"], "app_name": "secure",
-                                   "route_prefix": "/secure",
-                                   "auth": {"api_keys": ["k-123"], "api_keys_env": None,
-                                            "key_file": None}}}
-    control.serve_alias(job, env["reg"], "production", log=lambda _: None)
+    job = variant(env, "serve.app_name=secure", "serve.route_prefix=/secure",
+                  "serve.auth.api_keys=[k-123]", "serve.auth.api_keys_env=null")
+    rollout.serve_alias(job, env["reg"], "production", log=lambda _: None)
     url, rec = env["url"] + "/secure", env["records"][0]
     try:
         assert post(url + "/predict", {"records": [rec]}).status_code == 401
@@ -444,24 +453,19 @@ def test_api_keys(env):
                     {"Authorization": "Bearer k-123"}).status_code == 200
     finally:
         serve.delete("secure")
-        control._cleanup(job, {"arms": []})
+        control.cleanup(job, {"arms": []})
 
 
 def test_model_replicas_follow_load(env):
     """ingress_mode=handle: one app per version with @serve.batch; its autoscaling_config
     (Ray's names) makes replicas rise under load and fall after it."""
     from ray import serve
-    job = {**env["job"], "serve": {**env["job"]["serve"], "app_name": "scale",
-                                   "ingress_mode": "handle",
-                                   "route_prefix": "/scale",
-                                   "cache": {**env["job"]["serve"]["cache"], "enabled": False},
-                                   "model": {**env["job"]["serve"]["model"],
-                                             "autoscaling_config": {
-                                                 "min_replicas": 1, "max_replicas": 3,
-                                                 "target_ongoing_requests": 1,
-                                                 "upscale_delay_s": 1, "downscale_delay_s": 3,
-                                                 "look_back_period_s": 1}}}}
-    control.serve_alias(job, env["reg"], "production", log=lambda _: None)
+    job = variant(env, "serve.app_name=scale", "serve.ingress_mode=handle",
+                  "serve.route_prefix=/scale", "serve.cache.enabled=false",
+                  "+serve.model.autoscaling_config={min_replicas:1,max_replicas:3,"
+                  "target_ongoing_requests:1,upscale_delay_s:1,downscale_delay_s:3,"
+                  "look_back_period_s:1}")
+    rollout.serve_alias(job, env["reg"], "production", log=lambda _: None)
     app = f"scale-v{env['v']['good'].version}"
 
     def running() -> int:
@@ -481,4 +485,4 @@ def test_model_replicas_follow_load(env):
             what="the batch-size histogram of @serve.batch")
     finally:
         serve.delete("scale")
-        control._cleanup(job, {"arms": []})
+        control.cleanup(job, {"arms": []})

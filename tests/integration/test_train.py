@@ -8,19 +8,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from mlops_ray.train.trainer import run_name_for, run_training
 
 from mlops_ray.config import validate
 from mlops_ray.config.compose import compose
 from mlops_ray.config.train import TrainJob
 from mlops_ray.data import dataset_version, load_table
+from mlops_ray.train.driver import run_training
 from tests.conftest import run_job, wait_until
 
 pytestmark = pytest.mark.ray
 
 
-def job_cfg(*overrides: str) -> dict:
-    return validate(compose("train", list(overrides)), TrainJob).model_dump(by_alias=True)
+def job_cfg(*overrides: str) -> TrainJob:
+    return validate(compose("train", list(overrides)), TrainJob)
 
 
 def final_weights(record: dict) -> dict[str, torch.Tensor]:
@@ -33,8 +33,8 @@ def test_run_record_lineage_metrics_and_wandb(ray_2_cpus, tmp_path):
                   "train.early_stopping=null")
     rec = run_training(cfg)
     on_disk = json.loads((tmp_path / "runs" / rec["run_name"] / "run.json").read_text())
-    assert on_disk["status"] == "finished" and on_disk["run_name"] == run_name_for(
-        cfg, dataset_version(load_table("builtin://german")))
+    assert on_disk["status"] == "finished" and on_disk["run_name"] == cfg.run_name(
+        dataset_version(load_table("builtin://german")))
     assert on_disk["dataset"]["version"] == dataset_version(load_table("builtin://german"))
     assert on_disk["config"]["model"]["hidden"] == [64, 32] and len(on_disk["config_hash"]) == 12
     assert on_disk["code_version"]["package"] and "git_commit" in on_disk["code_version"]
@@ -56,7 +56,7 @@ def test_training_publishes_dashboard_metrics(ray_2_cpus, tmp_path, gate):
     from mlops_ray.cluster.rehearsal import Background
     gate.hold(epoch=2, step=5)
     cfg = job_cfg(*ADULT_SHORT, f"storage.uri={tmp_path}")
-    run = run_name_for(cfg, dataset_version(load_table("builtin://adult")))
+    run = cfg.run_name(dataset_version(load_table("builtin://adult")))
     bg = Background(lambda: run_training(cfg))
     names = ("samples_per_second", "epoch_seconds", "checkpoint_seconds", "epoch",
              "preemptions_survived", "restarts")
@@ -132,7 +132,7 @@ def test_killed_worker_process_is_survived(ray_2_cpus, tmp_path, gate):
     from tests.conftest import committed, kill_pids
     gate.hold(epoch=3, step=10)
     cfg = job_cfg(*ADULT_SHORT, f"storage.uri={tmp_path}", "train.epochs=8")
-    run_dir = tmp_path / "runs" / run_name_for(cfg, dataset_version(load_table("builtin://adult")))
+    run_dir = tmp_path / "runs" / cfg.run_name(dataset_version(load_table("builtin://adult")))
     run = Background(lambda: run_training(cfg))
     wait_until(lambda: gate.events("waiting") or run.done(), 240, what="the run at epoch 3")
     wait_until(lambda: "checkpoint_e0003_s00000" in committed(run_dir), 60,

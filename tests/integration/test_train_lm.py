@@ -8,13 +8,13 @@ import json
 from pathlib import Path
 
 import pytest
-from mlops_ray.train.lm_loop import lm_train_loop_per_worker
-from mlops_ray.train.lm_trainer import lm_loop_config
 
 from mlops_ray.config import validate
 from mlops_ray.config.compose import compose
 from mlops_ray.config.lm import LmJob
 from mlops_ray.train.driver import run_training
+from mlops_ray.train.session import LocalSession
+from mlops_ray.train.tasks.lm import lm_train_loop_per_worker, loop_config
 from tests.conftest import REPO, run_job
 
 pytestmark = pytest.mark.ray
@@ -25,14 +25,14 @@ TWO_WORKERS = ["scaling.num_workers=2", "scaling.resources_per_worker.CPU=0.5",
 
 def lm_cfg(*overrides: str) -> dict:
     return validate(compose("train", ["+experiment=gpt_synthetic", *overrides]),
-                    LmJob).model_dump(by_alias=True)
+                    LmJob)
 
 
 def one_process(tmp_path: Path, *overrides: str) -> dict:
     """The same run as one plain process (no Ray, no DDP): the reference trajectory."""
-    lc = lm_loop_config(lm_cfg(*TWO_WORKERS, *overrides), "reference")
-    lc.update(session="local", local_dir=str(tmp_path / "reference"))
-    return lm_train_loop_per_worker(lc)
+    lc = loop_config(lm_cfg(*TWO_WORKERS, *overrides), "reference")
+    return lm_train_loop_per_worker(lc.plain(), LocalSession(str(tmp_path / "reference"),
+                                                             resume=True))
 
 
 def test_jobs_train_gpt_synthetic_trains_and_records(ray_2_cpus, tmp_path):

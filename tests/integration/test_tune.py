@@ -27,7 +27,7 @@ GERMAN_VERSION = dataset_version(load_table("builtin://german"))
 
 
 def tune_cfg(*overrides: str) -> dict:
-    return validate(compose("tune", list(overrides)), TuneJob).model_dump(by_alias=True)
+    return validate(compose("tune", list(overrides)), TuneJob)
 
 
 def test_tpe_asha_summary_best_run_and_retrain(ray_2_cpus, tmp_path):
@@ -64,11 +64,11 @@ def test_tpe_asha_summary_best_run_and_retrain(ray_2_cpus, tmp_path):
     # `jobs.train from_tune=...` trains the best parameters
     train = validate(compose("train", [*GERMAN, f"storage.uri={tmp_path}", "train.epochs=2",
                                        f"from_tune={s['tune_uri']}"]), TrainJob)
-    tuned = with_tuned_params(train.model_dump(by_alias=True))
+    tuned = with_tuned_params(train)
     for key, value in best["params"].items():
         section, name = key.split(".")
-        assert tuned[section][name] == value
-    assert run_training(validate(tuned, TrainJob).model_dump(by_alias=True))["status"] == \
+        assert getattr(getattr(tuned, section), name) == value
+    assert run_training(tuned)["status"] == \
         "finished"
 
 

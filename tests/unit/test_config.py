@@ -227,3 +227,23 @@ def test_canary_max_bake_must_cover_the_bake():
     with pytest.raises(ConfigError, match=r"serve.rollout.max_bake_s=10.0 is below bake_s=30"):
         validate(compose("serve", ["ref=m", "serve.rollout.max_bake_s=10",
                                    "serve.rollout.bake_s=30"]), ServeJob)
+
+
+def test_a_job_with_a_bad_config_exits_2_and_writes_nothing(tmp_path, capsys):
+    """What jobs.train does with each kind of mistake (the entry point itself, as a subprocess:
+    tests/e2e/test_cli.py): one clear message, exit 2, nothing in storage."""
+    from tests.conftest import in_process
+    store = tmp_path / "store"
+    for overrides, expected in [
+            (["+train.epochz=3"], "train.epochz: unknown key"),
+            (["optim.lr=abc"], "optim.lr='abc'"),
+            (["scaling.num_workers=64"], "64 worker(s)"),
+            ([f"dataset.uri={tmp_path}/nope.csv"], "file not found")]:
+        def run(job: TrainJob) -> None:
+            from mlops_ray.data import prepare
+            prepare(job.dataset, job.seed)  # what the driver does first, before Ray
+        code = in_process("train", TrainJob, ["+experiment=adult_mlp", f"storage.uri={store}",
+                                              *overrides], run)
+        err = capsys.readouterr().err
+        assert code == 2 and expected in err and "Traceback" not in err, err
+    assert not store.exists()

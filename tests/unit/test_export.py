@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 
+from mlops_ray.artifacts.predictor import Predictor
 from mlops_ray.data import prepare
 from mlops_ray.export import (
     MODEL_FILE,
@@ -20,7 +21,6 @@ from mlops_ray.export import (
     write_bundle,
 )
 from mlops_ray.registry import Policy, Registry
-from mlops_ray.serving.predictor import Predictor
 from mlops_ray.storage import resolve
 from tests.conftest import dataset, in_process
 from tests.serving import MODEL, make_version

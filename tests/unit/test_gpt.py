@@ -156,6 +156,7 @@ def test_bench_run_bare_smoke():
     assert "bare eager fp32" in bench.format_table([row])
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_bf16_autocast_forward_on_gpu():
     torch.manual_seed(0)

@@ -15,7 +15,7 @@ from mlops_ray.registry import ANY, Policy, Registry
 from mlops_ray.registry import schema as S
 from mlops_ray.registry.policy import TOKEN_ENV, token_hash
 from mlops_ray.storage import resolve
-from tests.conftest import new_pg_database, run_job
+from tests.conftest import new_pg_database
 
 TOKENS = {"viewer": "tok-v", "trainer": "tok-t", "approver": "tok-p", "admin": "tok-a"}
 POLICY = Policy({"admin": ["ada"], "approver": ["pat"], "trainer": ["tim"], "viewer": ["*"]},
@@ -23,7 +23,7 @@ POLICY = Policy({"admin": ["ada"], "approver": ["pat"], "trainer": ["tim"], "vie
                                  "admin": "ada"}[r] for r, t in TOKENS.items()}, "test policy")
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.server)])
 def db(request, tmp_path):
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'registry.db'}"
@@ -122,6 +122,7 @@ def _racer(db: str, store: str, i: int, barrier, results) -> None:
     r.close()
 
 
+@pytest.mark.slow  # 20 processes
 @pytest.mark.timeout(300)
 def test_twenty_concurrent_promoters(db, tmp_path):
     """20 processes register and race for `production` from the same expected value."""
@@ -273,8 +274,10 @@ def test_registry_on_s3(tmp_path, moto_s3, bucket):
     assert (folder / "model.pt").read_bytes() == b"w" * 1000
 
 
-def test_cli_identity_denials_and_audit(tmp_path):
-    """jobs.registry as users run it: token identities from a policy file, exit codes."""
+def test_cli_identity_denials_and_audit(tmp_path, monkeypatch, capsys):
+    """jobs.registry as users run it (its main, in this process): token identities from a
+    policy file, exit codes."""
+    from jobs.registry import main
     policy = tmp_path / "policy.yaml"
     policy.write_text("roles: {admin: [ada], approver: [pat], viewer: ['*']}\n"
                       f"tokens: {{{token_hash('tok-p')}: pat, {token_hash('tok-v')}: vic}}\n")
@@ -285,27 +288,31 @@ def test_cli_identity_denials_and_audit(tmp_path):
     r.set_alias("m", "production", 1, expected=None)
     common = [f"db.url={db}", f"storage.uri={tmp_path}", f"registry.policy={policy}"]
 
-    def cli(*args: str, token: str | None) -> object:
-        return run_job(["jobs.registry", *args, *common], timeout=60, **{TOKEN_ENV: token})
-    who = cli("whoami", token="tok-p")
-    assert who.returncode == 0 and "pat (role: approver" in who.stdout
-    out = cli("approve", "m:2", "--reason", "looks fine", token="tok-p")
-    assert out.returncode == 7 and "failed its validation gates" in out.stderr
-    out = cli("rollback", "m@production", "--reason", "x", token="tok-v")
-    assert out.returncode == 7 and "'vic' (role: viewer" in out.stderr
-    out = cli("whoami", token="forged")
-    assert out.returncode == 7 and "not in the registry policy" in out.stderr
-    out = cli("show", "m", token="tok-v")
-    assert out.returncode == 0 and "m:1" in out.stdout and "production" in out.stdout
-    out = cli("--json", "history", "m", token="tok-v")
-    acts = [(a["actor"], a["action"], a["outcome"]) for a in json.loads(out.stdout)]
+    def cli(*args: str, token: str) -> tuple[int, str, str]:
+        monkeypatch.setenv(TOKEN_ENV, token)
+        with pytest.raises(SystemExit) as e:
+            main([*args, *common])
+        out = capsys.readouterr()
+        return int(e.value.code or 0), out.out, out.err
+    code, out, err = cli("whoami", token="tok-p")
+    assert code == 0 and "pat (role: approver" in out
+    code, out, err = cli("approve", "m:2", "--reason", "looks fine", token="tok-p")
+    assert code == 7 and "failed its validation gates" in err
+    code, out, err = cli("rollback", "m@production", "--reason", "x", token="tok-v")
+    assert code == 7 and "'vic' (role: viewer" in err
+    code, out, err = cli("whoami", token="forged")
+    assert code == 7 and "not in the registry policy" in err
+    code, out, err = cli("show", "m", token="tok-v")
+    assert code == 0 and "m:1" in out and "production" in out
+    code, out, err = cli("--json", "history", "m", token="tok-v")
+    acts = [(a["actor"], a["action"], a["outcome"]) for a in json.loads(out)]
     assert ("pat", "move_production", "denied") in acts and ("vic", "rollback_production",
                                                             "denied") in acts
-    assert cli("audit", "verify", token="tok-v").returncode == 0
+    assert cli("audit", "verify", token="tok-v")[0] == 0
     con = sqlite3.connect(tmp_path / "r.db")
     con.execute("UPDATE registry_audit SET actor='mallory' WHERE seq=1")
     con.commit()
-    out = cli("audit", "verify", token="tok-v")
-    assert out.returncode == 9 and "seq=1" in out.stdout
-    out = cli("show", "m:9", token="tok-v")
-    assert out.returncode == 6 and "m:9 is not registered" in out.stderr
+    code, out, err = cli("audit", "verify", token="tok-v")
+    assert code == 9 and "seq=1" in out
+    code, out, err = cli("show", "m:9", token="tok-v")
+    assert code == 6 and "m:9 is not registered" in err

@@ -1,16 +1,13 @@
 """`jobs.serve action=export`: a Serve config file pinned to the version a ref names."""
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import yaml
 
 from mlops_ray.data import prepare
 from mlops_ray.registry import Policy, Registry
 from mlops_ray.storage import resolve
-from tests.conftest import REPO, dataset, job_env
+from tests.conftest import dataset, in_process
 from tests.serving import MODEL, make_version
 
 
@@ -24,21 +21,28 @@ def store(tmp_path_factory):
     return store, v1, v2
 
 
-def export(store, *args):
-    return subprocess.run([sys.executable, "-m", "jobs.serve", "action=export",
-                           f"storage.uri={store}", *args], cwd=REPO, env=job_env(),
-                          capture_output=True, text=True, timeout=120)
+def export(store, *args) -> int:
+    """`python -m jobs.serve action=export ...` in this process: its exit code."""
+    from jobs.serve import export as write
+    from mlops_ray.config.serve import ServeJob
+    from mlops_ray.registry import open_registry
+    from mlops_ray.serving.control import export_config
+
+    def run(job: ServeJob) -> None:
+        write(job, export_config(job, open_registry(job)))
+    return in_process("serve", ServeJob, ["action=export", f"storage.uri={store}", *args], run)
 
 
-def test_export_pins_the_alias_and_serve_accepts_it(store, tmp_path):
+def test_export_pins_the_alias_and_serve_accepts_it(store, tmp_path, capsys):
     from ray._common.utils import import_attr
     from ray.serve.schema import ServeDeploySchema
     root, _, v2 = store
     out = tmp_path / "serve_config.yaml"
     done = export(root, f"ref={MODEL}", f"out={out}", "serve.host=0.0.0.0",
                   "+serve.ingress.autoscaling_config={min_replicas:2,max_replicas:4}")
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert f"{MODEL}:{v2.version}" in done.stdout and not list(tmp_path.glob("*.tmp"))
+    assert done == 0, capsys.readouterr().err[-2000:]
+    assert f"{MODEL}:{v2.version}" in capsys.readouterr().out
+    assert not list(tmp_path.glob("*.tmp"))
     cfg = yaml.safe_load(out.read_text())
     ServeDeploySchema.parse_obj(cfg)  # what `serve deploy` and KubeRay validate it against
     app = cfg["applications"][0]
@@ -50,9 +54,9 @@ def test_export_pins_the_alias_and_serve_accepts_it(store, tmp_path):
     assert isinstance(import_attr(app["import_path"])(app["args"]), Application)
 
 
-def test_export_of_a_missing_alias_fails_and_writes_nothing(store, tmp_path):
+def test_export_of_a_missing_alias_fails_and_writes_nothing(store, tmp_path, capsys):
     root, _, _ = store
     out = tmp_path / "c.yaml"
-    done = export(root, f"ref={MODEL}@nonexistent", f"out={out}")
-    assert done.returncode != 0 and "nonexistent" in done.stderr
+    assert export(root, f"ref={MODEL}@nonexistent", f"out={out}") == 6
+    assert "nonexistent: no such alias" in capsys.readouterr().err
     assert not out.exists()
