@@ -7,23 +7,25 @@ PY := $(VENV)/bin/python
 # the multi-GB CUDA build, or pick a CUDA index for GPUs (TORCH_INDEX=.../whl/cu128).
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
+# every dependency at the version the project is tested with (LOCK= installs the open ranges)
+LOCK ?= requirements.lock
 EXPERIMENT ?= adult_mlp
 PYTEST_ARGS ?=
 # extra Hydra overrides of run/train: make run ARGS='serve.keep_alive=false'
 ARGS ?=
 UNIT := not ray and not slow and not server and not s3 and not multinode and not gpu
 
-.PHONY: help install run train tune serve test test-unit test-multinode lint typecheck bench clean
+.PHONY: help install run train tune serve test test-unit test-multinode lint typecheck bench lock clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-11s %s\n", $$1, $$2}'
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (set PYTHON=...)"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q $(if $(LOCK),-c $(LOCK)) -e ".[test]"
 	touch $@
 
 install: $(VENV)/.installed ## create .venv and install the project (pinned CPU torch)
@@ -50,15 +52,23 @@ test-unit: install ## unit tests: no Ray, no subprocess job, no server
 test-multinode: install ## node loss, preemption, tuning and elastic scenarios on a local multi-node cluster
 	$(PY) -m pytest -m multinode --durations=10 $(PYTEST_ARGS)
 
-lint: install ## ruff, and the layering as import-linter contracts (pyproject.toml)
+lint: install ## ruff, the layering as import-linter contracts (pyproject.toml), bandit (new findings vs the reviewed bandit-baseline.json)
 	$(PY) -m ruff check mlops_ray jobs tests bench tools
 	$(VENV)/bin/lint-imports
+	$(VENV)/bin/bandit -q -r mlops_ray jobs -b bandit-baseline.json
 
 typecheck: install ## mypy on mlops_ray/ and jobs/
 	$(PY) -m mypy mlops_ray jobs
 
 bench: install ## benchmarks (not part of make test): training overhead vs bare PyTorch
 	$(PY) bench/train_overhead.py
+
+lock: ## regenerate requirements.lock from a fresh install of pyproject.toml's ranges
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/pip install -q "$(TORCH_SPEC)" && .lock-venv/bin/pip install -q -e ".[test]"
+	{ sed -n '1,3p' requirements.lock; .lock-venv/bin/pip freeze --exclude-editable \
+	  | sed -E 's/^(torch==[^+]*)\+.*/\1/'; } > requirements.lock.tmp
+	mv requirements.lock.tmp requirements.lock && rm -rf .lock-venv
 
 clean: ## remove outputs and caches (keeps .venv)
 	rm -rf outputs .pytest_cache .ruff_cache

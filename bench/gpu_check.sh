@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-shot GPU check for a lent GPU machine (see README): Ray + jobs.train with use_gpu and bf16,
+# One-shot GPU check for a lent GPU machine (docs/benchmarks.md): Ray + jobs.train with use_gpu and bf16,
 # and the GPU unit tests. Prepare with `../shared/tools/gpu-bundle pydantic`, then run with .gpu
 # carried. Writes run.json and logs to $OUT.
 set -uo pipefail

@@ -12,6 +12,7 @@
     python -m jobs.registry retrain --dataset-version 3f9c --reason "erasure request #12"
     python -m jobs.registry audit verify | audit export --out audit.jsonl | audit verify --file audit.jsonl
     python -m jobs.registry whoami
+    python -m jobs.registry policy show | policy set policy.yaml --reason "..."   # admin
 
 Settings are Hydra overrides after the command: db.url=postgresql://... storage.uri=s3://...
 registry.policy=policy.yaml. Add --json for machine-readable output. Exit codes: 0 ok, 6 registry
@@ -59,6 +60,10 @@ def parser() -> argparse.ArgumentParser:
     rt = sub.add_parser("retrain", help="mark every version trained on a dataset version")
     rt.add_argument("--dataset-version", required=True)
     rt.add_argument("--reason", required=True)
+    po = sub.add_parser("policy", help="the access policy stored in the registry")
+    po.add_argument("action", choices=["show", "set"])
+    po.add_argument("file", nargs="?", help="set: the new policy YAML (admin)")
+    po.add_argument("--reason")
     au = sub.add_parser("audit")
     au.add_argument("action", choices=["verify", "export", "show"])
     au.add_argument("--out", help="export: JSON-lines file")
@@ -146,6 +151,17 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
         vs = reg.mark_retrain(args.dataset_version, args.reason)
         _out(args, [v.ref for v in vs], "\n".join(f"marked for retraining: {v.ref}" for v in vs)
              or f"no active version was trained on dataset version {args.dataset_version}")
+    elif c == "policy":
+        if args.action == "set":
+            if not args.file:
+                print("error: policy set needs the policy FILE", file=sys.stderr)
+                return 2
+            from mlops_ray.registry import Policy
+            reg.set_policy(Policy.load(args.file), args.reason)
+        p = reg.policy
+        _out(args, {"source": p.source, "sha256": p.digest(), "roles": p.roles,
+                    "tokens": len(p.tokens)},
+             f"policy: {p.source}\nsha256: {p.digest()}\n{p.text()}")
     elif c == "audit":
         if args.action == "export":
             if not args.out:

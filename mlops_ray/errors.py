@@ -82,6 +82,12 @@ class ArtifactCorrupted(RegistryError):
     """A registered artifact does not match its recorded content hash (edited or damaged)."""
 
 
+class UnsafeArtifact(RegistryError):
+    """A checkpoint, run record or registry version asks for something an artifact may not: a
+    model builder outside the allowlist, code to run, a report whose signature does not verify
+    (an artifact is data, never code)."""
+
+
 class PermissionDenied(MlopsError):
     """The caller's role does not allow the action (the denial itself is audited)."""
 
@@ -97,12 +103,19 @@ class InputInvalid(DataValidationError):
 
 
 class RequestInvalid(MlopsError):
-    """A request does not match the model's input signature (HTTP 422 / 413)."""
+    """A request does not match the model's input signature (HTTP 4xx). At most MAX problems
+    are kept (the last one says how many more there were): an answer never grows with the
+    request (no amplification)."""
+
+    MAX = 20
 
     def __init__(self, problems: list[str], status: int = 422):
-        self.problems, self.status = list(problems), status
-        super().__init__("; ".join(self.problems[:50]) + (
-            f" (+{len(self.problems) - 50} more)" if len(self.problems) > 50 else ""))
+        problems = list(problems)
+        if len(problems) > self.MAX:  # the last problem (e.g. the allowed fields) is kept
+            problems = problems[:self.MAX - 2] + [
+                f"... and {len(problems) - self.MAX + 1} more problem(s)", problems[-1]]
+        self.problems, self.status = problems, status
+        super().__init__("; ".join(problems))
 
 
 class ServeError(MlopsError):

@@ -85,12 +85,10 @@ def s3fs_filesystem(endpoint_url: str | None = None, region: str | None = None) 
     except ImportError:
         raise StorageError("s3:// URIs need s3fs: pip install s3fs") from None
     client_kwargs = {k: v for k, v in (("endpoint_url", endpoint_url), ("region_name", region)) if v}
-    # Keys read here travel (pickled) with the filesystem to the Train controller and workers,
-    # whose processes may not have the driver's environment; None falls back to boto's chain.
-    return s3fs.S3FileSystem(key=os.environ.get("AWS_ACCESS_KEY_ID") or None,
-                             secret=os.environ.get("AWS_SECRET_ACCESS_KEY") or None,
-                             token=os.environ.get("AWS_SESSION_TOKEN") or None,
-                             client_kwargs=client_kwargs, skip_instance_cache=True)
+    # No keys here: the filesystem is pickled (Train's controller and workers, Tune's tuner.pkl
+    # in the bucket), and keys would travel with it. Every process resolves them from the
+    # standard chain: env (a local Ray inherits the driver's), ~/.aws, an instance/pod role.
+    return s3fs.S3FileSystem(client_kwargs=client_kwargs, skip_instance_cache=True)
 
 
 def resolve(uri: str, endpoint_url: str | None = None, region: str | None = None) -> Storage:

@@ -30,7 +30,20 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ["RAY_AUTH_MODE"] = "token"
 os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(16)
 os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.2"
+# S3 credentials (moto accepts any) from the standard variables, set before the session's Ray
+# starts so its workers have them as a real cluster's pods would; the secret is unique to this
+# session, so tests/security can look for it in everything written to storage
+os.environ["AWS_ACCESS_KEY_ID"] = "AKIATESTSESSION"
+os.environ["AWS_SECRET_ACCESS_KEY"] = f"moto-secret-{secrets.token_hex(12)}"
+os.environ["AWS_DEFAULT_REGION"] = "us-east-1"
+# admin and feedback keys a Serve test names by variable (replicas read them at start)
+os.environ["MLOPS_TEST_ADMIN_KEYS"] = "adm-1"
+os.environ["MLOPS_TEST_FEEDBACK_KEYS"] = "fb-1"
 os.environ["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"
+# Serve's replicas and handles push autoscaling metrics every 10 s by default: the autoscaling
+# test's look_back_period_s of 1 s needs them every half second (read when Serve starts)
+os.environ["RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "0.5"
+os.environ["RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "0.5"
 
 
 def dataset(experiment: str = "adult_mlp", *overrides: str):
@@ -164,27 +177,28 @@ def adult_run(ray_2_cpus, tmp_path_factory) -> dict:
                         .train_job(), log=lambda _: None)
 
 
-def copy_run(rec: dict, storage: Path) -> dict:
-    """A copy of a finished run under `storage`/runs/, its record pointing at the copy."""
+def copy_run(rec: dict, storage: Path, name: str | None = None) -> dict:
+    """A copy of a finished run under `storage`/runs/ (as run `name` if given: the same
+    model trained again under another name), its record pointing at the copy."""
     import json
     import shutil
     src = Path(rec["run_uri"].removeprefix("file://"))
-    dst = storage / "runs" / src.name
+    dst = storage / "runs" / (name or src.name)
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("eval"))
     text = (dst / "run.json").read_text().replace(f"file://{src}", f"file://{dst}")
-    (dst / "run.json").write_text(text)
-    return json.loads(text)
+    copied = json.loads(text)
+    if name:
+        copied["run_name"] = name
+    (dst / "run.json").write_text(json.dumps(copied, indent=2))
+    return copied
 
 
 @pytest.fixture(scope="session")
 def moto_s3():
     """A moto S3 server on 127.0.0.1 started (and stopped, by its pid) by this session."""
     port = free_port()
-    env = {**os.environ, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-           "AWS_DEFAULT_REGION": "us-east-1"}
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
-                             str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=env)
+                             str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
 
     def up():
@@ -194,8 +208,6 @@ def moto_s3():
             return False
     try:
         wait_until(up, 30, what="moto server")
-        for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
-            os.environ[k] = env[k]
         yield url
     finally:
         proc.terminate()

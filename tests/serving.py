@@ -46,5 +46,15 @@ def make_version(reg: Registry, prepared, seed: int, bias: float = 0.0):
         "reference.json": dumps(profile(rows, pre.numeric, pre.categorical + ["sex", "race"]
                                         )).encode(),
     }
-    return reg.register(MODEL, files, {"run_uri": f"run-{seed}-{bias}", "gate_passed": True,
-                                       "data_version": prepared.version})
+    meta = {"run_uri": f"run-{seed}-{bias}", "data_version": prepared.version}
+    files["gate_report.json"] = passed_report(reg, meta)
+    return reg.register(MODEL, files, meta)
+
+
+def passed_report(reg: Registry, meta: dict) -> bytes:
+    """A gate report that passed, about `meta`'s run, signed with the registry's key (what an
+    evaluation holding the key writes; the registry reads the verdict from it)."""
+    from mlops_ray.registry.signing import sign
+    return json.dumps(sign({"passed": True, "champion": None, "lineage": {
+        "run": meta.get("run_uri"), "data_version": meta.get("data_version"),
+        "config_hash": meta.get("config_hash")}}, reg.key)).encode()

@@ -24,10 +24,10 @@ class Predictor:
         import torch
 
         from mlops_ray.data.preprocess import Preprocessor
-        from mlops_ray.utils import build
+        from mlops_ray.models import build_model
         d = Path(folder)
         meta = json.loads((d / "meta.json").read_text())
-        model = build(meta["model"], in_features=meta["in_features"])
+        model = build_model(meta["model"], in_features=meta["in_features"])
         model.load_state_dict(torch.load(d / "model.pt", map_location="cpu", weights_only=True))
         torch.set_num_threads(1)  # a replica is one core's worth; batching gives the throughput
         return cls(model.eval(), Preprocessor.from_dict(json.loads(

@@ -32,6 +32,17 @@ def resolve_run(uri: str, storage_cfg: dict[str, Any]) -> tuple[dict[str, Any], 
     return rec, st
 
 
+def verified_checkpoint(rec: dict[str, Any], which: str, storage_cfg: dict[str, Any],
+                        tmp: str) -> Path:
+    """The run's `which` ("best" | "latest") checkpoint as a local folder, after checking its
+    files against the digest run.json recorded (UnsafeArtifact when they differ)."""
+    ckpts = rec["checkpoints"]
+    d = checkpoint_dir(ckpts[which], storage_cfg, tmp)
+    ckpt_io.verify(d, (ckpts.get("digest") or {}).get(which),
+                   f"run {rec.get('run_name')} checkpoint {which}")
+    return d
+
+
 def checkpoint_dir(uri: str, storage_cfg: dict[str, Any], tmp: str) -> Path:
     """A local folder with the checkpoint at `uri` (downloaded into `tmp` when remote)."""
     if uri.startswith("file://"):
@@ -57,6 +68,5 @@ class CheckpointProba:
 def load_run_model(rec: dict[str, Any], storage_cfg: dict[str, Any]) -> CheckpointProba:
     """A run's best checkpoint as raw rows -> probabilities (its own preprocessing)."""
     with tempfile.TemporaryDirectory() as tmp:
-        model, pre, _ = ckpt_io.load_model(checkpoint_dir(rec["checkpoints"]["best"],
-                                                          storage_cfg, tmp))
+        model, pre, _ = ckpt_io.load_model(verified_checkpoint(rec, "best", storage_cfg, tmp))
     return CheckpointProba(model, pre)

@@ -42,10 +42,17 @@ class Notice:
     message: str
 
 
+# the metadata service is link-local: never through HTTP(S)_PROXY (a proxy would see, and could
+# forge, the notices and tokens)
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 def _get(url: str, headers: dict[str, str], method: str = "GET", timeout: float = 2) -> str | None:
+    if not url.startswith("http://"):
+        raise ValueError(f"metadata URL {url!r}: only http:// is used")
     req = urllib.request.Request(url, headers=headers, method=method)
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
+        with _DIRECT.open(req, timeout=timeout) as r:
             return r.read().decode()
     except urllib.error.HTTPError as e:
         if e.code == 404:

@@ -33,9 +33,22 @@ def _token_available() -> bool:
 
 
 def entrypoint(module: str, overrides: list[str], python: str) -> str:
-    kept = [o for o in overrides if not o.lstrip("+~").startswith("cluster")]
+    """The remote command: the overrides without cluster.* and ray.env_vars.* (those travel in
+    the runtime_env) and without URL passwords (the cluster's own credential chain, e.g.
+    PGPASSWORD or ~/.pgpass, supplies them): the dashboard shows the entrypoint to anybody."""
+    kept = [strip_password(o) for o in overrides
+            if not o.lstrip("+~").startswith(("cluster", "ray.env_vars"))]
     return " ".join([shlex.quote(python), "-m", module, *map(shlex.quote, kept),
                      "cluster=local"])
+
+
+def strip_password(override: str) -> str:
+    from mlops_ray.config.base import _URL_PASSWORD
+    return _URL_PASSWORD.sub(r"\g<head>@", override)
+
+
+def project_root() -> Path:
+    return Path(__file__).resolve().parents[2]
 
 
 def submit_if_remote(module: str, job: Any) -> None:
@@ -49,9 +62,15 @@ def submit(module: str, overrides: list[str], cfg: ClusterCfg, log: Any = print)
     if "RAY_AUTH_MODE" not in os.environ and _token_available():
         os.environ["RAY_AUTH_MODE"] = "token"
     from ray.job_submission import JobStatus, JobSubmissionClient
-    runtime_env: dict[str, Any] = {"working_dir": str(Path(cfg.working_dir).resolve()),
-                                   "excludes": list(cfg.excludes),
-                                   "env_vars": {"PYTHONUNBUFFERED": "1", **cfg.env_vars}}
+
+    from mlops_ray.config.base import SECRET_EXCLUDES
+    env_vars = {o.split("=", 1)[0].lstrip("+").removeprefix("ray.env_vars."): o.split("=", 1)[1]
+                for o in overrides if o.lstrip("+").startswith("ray.env_vars.") and "=" in o}
+    runtime_env: dict[str, Any] = {
+        "working_dir": str(Path(cfg.working_dir).resolve() if cfg.working_dir
+                           else project_root()),
+        "excludes": list(dict.fromkeys([*cfg.excludes, *SECRET_EXCLUDES])),
+        "env_vars": {"PYTHONUNBUFFERED": "1", **env_vars, **cfg.env_vars}}
     if cfg.pip:
         runtime_env["pip"] = list(cfg.pip)
     deadline = time.monotonic() + 120

@@ -119,10 +119,34 @@ class RayCfg(Strict):
             return 0
 
 
+_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]+):[^@/\s]+@")
+
+
+def redact_text(text: str) -> str:
+    """`scheme://user:password@host` -> `scheme://user:***@host`."""
+    return _URL_PASSWORD.sub(r"\g<head>:***@", text)
+
+
+def redact(obj: Any) -> Any:
+    """A plain config as records keep it: env_vars values and URL passwords replaced by ***
+    (records, registry versions and W&B are read by more people than the secrets are for)."""
+    if isinstance(obj, dict):
+        return {k: ({n: "***" for n in v} if k == "env_vars" and isinstance(v, dict)
+                    else redact(v)) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [redact(x) for x in obj]
+    return redact_text(obj) if isinstance(obj, str) else obj
+
+
+# never uploaded with a remote job's working directory, whatever cluster.excludes says
+SECRET_EXCLUDES = (".env", ".env.*", "*.pem", "*.key", "id_rsa*", "id_ed25519*", ".aws",
+                   ".ssh", ".ray", ".netrc", ".pgpass", "*.db", "*.db-wal", "*.db-shm")
+
+
 class ClusterCfg(Strict):
     mode: Literal["local", "remote"] = "local"
     address: str | None = None  # remote: the Jobs API, http://<head>:8265
-    working_dir: str = "."
+    working_dir: str | None = None  # None: the project's root (where mlops_ray/ is)
     excludes: list[str] = []
     pip: list[str] | None = None
     python: str = "python"

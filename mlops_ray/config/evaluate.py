@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from mlops_ray.config.base import NAME_RE, RegistrySections, Strict, view
+from mlops_ray.config.base import NAME_RE, DbCfg, RegistrySections, Strict, view
 from mlops_ray.config.train import TrainJob
 
 
@@ -54,6 +54,7 @@ class FairnessCfg(Strict):
 
 class EvaluateSections(Strict):
     run: str
+    db: DbCfg = DbCfg()  # locates the registry's signing key (registry/signing.py)
     champion: str | None = None
     cv: CvCfg = CvCfg()
     threshold: ThresholdCfg = ThresholdCfg()

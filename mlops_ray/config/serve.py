@@ -32,13 +32,20 @@ class LimitsCfg(Strict):
 class CacheCfg(Strict):
     enabled: bool = True
     max_entries: int = Field(10000, ge=1)
+    max_bytes: int = Field(64 * 1024 * 1024, ge=1024)  # answers kept, in bytes
     ttl_s: float = Field(300, gt=0)
 
 
 class AuthCfg(Strict):
+    """Keys per scope: predictions (api), /admin/* and /feedback each have their own. Keys
+    listed here end up in the Serve config; prefer the variables (a Kubernetes Secret)."""
     api_keys: list[str] = []
     api_keys_env: str | None = "MLOPS_RAY_SERVE_API_KEYS"
     key_file: str | None = None
+    admin_keys_env: str | None = "MLOPS_RAY_SERVE_ADMIN_KEYS"
+    feedback_keys_env: str | None = "MLOPS_RAY_SERVE_FEEDBACK_KEYS"
+    # serve.host off loopback without any key is refused unless this says so, explicitly
+    allow_anonymous: bool = False
 
 
 class DriftCfg(Strict):
@@ -48,12 +55,15 @@ class DriftCfg(Strict):
     psi_threshold: float = Field(0.2, gt=0)
     js_threshold: float = Field(0.15, gt=0, le=1)
     p_value: float = Field(0.01, gt=0, lt=1)
-    webhook_url: str | None = None
+    webhook_url: str | None = Field(None, pattern=r"^https?://")
 
 
 class FeedbackCfg(Strict):
     window: int = Field(5000, ge=10)
-    max_pending: int = Field(10000, ge=10)
+    max_pending: int = Field(10000, ge=10)  # answered requests kept for their labels...
+    max_pending_rows: int = Field(200000, ge=10)  # ...and their rows, at most
+    rate_per_s: float = Field(20, gt=0)  # feedback requests per second per key (429 above)
+    burst: int = Field(40, ge=1)
 
 
 class RolloutCfg(Strict):

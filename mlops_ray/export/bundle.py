@@ -74,9 +74,9 @@ def load_served(folder: Path, ref: str) -> Any:
     import torch
 
     from mlops_ray.data.preprocess import Preprocessor
-    from mlops_ray.utils import build
+    from mlops_ray.models import build_model
     meta = json.loads((folder / "meta.json").read_text())
-    model = build(meta["model"], in_features=meta["in_features"])
+    model = build_model(meta["model"], in_features=meta["in_features"])
     model.load_state_dict(torch.load(folder / "model.pt", map_location="cpu", weights_only=True))
     return Predictor(model.eval(), Preprocessor.from_dict(json.loads(
         (folder / "preprocessor.json").read_text())),

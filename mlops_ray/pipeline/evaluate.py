@@ -20,6 +20,14 @@ from mlops_ray.evaluation import cv as cvmod
 from mlops_ray.evaluation.metrics import binary_metrics
 
 
+def signing_key(job: EvaluateJob) -> bytes:
+    """The registry's key, which signs what evaluation writes (registry/signing.py)."""
+    from mlops_ray.db import db_url
+    from mlops_ray.registry.signing import key_for
+    from mlops_ray.storage import from_cfg
+    return key_for(db_url(job.db.plain(), from_cfg(job.storage.plain())))
+
+
 def run_data(rec: dict[str, Any], run_job: TrainJob, storage: Any,
              prepared: Prepared | None = None) -> Prepared:
     """The run's own dataset, prepared as it was for training (reused when `prepared` is that
@@ -59,9 +67,17 @@ def _folds(job: EvaluateJob, run_job: TrainJob, prepared: Prepared, run_store: A
 
     def name(i: int) -> str:
         return f"fold_{i}-{tag}.json"
+    from mlops_ray.registry.signing import sign, verified
+    key = signing_key(job)
     folds = cvmod.fold_indices(prepared, cvc.folds, run_job.seed)
-    results = {i: run_store.read_json("eval", "cv", name(i)) for i in range(cvc.folds)
-               if run_store.exists("eval", "cv", name(i))}
+    stored = {i: run_store.read_json("eval", "cv", name(i)) for i in range(cvc.folds)
+              if run_store.exists("eval", "cv", name(i))}
+    # a fold result is reused only if an evaluation holding the registry key wrote it
+    results = {i: {k: v for k, v in r.items() if k != "signature"}
+               for i, r in stored.items() if verified(r, key)}
+    if len(results) < len(stored):
+        log(f"cross-validation: {len(stored) - len(results)} stored fold(s) not signed with "
+            "the registry key: trained again")
     todo = [i for i in range(cvc.folds) if i not in results]
     if todo:
         log(f"cross-validation: {len(todo)} of {cvc.folds} fold(s) to train"
@@ -69,7 +85,8 @@ def _folds(job: EvaluateJob, run_job: TrainJob, prepared: Prepared, run_store: A
     results.update(train_folds(run_job, prepared, folds, todo, parallel=cvc.parallel,
                                max_parallel=cvc.max_parallel, cpus_per_fold=cvc.cpus_per_fold,
                                epochs=cvc.epochs, log=log,
-                               save=lambda i, r: run_store.write_json(r, "eval", "cv", name(i))))
+                               save=lambda i, r: run_store.write_json(sign(r, key), "eval", "cv",
+                                                                      name(i))))
     return [results[i] for i in range(cvc.folds)]
 
 
@@ -169,6 +186,7 @@ def run_evaluation(job: EvaluateJob, log: Any = print, prepared: Prepared | None
                                   "with human review, not automated adverse decisions"},
         "lineage": {"run": rec["run_uri"], "data_version": rec["dataset"]["version"],
                     "config_hash": rec["config_hash"], "code_version": rec["code_version"],
+                    "checkpoint_digest": (rec["checkpoints"].get("digest") or {}).get("best"),
                     "evaluated_with": code_version(), "tune": rec.get("tune")},
         "data": {"dataset": cfg["dataset"]["name"], "rows": rec["dataset"]["splits"],
                  "positive_rate": {"all": rec["dataset"]["positive_rate"],
@@ -190,8 +208,10 @@ def run_evaluation(job: EvaluateJob, log: Any = print, prepared: Prepared | None
         for path in written.values():
             run_store.write_bytes(Path(path).read_bytes(), "eval", Path(path).name)
     report["model_card"] = run_store.uri_of("eval", "model_card.md")
-    run_store.write_bytes(json.dumps(report, indent=1, default=float).encode(), "eval",
-                          "gate_report.json")
+    from mlops_ray.registry.signing import sign
+    # signed: promotion and the registry act only on a verdict computed with the registry key
+    report = sign(report, signing_key(job))
+    run_store.write_bytes(json.dumps(report, indent=1).encode(), "eval", "gate_report.json")
     report["report_uri"] = run_store.uri_of("eval", "gate_report.json")
     return report
 
@@ -202,12 +222,21 @@ def _rule_key(rules: list[dict[str, Any]]) -> list[tuple]:
 
 
 def needs_evaluation(report: dict | None, rec: dict, champion_run: str | None,
-                     rules: list[dict[str, Any]]) -> str | None:
+                     rules: list[dict[str, Any]], key: bytes) -> str | None:
     """Why the run's stored gate report cannot be used (None: it can)."""
+    from mlops_ray.registry.signing import verified
     if report is None:
         return "the run has no gate report"
-    if report["lineage"]["run"] != rec["run_uri"]:
+    if not verified(report, key):
+        return ("its gate report is not signed with the registry key (written by something "
+                "other than an evaluation holding it)")
+    lin = report.get("lineage") or {}
+    if lin.get("run") != rec["run_uri"]:
         return "the report belongs to another run"
+    if (lin.get("data_version"), lin.get("config_hash"), lin.get("checkpoint_digest")) != (
+            rec["dataset"]["version"], rec["config_hash"],
+            (rec["checkpoints"].get("digest") or {}).get("best")):
+        return "the report judged other data, config or weights than the run's"
     compared = (report.get("champion") or {}).get("run")
     if compared != champion_run:
         return (f"its champion gate compared against {compared or 'nothing'}, production is "
@@ -226,7 +255,8 @@ def stored_report(job: EvaluateJob, rec: dict[str, Any], run_store: Any,
     from mlops_ray.evaluation.gates import expand_rules
     attrs = job.fairness.attributes or rec["config"]["dataset"]["sensitive"]
     why = needs_evaluation(report, rec, champion_run,
-                           expand_rules([r.plain() for r in job.gates.rules], attrs))
+                           expand_rules([r.plain() for r in job.gates.rules], attrs),
+                           signing_key(job))
     if why is None and report is not None:
         report["report_uri"] = run_store.uri_of("eval", "gate_report.json")
         report["model_card"] = run_store.uri_of("eval", "model_card.md")

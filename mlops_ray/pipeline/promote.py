@@ -48,7 +48,7 @@ def version_files(job: PromoteJob, rec: dict[str, Any], report: dict[str, Any],
     import torch
 
     from mlops_ray.artifacts import checkpoint as ckpt_io
-    from mlops_ray.artifacts.runs import checkpoint_dir
+    from mlops_ray.artifacts.runs import verified_checkpoint
     from mlops_ray.config.train import TrainJob
     from mlops_ray.data.profile import profile
     from mlops_ray.pipeline.evaluate import run_data
@@ -56,7 +56,7 @@ def version_files(job: PromoteJob, rec: dict[str, Any], report: dict[str, Any],
     cfg = rec["config"]
     storage = job.storage
     with tempfile.TemporaryDirectory() as tmp:
-        d = checkpoint_dir(rec["checkpoints"]["best"], storage.plain(), tmp)
+        d = verified_checkpoint(rec, "best", storage.plain(), tmp)
         model, pre, meta = ckpt_io.load_model(d)
         buf = io.BytesIO()
         torch.save(model.state_dict(), buf)  # weights only: no optimizer state, no RNG

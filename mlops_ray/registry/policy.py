@@ -1,24 +1,26 @@
 """Who is calling, and what their role allows.
 
-Identity: when `MLOPS_RAY_API_TOKEN` is set, the policy file's `tokens` table maps the token's
-SHA-256 to an identity (an unknown token is refused, never treated as anonymous); otherwise the
-OS user running the process (`getpass.getuser()`).
-
-Roles are ordered: viewer < trainer < approver < admin. A policy file (YAML) binds identities:
+Roles are ordered: viewer < trainer < approver < admin. A policy (YAML) binds identities:
 
     roles:                     # the highest role an identity is listed under applies
       admin: [alice]
       approver: [bob]
       trainer: [ci-bot]
-      viewer: ["*"]            # "*" = anybody else
+      viewer: ["*"]            # "*" = anybody else, callers without a token included
     tokens:                    # sha256(token) -> identity; tokens themselves never stored
       3f2a...: ci-bot
 
-With no policy file (the laptop default) the local OS user is admin and anybody else a viewer.
+The policy lives in the registry's database (store.py): the first job that names a file
+(`registry.policy=policy.yaml`) installs it, an admin replaces it (`jobs.registry policy set`),
+and a job that names no file, or another one, cannot switch it off or swap it.
+
+Identity: under a policy, only a token counts (`MLOPS_RAY_API_TOKEN`, looked up by its SHA-256;
+an unknown token is refused); without one the caller is `anonymous` (what "*" grants). Only a
+registry without any policy (the laptop default) takes the OS account running the process as
+its admin: the account of the process (not $USER or $LOGNAME, which anybody can set).
 """
 from __future__ import annotations
 
-import getpass
 import hashlib
 import os
 from collections.abc import Mapping
@@ -41,6 +43,7 @@ NEEDS = {
     "retrain": "approver",
     "force": "admin",  # production onto a version whose gates failed
     "delete": "admin",
+    "policy": "admin",  # replace the stored policy
 }
 
 
@@ -48,35 +51,60 @@ def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+def os_user() -> str:
+    """The account this process runs as (from the process's uid, not the environment)."""
+    import pwd
+    return pwd.getpwuid(os.getuid()).pw_name
+
+
+ANONYMOUS = "anonymous"
+
+
 @dataclass(frozen=True)
 class Policy:
     roles: dict[str, list[str]] = field(default_factory=dict)
     tokens: dict[str, str] = field(default_factory=dict)
     source: str = "embedded default"
+    is_default: bool = False
 
     @classmethod
     def default(cls) -> Policy:
-        return cls({"admin": [getpass.getuser()], "viewer": ["*"]}, {},
-                   "embedded default (local OS user is admin)")
+        return cls({"admin": [os_user()], "viewer": ["*"]}, {},
+                   "embedded default (the local OS account is admin)", is_default=True)
 
     @classmethod
     def load(cls, path: str | None) -> Policy:
         if not path:
             return cls.default()
-        import yaml
         p = Path(path).expanduser()
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            text = p.read_text()
         except OSError as e:
             raise ConfigError(f"registry.policy={path!r}: cannot read ({e})") from None
+        return cls.parse(text, str(p))
+
+    @classmethod
+    def parse(cls, text: str, source: str) -> Policy:
+        import yaml
+        data = yaml.safe_load(text) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"registry policy {source}: not a mapping of roles and tokens")
         bad = [k for k in data if k not in ("roles", "tokens")]
         roles = data.get("roles") or {}
         bad += [f"roles.{r}" for r in roles if r not in ROLES]
         if bad:
-            raise ConfigError(f"registry.policy={path!r}: unknown key(s) {bad} (allowed: roles "
+            raise ConfigError(f"registry policy {source}: unknown key(s) {bad} (allowed: roles "
                               f"with {', '.join(ROLES)}; tokens)")
         return cls({r: [str(i) for i in ids or []] for r, ids in roles.items()},
-                   {str(k): str(v) for k, v in (data.get("tokens") or {}).items()}, str(p))
+                   {str(k): str(v) for k, v in (data.get("tokens") or {}).items()}, source)
+
+    def text(self) -> str:
+        """The policy as the registry stores it (canonical YAML)."""
+        import yaml
+        return yaml.safe_dump({"roles": self.roles, "tokens": self.tokens}, sort_keys=True)
+
+    def digest(self) -> str:
+        return hashlib.sha256(self.text().encode()).hexdigest()
 
     def identity(self, env: Mapping[str, str] | None = None) -> str:
         env = os.environ if env is None else env
@@ -87,7 +115,7 @@ class Policy:
                 raise PermissionDenied(f"{TOKEN_ENV} is set but its token is not in the registry "
                                        f"policy ({self.source})")
             return who
-        return getpass.getuser()
+        return os_user() if self.is_default else ANONYMOUS
 
     def role_of(self, who: str) -> str | None:
         best = None

@@ -92,13 +92,30 @@ audit_head = sa.Table(
 )
 
 
+# the access policy, stored in the registry itself (so no job's config can swap or drop it);
+# set by an admin with `jobs.registry policy set FILE`, or by the first job that names a file
+policy = sa.Table(
+    "registry_policy", meta,
+    sa.Column("id", sa.Integer, primary_key=True),  # always 1
+    sa.Column("text", sa.Text, nullable=False),  # the YAML document
+    sa.Column("sha256", sa.String(64), nullable=False),
+    sa.Column("set_by", sa.String(128), nullable=False),
+    sa.Column("set_at", sa.String(32), nullable=False),
+)
+
+
 def _v1(conn: sa.Connection) -> None:
     for t in (versions, aliases, alias_moves, audit, audit_head):
         t.create(conn, checkfirst=True)
 
 
+def _v2(conn: sa.Connection) -> None:
+    policy.create(conn, checkfirst=True)
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[sa.Connection], None]]] = [
     (1, "versions, aliases with generation counters, alias moves, hash-chained audit", _v1),
+    (2, "the access policy stored in the registry", _v2),
 ]
 LATEST = MIGRATIONS[-1][0]
 

@@ -9,8 +9,6 @@ every denial is itself audited.
 """
 from __future__ import annotations
 
-import datetime as dt
-import hashlib
 import json
 import re
 from collections.abc import Iterator
@@ -21,15 +19,14 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from mlops_ray.errors import PermissionDenied, RegistryConflict, RegistryError
-from mlops_ray.registry import artifact
+from mlops_ray.errors import PermissionDenied, RegistryConflict, RegistryError, UnsafeArtifact
+from mlops_ray.registry import artifact, audit, signing
 from mlops_ray.registry import schema as S
 from mlops_ray.registry.policy import Policy
 from mlops_ray.storage import Storage
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 ANY = object()  # set_alias(expected=ANY): no compare-and-swap check
-GENESIS = "0" * 64
 
 
 @dataclass
@@ -84,20 +81,6 @@ def check_name(value: str, what: str) -> str:
     return value
 
 
-def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
-
-
-def _hash_record(rec: dict[str, Any]) -> str:
-    body = {k: rec[k] for k in AUDIT_FIELDS if k != "hash"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"),
-                                     default=str).encode()).hexdigest()
-
-
-AUDIT_FIELDS = ("seq", "ts", "actor", "action", "outcome", "model", "version", "alias",
-                "from_version", "to_version", "reason", "verdict", "details", "prev_hash", "hash")
-
-
 class _Deny(Exception):
     def __init__(self, message: str, **audit: Any):
         super().__init__(message)
@@ -131,14 +114,52 @@ class Registry:
     def __init__(self, url: str, storage: Storage, policy: Policy | None = None,
                  actor: str | None = None):
         self.url, self.storage = url, storage
-        self.policy = policy or Policy.default()
-        self.actor = actor or self.policy.identity()
+        given = policy or Policy.default()
+        self.key = signing.key_for(url)
         self.engine = make_engine(url)
         try:
             with self._write() as conn:
                 S.migrate(conn)
+                self.policy = self._stored_policy(conn, given, actor)
         except sa.exc.OperationalError as e:
             raise RegistryError(f"registry database {url.split('@')[-1]}: {e.orig}") from None
+        self.actor = actor or self.policy.identity()
+
+    def _stored_policy(self, conn: sa.Connection, given: Policy, actor: str | None) -> Policy:
+        """The policy in force: the one stored in the registry. A job naming a policy file
+        installs it into a registry that has none; naming none (or another) changes nothing."""
+        row = conn.execute(sa.select(S.policy)).first()
+        if row is None:
+            if given.is_default:
+                return given
+            who = actor or given.identity()
+            conn.execute(S.policy.insert().values(id=1, text=given.text(), sha256=given.digest(),
+                                                  set_by=who, set_at=audit.now()))
+            audit.append(conn, self.key, who, "policy_set",
+                         details={"sha256": given.digest(), "source": given.source})
+            return given
+        stored = Policy.parse(row.text, f"stored in the registry (sha256 {row.sha256[:12]}, set "
+                                        f"by {row.set_by})")
+        if not given.is_default and given.digest() != row.sha256:
+            raise PermissionDenied(
+                f"registry.policy={given.source}: this registry's policy is stored in its "
+                f"database (set by {row.set_by} at {row.set_at}) and differs; an admin changes "
+                "it with `python -m jobs.registry policy set FILE`")
+        return stored
+
+    def set_policy(self, new: Policy, reason: str | None = None) -> None:
+        """Replace the stored policy (an admin under the policy in force)."""
+        self._require("policy", "policy_set", reason=reason)
+        with self._write() as conn:
+            values = {"text": new.text(), "sha256": new.digest(), "set_by": self.actor,
+                      "set_at": audit.now()}
+            if conn.execute(sa.select(S.policy)).first() is None:
+                conn.execute(S.policy.insert().values(id=1, **values))
+            else:
+                conn.execute(S.policy.update().where(S.policy.c.id == 1).values(**values))
+            self._append(conn, "policy_set", reason=reason,
+                         details={"sha256": new.digest(), "source": new.source})
+        self.policy = new
 
     # ---------------------------------------------------------------- plumbing
     @contextmanager
@@ -154,23 +175,7 @@ class Registry:
 
     def _append(self, conn: sa.Connection, action: str, outcome: str = "ok",
                 **fields: Any) -> dict[str, Any]:
-        head = conn.execute(sa.select(S.audit_head)).first()
-        # Row.count is typed as the tuple method; at runtime a column named "count" wins
-        count, prev = (head._mapping["count"], head.hash) if head else (0, GENESIS)
-        rec = {"seq": count + 1, "ts": _now(), "actor": self.actor, "action": action,
-               "outcome": outcome, "model": None, "version": None, "alias": None,
-               "from_version": None, "to_version": None, "reason": None, "verdict": None,
-               "details": None, "prev_hash": prev}
-        for k, v in fields.items():
-            rec[k] = json.dumps(v, sort_keys=True, default=str) if k == "details" and v else v
-        rec["hash"] = _hash_record({**rec, "hash": None})
-        conn.execute(S.audit.insert().values(**rec))
-        if head:
-            conn.execute(S.audit_head.update().where(S.audit_head.c.id == 1)
-                         .values(count=rec["seq"], hash=rec["hash"]))
-        else:
-            conn.execute(S.audit_head.insert().values(id=1, count=1, hash=rec["hash"]))
-        return rec
+        return audit.append(conn, self.key, self.actor, action, outcome, **fields)
 
     def _deny(self, message: str, action: str, **fields: Any) -> None:
         with self._write() as conn:
@@ -185,6 +190,11 @@ class Registry:
                        f"policy: {self.policy.source}) may not {action.replace('_', ' ')}"
                        f"{' ' + fields['model'] if fields.get('model') else ''}: it needs the "
                        f"{NEEDS[need]} role", action, **fields)
+
+    def require(self, need: str, action: str, **fields: Any) -> None:
+        """PermissionDenied (and an audited denial) unless the caller's role allows `need`;
+        for components that act outside the registry (Serve traffic) before they act."""
+        self._require(need, action, **fields)
 
     def _row(self, conn: sa.Connection, model: str, version: int) -> Any:
         row = conn.execute(sa.select(S.versions).where(S.versions.c.model == model,
@@ -275,10 +285,40 @@ class Registry:
         return v, artifact.fetch(v.artifact_uri, v.content_hash, self.storage)
 
     # ---------------------------------------------------------------- writes
+    def _verdict(self, files: dict[str, bytes], meta: dict[str, Any]) -> tuple[bool, Any, str]:
+        """(gates passed, champion run, why not trusted) from the version's own gate report:
+        only a report signed with the registry key, about this very run, counts; what the
+        caller claims (meta) does not."""
+        try:
+            report = json.loads(files.get("gate_report.json") or b"null")
+        except ValueError:
+            report = None
+        if not signing.verified(report, self.key):
+            return False, None, "no gate report signed with the registry key"
+        lin = report.get("lineage") or {}
+        if (lin.get("run"), lin.get("data_version"), lin.get("config_hash")) != (
+                meta.get("run_uri"), meta.get("data_version"), meta.get("config_hash")):
+            return False, None, "the signed gate report is about another run, data or config"
+        return bool(report.get("passed")), (report.get("champion") or {}).get("run"), ""
+
     def register(self, model: str, files: dict[str, bytes], meta: dict[str, Any]) -> Version:
-        """A new immutable version (or the existing one with identical content)."""
+        """A new immutable version (or the existing one with identical content). Its gate
+        verdict is read from its signed gate report, never taken from the caller; a model spec
+        outside the builders' allowlist is refused (UnsafeArtifact), before anything is
+        written."""
         check_name(model, "model name")
         self._require("register", "register", model=model)
+        try:
+            spec = json.loads(files["meta.json"])["model"]
+        except (KeyError, ValueError, TypeError):
+            spec = None
+        from mlops_ray.models import unsafe_spec
+        if (why := unsafe_spec(spec)) is not None:
+            with self._write() as conn:
+                self._append(conn, "register", "refused", model=model,
+                             details={"refused": why, "run": meta.get("run_uri")})
+            raise UnsafeArtifact(f"{model}: not registered: {why}")
+        passed, champion_run, distrust = self._verdict(files, meta)
         digest, uri = artifact.write(self.storage, model, files)  # complete before the row
         with self._write() as conn:
             row = conn.execute(sa.select(S.versions).where(
@@ -294,15 +334,15 @@ class Registry:
                 "config_hash": meta.get("config_hash"),
                 "code_version": json.dumps(meta.get("code_version"), sort_keys=True),
                 "study": json.dumps(meta["study"], sort_keys=True) if meta.get("study") else None,
-                "gate_passed": bool(meta.get("gate_passed")),
-                "champion_run": meta.get("champion_run"),
+                "gate_passed": passed, "champion_run": champion_run,
                 "metrics": json.dumps(meta.get("metrics") or {}, sort_keys=True),
-                "status": "active", "created_at": _now(), "created_by": self.actor}
+                "status": "active", "created_at": audit.now(), "created_by": self.actor}
             conn.execute(S.versions.insert().values(**values))
             self._append(conn, "register", model=model, version=number,
                          verdict="passed" if values["gate_passed"] else "failed",
                          details={"content_hash": digest, "run": values["run_uri"],
-                                  "data_version": values["data_version"]})
+                                  "data_version": values["data_version"],
+                                  **({"report": distrust} if distrust else {})})
             return self._version(conn, self._row(conn, model, number))
 
     def set_alias(self, model: str, alias: str, version: int, *, expected: Any = ANY,
@@ -443,37 +483,17 @@ class Registry:
 
     # ---------------------------------------------------------------- audit
     def audit_log(self, model: str | None = None) -> list[dict[str, Any]]:
-        q = sa.select(S.audit).order_by(S.audit.c.seq)
-        if model:
-            q = q.where(S.audit.c.model == model)
         with self.engine.connect() as conn:
-            return [dict(r._mapping) for r in conn.execute(q).all()]
+            return audit.records(conn, model)
 
     def verify_audit(self, records: list[dict[str, Any]] | None = None) -> list[str]:
         """Problems found in the chain ([] = intact): edited, deleted, reordered or inserted
         records, and a truncated tail (against the head row)."""
-        from_db = records is None
-        recs = self.audit_log() if records is None else records
-        problems, prev = [], GENESIS
-        for i, r in enumerate(recs, start=1):
-            if r["seq"] != i:
-                problems.append(f"record {i}: sequence number is {r['seq']} (a record is missing "
-                                "or was inserted)")
-            if r["prev_hash"] != prev:
-                problems.append(f"record seq={r['seq']}: does not follow the previous record's "
-                                "hash (chain broken)")
-            if _hash_record(r) != r["hash"]:
-                problems.append(f"record seq={r['seq']}: content does not match its hash "
-                                "(edited)")
-            prev = r["hash"]
-        if from_db:
-            with self.engine.connect() as conn:
-                head = conn.execute(sa.select(S.audit_head)).first()
-            count, last = (head.count, head.hash) if head else (0, GENESIS)
-            if count != len(recs) or (recs and last != recs[-1]["hash"]):
-                problems.append(f"the log has {len(recs)} record(s) but the head says {count} "
-                                "ending in a different hash (records removed from the end)")
-        return problems
+        if records is not None:
+            return audit.verify(records, self.key)
+        with self.engine.connect() as conn:
+            recs = audit.records(conn)
+            return audit.verify(recs, self.key, audit.head(conn)) + audit.replay(conn, recs)
 
     def export_audit(self, path: str | Path) -> int:
         recs = self.audit_log()

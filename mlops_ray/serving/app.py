@@ -14,11 +14,14 @@ change of the ingress: no replica restarts, and a new version is loaded and chec
 
 from typing import Any
 
+from fastapi import Request
+from fastapi.responses import JSONResponse
 from ray import serve
 
+from mlops_ray.serving import rest
 from mlops_ray.serving.faults import maybe_fail
 from mlops_ray.serving.grpc import GrpcRoutes
-from mlops_ray.serving.rest import RestRoutes, api
+from mlops_ray.serving.rest import FeedbackRequest, InferRequest, PredictRequest, api, body_doc
 from mlops_ray.serving.router import fetch
 
 
@@ -68,8 +71,58 @@ class ModelServer:
 @serve.deployment(name="Ingress", max_ongoing_requests=256, ray_actor_options={"num_cpus": 0.25},
                   max_surge_percent=100)
 @serve.ingress(api)
-class Ingress(RestRoutes, GrpcRoutes):
-    """The ingress deployment: the core with its REST and gRPC faces."""
+class Ingress(GrpcRoutes):
+    """The ingress deployment: the core (core.py) with its gRPC face (grpc.py) and its REST
+    routes, declared here and handled in rest.py."""
+
+    @api.get("/health")
+    @api.get("/v2/health/live")
+    def live_check(self) -> dict[str, Any]:
+        return {"live": True}
+
+    @api.get("/v2/health/ready")
+    def ready(self) -> JSONResponse:
+        return rest.ready(self)
+
+    @api.get("/v2")
+    def server_metadata(self, request: Request) -> Any:
+        return rest.server_metadata(self, request)
+
+    @api.get("/v2/models/{name}")
+    def model_metadata(self, name: str, request: Request) -> Any:
+        return rest.model_metadata(self, name, request)
+
+    @api.get("/v2/models/{name}/ready")
+    def model_ready(self, name: str, request: Request) -> Any:
+        return rest.model_ready(self, name, request)
+
+    @api.post("/v2/models/{name}/infer", openapi_extra=body_doc(InferRequest))
+    async def infer(self, name: str, request: Request) -> Any:
+        return await rest.infer(self, name, request)
+
+    @api.post("/predict", openapi_extra=body_doc(PredictRequest))
+    async def predict(self, request: Request) -> Any:
+        return await rest.predict(self, request)
+
+    @api.post("/feedback", openapi_extra=body_doc(FeedbackRequest))
+    async def feedback(self, request: Request) -> Any:
+        return await rest.feedback(self, request)
+
+    @api.get("/openapi.json", include_in_schema=False)
+    def openapi(self, request: Request) -> Any:
+        return rest.openapi(self, request)
+
+    @api.get("/docs", include_in_schema=False)
+    def docs(self, request: Request) -> Any:
+        return rest.docs(self, request)
+
+    @api.get("/admin/stats")
+    def admin_stats(self, request: Request) -> Any:
+        return rest.admin_stats(self, request)
+
+    @api.get("/admin/drift")
+    def admin_drift(self, request: Request) -> Any:
+        return rest.admin_drift(self, request)
 
 
 def build_app(args: dict[str, Any]) -> Any:

@@ -2,6 +2,7 @@
 secret) or a key file; health routes stay open. (No Ray.)"""
 from __future__ import annotations
 
+import hmac
 import os
 from pathlib import Path
 from typing import Any
@@ -27,8 +28,32 @@ def env_keys(variable: str | None) -> set[str]:
     return {k.strip() for k in os.environ.get(variable, "").split(",") if k.strip()}
 
 
-def bearer_ok(header: str, keys: set[str]) -> bool:
-    """An `Authorization: Bearer <key>` value naming one of `keys` (no keys: open)."""
-    if not keys:
-        return True
-    return header.startswith("Bearer ") and header[7:] in keys
+def key_ok(header: str, keys: set[str]) -> bool:
+    """An `Authorization: Bearer <key>` value naming one of `keys`, compared in constant time
+    (every key is compared, whatever matched)."""
+    given = header[7:].encode() if header.startswith("Bearer ") else b""
+    ok = False
+    for k in keys:
+        ok |= hmac.compare_digest(given, k.encode())
+    return ok and bool(given)
+
+
+def any_keys(auth: Any) -> bool:
+    """Whether `serve.auth` (an AuthCfg) gives any key, in any scope, here."""
+    return bool(api_keys(auth) or env_keys(auth.admin_keys_env)
+                or env_keys(auth.feedback_keys_env))
+
+
+LOOPBACK = ("127.", "::1", "localhost")
+
+
+def check_bind(host: str, auth: Any) -> None:
+    """ConfigError for a bind off loopback that would answer anybody (no key configured),
+    unless serve.auth.allow_anonymous=true says so explicitly."""
+    if host.startswith(LOOPBACK) or any_keys(auth) or auth.allow_anonymous:
+        return
+    from mlops_ray.errors import ConfigError
+    raise ConfigError(
+        f"serve.host={host!r} answers other machines but no API key is configured: set "
+        f"{auth.api_keys_env or 'serve.auth.api_keys_env'} (or serve.auth.key_file), or "
+        "serve.auth.allow_anonymous=true to serve without keys on purpose")

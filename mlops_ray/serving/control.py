@@ -14,7 +14,7 @@ from typing import Any
 from mlops_ray.config.serve import ServeCfg, ServeJob
 from mlops_ray.errors import ServeError
 from mlops_ray.registry import Registry, Version
-from mlops_ray.serving.auth import api_keys
+from mlops_ray.serving.auth import LOOPBACK, api_keys
 
 
 def code_version(*config: Any) -> str:
@@ -32,7 +32,11 @@ def ingress_config(sj: ServeJob) -> dict[str, Any]:
     s = sj.serve
     return {"model_name": sj.model, "mode": s.ingress_mode, "storage": sj.storage.plain(),
             "cache": s.cache.plain(), "limits": s.limits.plain(), "drift": s.drift.plain(),
-            "feedback": s.feedback.plain(), "api_keys": api_keys(s.auth)}
+            "feedback": s.feedback.plain(), "api_keys": api_keys(s.auth),
+            "admin_keys_env": s.auth.admin_keys_env,
+            "feedback_keys_env": s.auth.feedback_keys_env,
+            # a replica off loopback refuses to start open (a Serve config on a cluster too)
+            "require_keys": not s.host.startswith(LOOPBACK) and not s.auth.allow_anonymous}
 
 
 def deployment_options(s: ServeCfg, part: str) -> dict[str, Any]:
@@ -53,6 +57,8 @@ def start(sj: ServeJob) -> dict[str, Any]:
     from ray import serve
 
     from mlops_ray.runtime import ensure_ray
+    from mlops_ray.serving.auth import check_bind
+    check_bind(sj.serve.host, sj.serve.auth)  # off loopback: keys, or an explicit opt-out
     facts = ensure_ray(sj.ray.plain())
     s = sj.serve
     kw: dict[str, Any] = {"http_options": {"host": s.host, "port": s.port},

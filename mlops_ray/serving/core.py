@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 from mlops_ray.config.base import StorageCfg, Strict
 from mlops_ray.config.serve import CacheCfg, DriftCfg, FeedbackCfg, LimitsCfg
 from mlops_ray.errors import RequestInvalid
-from mlops_ray.serving.auth import HEALTH, bearer_ok, env_keys
+from mlops_ray.serving.auth import HEALTH, env_keys, key_ok
 from mlops_ray.serving.cache import TTLCache, key_of
 from mlops_ray.serving.live import LiveState, ServeMetrics
 from mlops_ray.serving.router import Arm, Router
@@ -37,6 +37,9 @@ class IngressCfg(Strict):
     feedback: FeedbackCfg = FeedbackCfg()
     api_keys: list[str] = []
     api_keys_env: str | None = None  # a Serve config file names the variable, never the keys
+    admin_keys_env: str | None = None
+    feedback_keys_env: str | None = None
+    require_keys: bool = False  # bound off loopback without allow_anonymous
 
 
 class IngressCore:
@@ -44,7 +47,19 @@ class IngressCore:
         c = self.cfg = IngressCfg.model_validate(cfg)
         self.name = c.model_name
         self.keys = set(c.api_keys) | env_keys(c.api_keys_env)
-        self.cache = TTLCache(c.cache.max_entries, c.cache.ttl_s) if c.cache.enabled else None
+        self.scopes = {"api": self.keys, "admin": env_keys(c.admin_keys_env),
+                       "feedback": env_keys(c.feedback_keys_env)}
+        # no key in any scope: an open server (jobs.serve allows that on loopback only)
+        self.open = not any(self.scopes.values())
+        if self.open and c.require_keys:
+            from mlops_ray.errors import ConfigError
+            raise ConfigError("the ingress is bound off loopback but no key is set in "
+                              f"{c.api_keys_env or 'serve.auth.api_keys'}, {c.admin_keys_env} or "
+                              f"{c.feedback_keys_env}: refusing to serve anybody (set a key, or "
+                              "serve.auth.allow_anonymous=true)")
+        self.buckets: dict[str, tuple[float, float]] = {}  # feedback rate limit per caller
+        self.cache = TTLCache(c.cache.max_entries, c.cache.ttl_s, c.cache.max_bytes) \
+            if c.cache.enabled else None
         self.router = Router(c.storage.plain(), inline=c.mode == "inline")
         self.metrics = ServeMetrics(self.name)
         self.live = LiveState(self.name, c.drift.plain(), c.feedback.plain(), self.metrics)
@@ -85,34 +100,73 @@ class IngressCore:
         return self.live.drift_table(set(self.router.arms))
 
     # --- requests ------------------------------------------------------------------------------
-    def _auth(self, request: Request) -> JSONResponse | None:
-        if request.url.path in HEALTH or bearer_ok(request.headers.get("authorization", ""),
-                                                   self.keys):
+    def _auth(self, request: Request, scope: str = "api") -> JSONResponse | None:
+        """None if the request may go on; else the 401/403 answer. Each scope (predictions,
+        admin, feedback) has its own keys; health routes are open."""
+        if request.url.path in HEALTH or self.open:
+            return None
+        keys = self.scopes[scope]
+        if key_ok(request.headers.get("authorization", ""), keys):
             return None
         self.metrics.error("unauthorized")
-        return JSONResponse({"error": "missing or wrong API key (Authorization: Bearer <key>)"},
-                            status_code=401, headers={"WWW-Authenticate": "Bearer"})
+        if not keys:
+            return JSONResponse({"error": f"no key is configured for the {scope} routes of this "
+                                          "server (serve.auth)"}, status_code=403)
+        return JSONResponse({"error": f"missing or wrong {scope} key (Authorization: Bearer "
+                                      "<key>)"}, status_code=401,
+                            headers={"WWW-Authenticate": "Bearer"})
+
+    def _rate_limited(self, request: Request) -> JSONResponse | None:
+        """A token bucket per caller (its key, else its address) for /feedback."""
+        who = request.headers.get("authorization") or (request.client.host if request.client
+                                                         else "-")
+        rate, burst = float(self.cfg.feedback.rate_per_s), float(self.cfg.feedback.burst)
+        now = time.monotonic()
+        tokens, t = self.buckets.get(who, (burst, now))
+        tokens = min(burst, tokens + (now - t) * rate)
+        if tokens < 1:
+            self.buckets[who] = (tokens, now)
+            self.metrics.error("rate_limited")
+            return JSONResponse({"error": f"more than {rate:g} feedback requests per second"},
+                                status_code=429, headers={"Retry-After": "1"})
+        self.buckets[who] = (tokens - 1, now)
+        if len(self.buckets) > 10000:  # forget the oldest callers
+            self.buckets.pop(next(iter(self.buckets)))
+        return None
 
     async def _body(self, request: Request) -> Any:
+        """The JSON body, read as a stream that stops at the size limit (a chunked body is never
+        read whole first); 415 unless it says it is JSON."""
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype != "application/json":
+            raise RequestInvalid([f"Content-Type: must be application/json, got "
+                                  f"{ctype[:60] or 'none'}"], 415)
         limit = int(self.cfg.limits.max_body_bytes)
         if int(request.headers.get("content-length") or 0) > limit:
             raise RequestInvalid([f"body: larger than {limit} bytes"], 413)
-        raw = await request.body()
-        if len(raw) > limit:
-            raise RequestInvalid([f"body: larger than {limit} bytes"], 413)
+        raw = bytearray()
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > limit:
+                raise RequestInvalid([f"body: larger than {limit} bytes"], 413)
         try:
             return json.loads(raw)
+        except RecursionError:
+            raise RequestInvalid(["body: nested too deeply"], 400) from None
         except ValueError as e:
-            raise RequestInvalid([f"body: not JSON ({e})"]) from None
+            raise RequestInvalid([f"body: not JSON ({str(e)[:100]})"]) from None
 
     def _error(self, e: Exception) -> JSONResponse:
         if isinstance(e, RequestInvalid):
             self.metrics.error("invalid")
             return JSONResponse({"error": str(e), "problems": e.problems}, status_code=e.status)
+        rid = uuid.uuid4().hex  # the client quotes it; the log has the details
         if isinstance(e, LookupError):
-            return JSONResponse({"error": str(e)}, status_code=503)
-        log.exception("prediction failed")
-        return JSONResponse({"error": f"prediction failed: {type(e).__name__}: {e}"},
+            log.warning("request %s: %s", rid, e)
+            return JSONResponse({"error": "no version is being served", "request_id": rid},
+                                status_code=503)
+        log.exception("request %s: prediction failed", rid)
+        return JSONResponse({"error": "prediction failed", "request_id": rid},
                             status_code=503)
 
     async def _predict(self, request: Request | None, records_in: Any, endpoint: str

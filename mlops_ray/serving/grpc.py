@@ -7,18 +7,18 @@ from __future__ import annotations
 from typing import Any
 
 from mlops_ray.errors import RequestInvalid
-from mlops_ray.serving.auth import bearer_ok
+from mlops_ray.serving.auth import key_ok
 from mlops_ray.serving.core import IngressCore
 from mlops_ray.serving.schema import oip_metadata, oip_to_records
 
 
 class GrpcRoutes(IngressCore):
     def _grpc_denied(self, grpc_context: Any) -> bool:
-        if not self.keys:
+        if self.open:
             return False
         md = dict(grpc_context.invocation_metadata()) if grpc_context else {}
         key = md.get("authorization", "").removeprefix("Bearer ")  # prefix optional here
-        if bearer_ok(f"Bearer {key}", self.keys):
+        if key_ok(f"Bearer {key}", self.keys):
             return False
         import grpc
         grpc_context.set_code(grpc.StatusCode.UNAUTHENTICATED)
@@ -99,9 +99,13 @@ class GrpcRoutes(IngressCore):
                                   else grpc.StatusCode.INVALID_ARGUMENT)
             grpc_context.set_details(str(e))
             return pb.ModelInferResponse()
-        except Exception as e:  # noqa: BLE001 - the model failed: UNAVAILABLE, never a crash
+        except Exception:  # the model failed: UNAVAILABLE, never a crash; details in the log
+            import logging
+            import uuid
+            rid = uuid.uuid4().hex
+            logging.getLogger("ray.serve").exception("gRPC request %s: prediction failed", rid)
             grpc_context.set_code(grpc.StatusCode.UNAVAILABLE)
-            grpc_context.set_details(f"prediction failed: {type(e).__name__}: {e}")
+            grpc_context.set_details(f"prediction failed (request id {rid})")
             return pb.ModelInferResponse()
         n = len(res["labels"])
         Out = pb.ModelInferResponse.InferOutputTensor

@@ -19,10 +19,14 @@ log = logging.getLogger("ray.serve")
 
 def _post(url: str, payload: dict[str, Any]) -> None:
     import urllib.request
+    if not url.startswith(("http://", "https://")):  # also checked in the config
+        log.warning("drift webhook %r: only http(s) URLs are called", url)
+        return
     try:
         req = urllib.request.Request(url, data=json.dumps(payload, default=str).encode(),
                                      headers={"Content-Type": "application/json"})
-        urllib.request.urlopen(req, timeout=5).read()
+        # the scheme is checked above (bandit B310: no file:// or custom schemes)
+        urllib.request.urlopen(req, timeout=5).read()  # nosec B310
     except OSError as e:
         log.warning("drift webhook %s failed: %s", url, e)
 
@@ -64,6 +68,7 @@ class LiveState:
         self.m = metrics
         self.drift: dict[str, Any] = {}  # ref -> DriftMonitor
         self.pending: OrderedDict[str, dict] = OrderedDict()  # request_id -> rows, for feedback
+        self.pending_rows = 0
         self.labelled: dict[str, dict[str, deque]] = {}  # ref -> feedback windows
         self.alerted: set[str] = set()
         self.shadow = {"compared": 0, "label_disagreements": 0, "abs_diff_sum": 0.0}
@@ -79,8 +84,11 @@ class LiveState:
         attrs = [f["name"] for f in sig["inputs"] if f.get("role") == "sensitive"]
         self.pending[rid] = {"ref": ref, "p": result["probabilities"], "y_pred": result["labels"],
                              "groups": {a: [r.get(a) for r in records] for a in attrs}}
-        while len(self.pending) > int(self.feedback_cfg["max_pending"]):
-            self.pending.popitem(last=False)
+        self.pending_rows += len(records)
+        # bounded in requests and rows: the oldest unanswered ones go first
+        while len(self.pending) > int(self.feedback_cfg["max_pending"]) or \
+                self.pending_rows > int(self.feedback_cfg.get("max_pending_rows", 200000)):
+            self.pending_rows -= len(self.pending.popitem(last=False)[1]["p"])
 
     def compare_shadow(self, got: dict, answer: dict) -> None:
         s = self.shadow
@@ -97,11 +105,12 @@ class LiveState:
         rid, labels = raw.get("request_id"), raw.get("labels")
         rec = self.pending.pop(rid, None) if isinstance(rid, str) else None
         if rec is None:
-            raise RequestInvalid([f"request_id={rid!r}: unknown or expired"], 404)
+            raise RequestInvalid([f"request_id={str(rid)[:64]!r}: unknown or expired"], 404)
         if not (isinstance(labels, list) and len(labels) == len(rec["p"])
                 and all(v in (0, 1) and not isinstance(v, bool) for v in labels)):
             self.pending[str(rid)] = rec  # rid is the str rec was popped under
             raise RequestInvalid([f"labels: must be {len(rec['p'])} values of 0/1"])
+        self.pending_rows -= len(rec["p"])
         n = int(self.feedback_cfg["window"])
         fb = self.labelled.setdefault(rec["ref"], {k: deque(maxlen=n)
                                                    for k in ("y", "p", "y_pred")})

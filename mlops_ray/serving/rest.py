@@ -1,7 +1,7 @@
 """The REST face of the ingress: plain JSON `/predict`, the Open Inference Protocol v2 over
-HTTP, `/feedback` and the admin routes, as a mixin the Serve ingress class composes (Serve
-finds routes on base classes). Every handler reads the body once and every failure becomes a
-JSON answer; a bad request is a 4xx naming every offending field, never a 5xx."""
+HTTP, `/feedback` and the admin routes: the FastAPI app, its documented request bodies, and the
+handlers. Every handler reads the body once and every failure becomes a JSON answer; a bad
+request is a 4xx naming every offending field, never a 5xx."""
 # no `from __future__ import annotations`: FastAPI must see real types through Serve's ingress
 
 from typing import Any
@@ -14,13 +14,15 @@ from mlops_ray.errors import RequestInvalid
 from mlops_ray.serving.core import IngressCore
 from mlops_ray.serving.schema import oip_metadata, oip_to_records
 
-api = FastAPI(title="mlops_ray model server",
+# /docs and /openapi.json are routes of the ingress (app.py), behind the same keys as predictions
+api = FastAPI(title="mlops_ray model server", docs_url=None, redoc_url=None, openapi_url=None,
               description="Predictions of registry versions: plain JSON and the Open Inference "
                           "Protocol v2. Non-health endpoints need `Authorization: Bearer <key>` "
-                          "when API keys are configured.")
+                          "when keys are configured: predictions the API key, /feedback the "
+                          "feedback key, /admin/* the admin key.")
 
 
-def _openapi_body(model: type[BaseModel]) -> dict[str, Any]:
+def body_doc(model: type[BaseModel]) -> dict[str, Any]:
     """OpenAPI request body from a pydantic model, for the docs only: the handlers read the raw
     body once and validate it against the version's signature (no second parse by FastAPI)."""
     return {"requestBody": {"required": True, "content": {
@@ -48,89 +50,99 @@ class FeedbackRequest(BaseModel):
     labels: list[int] = Field(..., description="true labels (0/1) of the request's rows")
 
 
-class RestRoutes(IngressCore):
-    @api.get("/health")
-    @api.get("/v2/health/live")
-    def live_check(self) -> dict[str, Any]:
-        return {"live": True}
+# The handlers of the REST routes, over the ingress core. The routes themselves are declared on
+# the ingress class (app.py): Serve turns class methods into FastAPI views, and methods of an
+# importable base class would reach the replicas without that conversion.
 
-    @api.get("/v2/health/ready")
-    def ready(self) -> JSONResponse:
-        ok = self.router.ready()
-        return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
+def ready(ing: IngressCore) -> JSONResponse:
+    ok = ing.router.ready()
+    return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
-    @api.get("/v2")
-    def server_metadata(self, request: Request) -> Any:
-        return self._auth(request) or {"name": "mlops_ray", "version": "2",
-                                       "extensions": ["mlops_ray.predict", "mlops_ray.feedback"]}
 
-    def _unknown(self, name: str) -> JSONResponse | None:
-        if name != self.name:
-            return JSONResponse({"error": f"unknown model {name!r}; this server has "
-                                          f"{self.name!r}"}, status_code=404)
-        return None
+def server_metadata(ing: IngressCore, request: Request) -> Any:
+    return ing._auth(request) or {"name": "mlops_ray", "version": "2",
+                                  "extensions": ["mlops_ray.predict", "mlops_ray.feedback"]}
 
-    @api.get("/v2/models/{name}")
-    def model_metadata(self, name: str, request: Request) -> Any:
-        if (denied := self._auth(request)) or (denied := self._unknown(name)):
-            return denied
-        arm = self.router.stable()
-        return oip_metadata(self.name, str(arm.spec["version"]), self.router.sigs[arm.ref])
 
-    @api.get("/v2/models/{name}/ready")
-    def model_ready(self, name: str, request: Request) -> Any:
-        if (denied := self._auth(request)) or (denied := self._unknown(name)):
-            return denied
-        return {"name": self.name, "ready": bool(self.router.arms)}
+def _unknown(ing: IngressCore, name: str) -> JSONResponse | None:
+    if name != ing.name:
+        return JSONResponse({"error": f"unknown model {name!r}; this server has "
+                                      f"{ing.name!r}"}, status_code=404)
+    return None
 
-    @api.post("/v2/models/{name}/infer", openapi_extra=_openapi_body(InferRequest))
-    async def infer(self, name: str, request: Request) -> Any:
-        if (denied := self._auth(request)) or (denied := self._unknown(name)):
-            return denied
-        try:
-            raw = await self._body(request)
-            arm = self.router.stable()
-            records = oip_to_records(raw, self.router.sigs[arm.ref],
-                                     int(self.cfg.limits.max_rows))
-            arm, res, rid = await self._predict(request, records, "infer")
-        except Exception as e:  # noqa: BLE001 - every failure becomes a JSON answer
-            return self._error(e)
-        n = len(res["labels"])
-        return {"model_name": self.name, "model_version": str(arm.spec["version"]),
-                "id": (raw.get("id") if isinstance(raw, dict) else None) or rid,
-                "outputs": [{"name": "probability", "datatype": "FP32", "shape": [n],
-                             "data": res["probabilities"]},
-                            {"name": "label", "datatype": "INT64", "shape": [n],
-                             "data": res["labels"]}]}
 
-    @api.post("/predict", openapi_extra=_openapi_body(PredictRequest))
-    async def predict(self, request: Request) -> Any:
-        if denied := self._auth(request):
-            return denied
-        try:
-            raw = await self._body(request)
-            if not isinstance(raw, dict) or "records" not in raw:
-                raise RequestInvalid(["body: must be an object with a 'records' list"])
-            arm, res, rid = await self._predict(request, raw["records"], "predict")
-        except Exception as e:  # noqa: BLE001 - every failure becomes a JSON answer
-            return self._error(e)
-        return {"model": self.name, "version": arm.spec["version"], "request_id": rid,
-                "probabilities": res["probabilities"], "labels": res["labels"]}
+def model_metadata(ing: IngressCore, name: str, request: Request) -> Any:
+    if (denied := ing._auth(request)) or (denied := _unknown(ing, name)):
+        return denied
+    arm = ing.router.stable()
+    return oip_metadata(ing.name, str(arm.spec["version"]), ing.router.sigs[arm.ref])
 
-    @api.post("/feedback", openapi_extra=_openapi_body(FeedbackRequest))
-    async def feedback(self, request: Request) -> Any:
-        if denied := self._auth(request):
-            return denied
-        try:
-            accepted = self.live.feedback(await self._body(request))
-        except Exception as e:  # noqa: BLE001
-            return self._error(e)
-        return {"accepted": accepted}
 
-    @api.get("/admin/stats")
-    def admin_stats(self, request: Request) -> Any:
-        return self._auth(request) or self.stats()
+def model_ready(ing: IngressCore, name: str, request: Request) -> Any:
+    if (denied := ing._auth(request)) or (denied := _unknown(ing, name)):
+        return denied
+    return {"name": ing.name, "ready": bool(ing.router.arms)}
 
-    @api.get("/admin/drift")
-    def admin_drift(self, request: Request) -> Any:
-        return self._auth(request) or self.drift_table()
+
+async def infer(ing: IngressCore, name: str, request: Request) -> Any:
+    if (denied := ing._auth(request)) or (denied := _unknown(ing, name)):
+        return denied
+    try:
+        raw = await ing._body(request)
+        arm = ing.router.stable()
+        records = oip_to_records(raw, ing.router.sigs[arm.ref], int(ing.cfg.limits.max_rows))
+        arm, res, rid = await ing._predict(request, records, "infer")
+    except Exception as e:  # noqa: BLE001 - every failure becomes a JSON answer
+        return ing._error(e)
+    n = len(res["labels"])
+    return {"model_name": ing.name, "model_version": str(arm.spec["version"]),
+            "id": (raw.get("id") if isinstance(raw, dict) else None) or rid,
+            "outputs": [{"name": "probability", "datatype": "FP32", "shape": [n],
+                         "data": res["probabilities"]},
+                        {"name": "label", "datatype": "INT64", "shape": [n],
+                         "data": res["labels"]}]}
+
+
+async def predict(ing: IngressCore, request: Request) -> Any:
+    if denied := ing._auth(request):
+        return denied
+    try:
+        raw = await ing._body(request)
+        if not isinstance(raw, dict) or "records" not in raw:
+            raise RequestInvalid(["body: must be an object with a 'records' list"])
+        arm, res, rid = await ing._predict(request, raw["records"], "predict")
+    except Exception as e:  # noqa: BLE001 - every failure becomes a JSON answer
+        return ing._error(e)
+    return {"model": ing.name, "version": arm.spec["version"], "request_id": rid,
+            "probabilities": res["probabilities"], "labels": res["labels"]}
+
+
+async def feedback(ing: IngressCore, request: Request) -> Any:
+    if (denied := ing._auth(request, "feedback")) or (denied := ing._rate_limited(request)):
+        return denied
+    try:
+        accepted = ing.live.feedback(await ing._body(request))
+    except Exception as e:  # noqa: BLE001
+        return ing._error(e)
+    return {"accepted": accepted}
+
+
+def admin_stats(ing: IngressCore, request: Request) -> Any:
+    return ing._auth(request, "admin") or ing.stats()
+
+
+def admin_drift(ing: IngressCore, request: Request) -> Any:
+    return ing._auth(request, "admin") or ing.drift_table()
+
+
+def openapi(ing: IngressCore, request: Request) -> Any:
+    # the app serving this request: in a replica, Serve's copy of `api` holds the routes
+    return ing._auth(request) or JSONResponse(request.app.openapi())
+
+
+def docs(ing: IngressCore, request: Request) -> Any:
+    if denied := ing._auth(request):
+        return denied
+    from fastapi.openapi.docs import get_swagger_ui_html
+    root = request.scope.get("root_path", "").rstrip("/")
+    return get_swagger_ui_html(openapi_url=f"{root}/openapi.json", title=request.app.title)

@@ -52,6 +52,16 @@ def breach(canary: dict[str, Any], stable: dict[str, Any] | None, r: Any) -> str
     return None
 
 
+def may_serve(reg: Registry, sj: ServeJob, v: Any, action: str, answers: bool = True) -> None:
+    """Checked before any traffic moves: the caller's role (deploy), and that a version which
+    will answer clients passed its gates (or is production, where only an admin's audited
+    --force puts a failed one)."""
+    reg.require("deploy", action, model=sj.model, version=v.version)
+    if answers and not v.gate_passed and reg.aliases(sj.model).get("production") != v.version:
+        raise ServeError(f"{v.ref} failed its validation gates: it may not answer clients "
+                         "(strategy=shadow only copies traffic to it)")
+
+
 def rollout(sj: ServeJob, reg: Registry, to: str, strategy: str, log: Any = print
             ) -> dict[str, Any]:
     """Move traffic to `to` (an alias of the model, or a ref) by `strategy`; canaries roll
@@ -59,6 +69,7 @@ def rollout(sj: ServeJob, reg: Registry, to: str, strategy: str, log: Any = prin
     r = sj.serve.rollout
     ref, alias = _target(sj, to)
     v = reg.get(ref)
+    may_serve(reg, sj, v, f"traffic_{strategy}", answers=strategy != "shadow")
     cur = current_routing(sj)
     old = _stable_arms(cur)
     if not old:
@@ -161,6 +172,7 @@ def serve_ref(sj: ServeJob, reg: Registry, ref: str | None = None, log: Any = pr
         return cur
     if cur:
         return rollout(sj, reg, ref, "bluegreen", log)
+    may_serve(reg, sj, v, "deploy")
     spec = deploy_version(sj, v)
     routing = {"arms": [arm(spec, 100, "stable")], "mode": "weighted", "previous": None}
     set_routing(sj, routing)
@@ -181,6 +193,7 @@ def rollback(sj: ServeJob, reg: Registry, log: Any = print) -> dict[str, Any]:
     if not cur or not cur.get("previous"):
         raise ServeError(f"app '{sj.app_name}': no earlier routing to roll back to")
     prev = cur["previous"]
+    reg.require("deploy", "traffic_rollback", model=sj.model, version=prev[0]["version"])
     routing = {"arms": prev, "mode": "weighted", "previous": None}
     for a in prev:  # its app may have been deleted after the switch
         deploy_version(sj, reg.get(a["ref"]))

@@ -23,6 +23,16 @@ def _number(v: Any) -> float | None:
     return None
 
 
+def _short(v: Any, n: int = 40) -> str:
+    """A client's value as echoed in an error: repr, cut to `n` characters."""
+    r = repr(v)
+    return r if len(r) <= n else r[:n] + "..."
+
+
+def _name(k: Any) -> str:
+    return _short(k, 60).strip("'\"")
+
+
 def validate_records(records: Any, signature: dict[str, Any], max_rows: int,
                      unknown_categories: str = "allow") -> list[dict[str, Any]]:
     """Clean records (numbers as float, categories as str) or RequestInvalid naming every field."""
@@ -38,8 +48,10 @@ def validate_records(records: Any, signature: dict[str, Any], max_rows: int,
             problems.append(f"records[{i}]: must be an object, got {type(rec).__name__}")
             continue
         clean: dict[str, Any] = {}
-        for name in rec.keys() - fields.keys():
-            problems.append(f"records[{i}].{name}: unknown field (allowed: {sorted(fields)})")
+        unknown = sorted(map(_name, rec.keys() - fields.keys()))
+        if unknown:  # named once per record, the allowed fields once per answer (below)
+            problems.append(f"records[{i}]: unknown field(s) {unknown[:5]}"
+                            + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""))
         for name, f in fields.items():
             if name not in rec:
                 if f.get("required", True):
@@ -53,21 +65,23 @@ def validate_records(records: Any, signature: dict[str, Any], max_rows: int,
             if f["kind"] == "numeric":
                 num = _number(v)
                 if num is None:
-                    problems.append(f"records[{i}].{name}={v!r}: must be a finite number")
+                    problems.append(f"records[{i}].{name}={_short(v)}: must be a finite number")
                 clean[name] = num
             else:
                 if not isinstance(v, str | int) or isinstance(v, bool):
-                    problems.append(f"records[{i}].{name}={v!r}: must be a string")
+                    problems.append(f"records[{i}].{name}={_short(v)}: must be a string")
                     continue
                 v = str(v)
                 cats = f.get("categories")
                 if cats and unknown_categories == "reject" and v not in cats:
                     shown = cats if len(cats) <= 12 else cats[:12] + ["..."]
-                    problems.append(f"records[{i}].{name}={v!r}: unknown category (allowed: "
+                    problems.append(f"records[{i}].{name}={_short(v)}: unknown category (allowed: "
                                     f"{shown})")
                 clean[name] = v
         out.append(clean)
     if problems:
+        if any("unknown field" in p for p in problems):
+            problems.append(f"allowed fields: {sorted(fields)}")
         raise RequestInvalid(problems)
     return out
 

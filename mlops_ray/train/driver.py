@@ -20,6 +20,7 @@ from typing import Any
 
 from mlops_ray.cluster.cost import NodeHours
 from mlops_ray.cluster.cost import summary_line as cost_line
+from mlops_ray.config.base import redact
 from mlops_ray.config.train import RunSections
 from mlops_ray.errors import TrainingFailed
 from mlops_ray.runtime import code_version, ensure_ray, library_versions
@@ -112,9 +113,16 @@ def base_record(job: RunSections, run_name: str, dataset: dict[str, Any], storag
                 runs_dir: str = "runs") -> dict[str, Any]:
     """What every run record starts with: names, config and its hash, data, code, versions."""
     return {"run_name": run_name, "name": job.name, "status": "running", "seed": job.seed,
-            "config": job.plain(), "config_hash": job.config_hash(), "dataset": dataset,
+            "config": redact(job.plain()), "config_hash": job.config_hash(), "dataset": dataset,
             "code_version": code_version(), "versions": library_versions(),
             "run_uri": storage.uri_of(runs_dir, run_name)}
+
+
+def checkpoint_digest(checkpoint: Any) -> str:
+    """The digest run.json records for a Ray Train checkpoint (downloaded when remote)."""
+    from mlops_ray.artifacts import checkpoint as ckpt_io
+    with checkpoint.as_directory() as d:
+        return ckpt_io.digest(d)
 
 
 def run_training(job: RunSections, *, prepared: Any = None, log: Any = print) -> dict[str, Any]:
@@ -139,7 +147,10 @@ def run_training(job: RunSections, *, prepared: Any = None, log: Any = print) ->
         preemptions_survived=ret.get("preemptions_survived", 0), restarts=ret.get("restarts", 0),
         cost=node_hours.report(job.cost.plain()), final=dict(history[-1]) if history else {},
         checkpoints={"latest": checkpoint_uri(storage, result.checkpoint.path),
-                     "best": checkpoint_uri(storage, best.path)},
+                     "best": checkpoint_uri(storage, best.path),
+                     # verified by every stage that loads them (artifacts.checkpoint.verify)
+                     "digest": {"latest": checkpoint_digest(result.checkpoint),
+                                "best": checkpoint_digest(best)}},
         **({"summary": ret["summary"]} if "summary" in ret else {}))
     # the metrics reported with the checkpoint that `checkpoints.best` points at
     best_metrics = next((m for c, m in (result.best_checkpoints or []) if c.path == best.path),

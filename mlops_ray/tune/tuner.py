@@ -10,6 +10,7 @@ Layout under `storage.uri`:
 from __future__ import annotations
 
 import math
+import os
 import time
 from typing import Any
 
@@ -20,7 +21,7 @@ from mlops_ray.data import Prepared, prepare
 from mlops_ray.db import db_url
 from mlops_ray.runtime import ensure_ray
 from mlops_ray.storage import Storage, from_cfg
-from mlops_ray.train.driver import base_record, checkpoint_uri, trainer_for
+from mlops_ray.train.driver import base_record, checkpoint_digest, checkpoint_uri, trainer_for
 from mlops_ray.train.tasks.tabular import arrays, loop_config, test_metrics
 from mlops_ray.tune.space import apply, decode, default_point, define_by_run
 from mlops_ray.utils import stable_hash
@@ -129,7 +130,8 @@ def _tuner(job: TuneJob, trainable: Any, storage: Storage, study: str, url: str
     search = ResumableOptunaSearch(space=define_by_run(space), metric=t.metric, mode=t.mode,
                                    points_to_evaluate=[first] if first else None,
                                    sampler=_sampler(job), study_name=study,
-                                   storage=RDBStorage(url, heartbeat_interval=None))
+                                   storage=RDBStorage(pickle_safe_url(url),
+                                                      heartbeat_interval=None))
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(metric=t.metric, mode=t.mode, num_samples=t.num_samples,
@@ -261,7 +263,9 @@ def run_tuning(job: TuneJob, *, prepared: Prepared | None = None,
                                                       **prepared.summary()}, storage)
         ckpt = _checkpoint(best["checkpoint"], storage)
         rec.update(status="finished", history=[r for r in best["_rows"]],
-                   checkpoints={"latest": best["checkpoint"], "best": best["checkpoint"]},
+                   checkpoints={"latest": best["checkpoint"], "best": best["checkpoint"],
+                                "digest": dict.fromkeys(("latest", "best"),
+                                                        checkpoint_digest(ckpt))},
                    best={t.metric: best["final_value"]}, test=test_metrics(ckpt, prepared),
                    tune={"study": study, "trial_id": best["trial_id"],
                          "params": best["params"]})
@@ -275,6 +279,24 @@ def run_tuning(job: TuneJob, *, prepared: Prepared | None = None,
         plot_curves({f"{summary['algorithm']}+{summary['scheduler']}": summary["curve"]},
                     t.metric, storage.path("tune", study, "tune_curve.png"))
     return summary
+
+
+def pickle_safe_url(url: str) -> str:
+    """The study database's URL without its password: Tune pickles the searcher, and with it
+    Optuna's storage and its URL, into the study's folder. A PostgreSQL password moves to
+    PGPASSWORD (libpq's own variable) for this process; elsewhere use ~/.pgpass."""
+    import re
+    m = re.match(r"^(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]+):(?P<pw>[^@/\s]+)@", url)
+    if not m:
+        return url
+    if not url.startswith("postgresql"):
+        from mlops_ray.errors import ConfigError
+        raise ConfigError(f"db.url: a password in the URL would be pickled with the tuning "
+                          f"state; for {url.split(':')[0]} give it through the driver's own "
+                          "credential file instead")
+    from urllib.parse import unquote
+    os.environ.setdefault("PGPASSWORD", unquote(m["pw"]))
+    return m["head"] + "@" + url[m.end():]
 
 
 def metrics_callback(study: str, metric: str, mode: str) -> Any:

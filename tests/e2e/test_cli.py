@@ -181,11 +181,14 @@ def ray_head(tmp_path):
         wait_until(up, 120, interval=1, what="the head's Jobs API")
         yield {"url": url, "env": {"RAY_AUTH_TOKEN": token, "RAY_AUTH_MODE": None}}
     finally:
-        head.send_signal(signal.SIGTERM)  # `ray start --block` stops its processes on SIGTERM
+        # `ray start --block` stops its processes on SIGTERM, gracefully (~30 s); the test is
+        # done with them: what is left after 5 s is killed, the whole group this test started
+        head.send_signal(signal.SIGTERM)
         try:
-            head.wait(60)
+            head.wait(5)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
+            head.wait(30)
         # `ray start` made this head the machine's default cluster; a stale default would send
         # Ray Train's placement-group cleaner (in later runs) to a dead GCS
         from ray._private.utils import get_ray_address_file, read_ray_address

@@ -1,8 +1,10 @@
-"""Every `python -m jobs.*` command in the README (and cluster/README.md) is one the job accepts:
-its settings compose through Hydra and pass the job's schema, as they would before anything
-starts. The commands' effects are exercised by the other tests (the pipeline, serving, export,
-batch scoring, registry and cluster tests run the same commands as subprocesses); this test
-catches a README that drifts from the config tree: a renamed key, a removed group, a bad value."""
+"""Every `python -m jobs.*` command in the README, the guides under docs/ (and cluster/README.md)
+is one the job accepts: its settings compose through Hydra and pass the job's schema, as they
+would before anything starts. The commands' effects are exercised by the other tests (the
+pipeline, serving, export, batch scoring, registry and cluster tests run the same commands as
+subprocesses); this test catches a README or guide that drifts from the config tree: a renamed
+key, a removed group, a bad value. Every relative link of the README and the guides points at a
+file that exists (and, with `#anchor`, at one of its headings)."""
 from __future__ import annotations
 
 import re
@@ -29,9 +31,14 @@ HYDRA_JOBS = {"train": ("train", None), "tune": ("tune", TuneJob),
               "predict": ("predict", PredictJob)}
 
 
+GUIDES = sorted(str(p.relative_to(REPO)) for p in (REPO / "docs").glob("*.md"))
+DOCS = ["README.md", "cluster/README.md", *GUIDES]  # where commands are collected
+LINKED = ["README.md", *GUIDES]  # whose relative links must resolve
+
+
 def readme_commands() -> list[tuple[str, str]]:
     cmds = []
-    for doc in ("README.md", "cluster/README.md"):
+    for doc in DOCS:
         lang, block = None, []
         for line in (REPO / doc).read_text().splitlines():
             if line.startswith("```"):
@@ -65,7 +72,7 @@ def concrete(command: str) -> list[str]:
     return out
 
 
-# commands the README shows failing, with the error it shows
+# commands the README or a guide shows failing (docs/configuration.md), with the error it shows
 EXPECTED_ERRORS = {"optim.lr=abc": "optim.lr='abc'"}
 NEEDS_GPU = "GPU"  # validation checks this machine's GPUs when no ray.address is given
 
@@ -78,7 +85,7 @@ def test_the_readme_shows_every_job():
     assert set(HYDRA_JOBS) | {"registry"} <= shown, shown
 
 
-@pytest.mark.parametrize("doc,command", COMMANDS, ids=[c[:80] for _, c in COMMANDS])
+@pytest.mark.parametrize("doc,command", COMMANDS, ids=[f"{d}:{c[:80]}" for d, c in COMMANDS])
 def test_readme_command_is_accepted(doc, command):
     job = command.split()[2].removeprefix("jobs.")
     args = concrete(command)
@@ -109,3 +116,65 @@ def accept(doc: str, command: str, job: str, args: list[str]) -> None:
         parser().parse_args(flags)
     else:
         pytest.fail(f"{doc}: unknown job in `{command}`")
+
+
+def prose(text: str) -> str:
+    """The Markdown outside fenced code blocks and inline code spans (links there are text)."""
+    out, fenced = [], False
+    for line in text.splitlines():
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+            continue
+        if not fenced:
+            out.append(re.sub(r"`[^`]*`", "", line))
+    return "\n".join(out)
+
+
+def anchors(path) -> set[str]:
+    """GitHub's ids for the headings of a Markdown file (outside code blocks): the heading's
+    text in lower case, punctuation dropped, spaces -> '-'; '-1', '-2' ... for repeats."""
+    ids: set[str] = set()
+    seen: dict[str, int] = {}
+    fenced = False
+    for line in path.read_text().splitlines():
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+        m = None if fenced else re.match(r"#{1,6}\s+(.*?)\s*#*\s*$", line)
+        if m:
+            slug = re.sub(r"[^\w\- ]", "", m.group(1).lower()).replace(" ", "-")
+            n = seen.get(slug, 0)
+            seen[slug] = n + 1
+            ids.add(slug if n == 0 else f"{slug}-{n}")
+    return ids
+
+
+LINK = re.compile(r"\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
+
+
+def relative_links() -> list[tuple[str, str]]:
+    links = []
+    for doc in LINKED:
+        for target in LINK.findall(prose((REPO / doc).read_text())):
+            if not re.match(r"^[a-z][a-z0-9+.-]*:", target):  # http:, https:, mailto: ...
+                links.append((doc, target))
+    return links
+
+
+LINKS = relative_links()
+
+
+def test_the_guides_link_each_other():
+    assert LINKS and GUIDES, "README.md links to no guide under docs/"
+    linked = {str(((REPO / doc).parent / t.split("#")[0]).resolve().relative_to(REPO))
+              for doc, t in LINKS if t.split("#")[0]}
+    assert set(GUIDES) <= linked, f"guides no page links to: {sorted(set(GUIDES) - linked)}"
+
+
+@pytest.mark.parametrize("doc,target", LINKS, ids=[f"{d}->{t}" for d, t in LINKS])
+def test_relative_link_resolves(doc, target):
+    path, _, anchor = target.partition("#")
+    dest = ((REPO / doc).parent / path).resolve() if path else REPO / doc
+    assert dest.exists(), f"{doc}: link ({target}) points at {dest}, which does not exist"
+    if anchor and dest.suffix == ".md":
+        assert anchor in anchors(dest), (
+            f"{doc}: link ({target}): {dest.name} has no heading with the id #{anchor}")

@@ -4,8 +4,8 @@ before promotion (the job exits 5); a shifted feature replayed against the endpo
 monitor retrain on the new data, and the gates' decision is audited; `tune.enabled=true`.
 
 The pipeline runs in this process with the CI profile (every stage real, on less) and the tests
-read its record (pipeline.json); the refused candidate runs as a subprocess, as a user's does,
-for its exit code."""
+read its record (pipeline.json); the refused candidate's exit code is the one jobs.pipeline ends
+with (tests/e2e run the entry point itself)."""
 from __future__ import annotations
 
 import json
@@ -17,7 +17,7 @@ from mlops_ray.config.compose import job
 from mlops_ray.config.pipeline import MonitorJob, PipelineJob
 from mlops_ray.data import load_table
 from mlops_ray.registry import open_registry
-from tests.conftest import PROFILE, free_port, run_job, wait_until
+from tests.conftest import PROFILE, free_port, in_process, wait_until
 
 pytestmark = pytest.mark.ray
 
@@ -79,13 +79,15 @@ def test_pipeline_serves_the_gated_model_and_a_rerun_skips_finished_stages(deplo
     assert actions.count("register") == 1 and actions.count("deploy") == 1
 
 
-def test_a_failed_gate_stops_the_pipeline_before_promotion(deployed):
-    weak = run_job(["jobs.pipeline", *deployed["common"], "name=adult_weak",
-                    "promote.model=adult_mlp", "train.epochs=1", "optim.lr=0.00003",
-                    "model.hidden=[8]"], timeout=900)
-    assert weak.returncode == 5, weak.stdout[-3000:] + weak.stderr[-3000:]
-    assert "verdict: FAIL" in weak.stdout
-    assert "gate(s) failed" in weak.stderr and "stopped before promotion" in weak.stderr
+def test_a_failed_gate_stops_the_pipeline_before_promotion(deployed, capsys):
+    from mlops_ray.pipeline.run import run_pipeline
+    code = in_process("pipeline", PipelineJob, [
+        *deployed["common"], "name=adult_weak", "promote.model=adult_mlp", "train.epochs=1",
+        "optim.lr=0.00003", "model.hidden=[8]"], run_pipeline)
+    out, err = capsys.readouterr()
+    assert code == 5, out[-3000:] + err[-3000:]  # the exit code jobs.pipeline ends with
+    assert "verdict: FAIL" in out
+    assert "gate(s) failed" in err and "stopped before promotion" in err
     (path,) = deployed["store"].glob("runs/adult_weak-*/pipeline.json")
     rec = json.loads(path.read_text())
     assert statuses(rec) == {"train": "done", "evaluate": "failed"}
@@ -147,13 +149,20 @@ def test_drift_on_the_endpoint_triggers_retraining_through_the_gates(deployed, t
 
 
 def test_tune_enabled_tunes_then_evaluates_the_best_trial(deployed):
+    """Two trials at once, each a Ray Train run on two workers (2 x 2 x 0.45 CPU), then the
+    best one evaluated."""
     from mlops_ray.pipeline.run import run_pipeline
     out = run_pipeline(pipeline_job(deployed["common"], "tune.enabled=true",
+                                    "tune.max_concurrent_trials=2", "scaling.num_workers=2",
+                                    "scaling.resources_per_worker.CPU=0.45",
                                     "promote.model=adult_tuned", "stages=[train,evaluate]"),
                        log=lambda _: None)
     assert statuses(out) == {"tune": "done", "evaluate": "done"} and out["report"]["passed"]
     (summary,) = (deployed["store"] / "tune").glob("adult_mlp-tune-*/tune.json")
     tuned = json.loads(summary.read_text())
-    assert len(tuned["trials"]) == 2
+    assert len(tuned["trials"]) == 2 and tuned["trial_backend"] == "train"
+    study = summary.parent
+    assert len(list((study / "trials").glob("trial-*"))) == 2  # each trial a Train run
+    assert tuned["best"]["checkpoint"].startswith(f"file://{study}/trials/")
     (report,) = deployed["store"].glob("runs/adult_mlp-tune-*-best/eval/gate_report.json")
     assert json.loads(report.read_text())["lineage"]["run"] == tuned["best"]["run_uri"]

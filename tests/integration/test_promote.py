@@ -19,7 +19,7 @@ from mlops_ray.config.pipeline import PipelineJob
 from mlops_ray.data import load_table
 from mlops_ray.pipeline.promote import promote
 from mlops_ray.train.driver import run_training
-from tests.conftest import PROFILE, run_job
+from tests.conftest import PROFILE, copy_run, run_job
 
 pytestmark = pytest.mark.ray
 PLANTED = "jane.roe.4711@example.org"
@@ -28,12 +28,13 @@ PLANTED = "jane.roe.4711@example.org"
 def registry(store: Path, capsys, *args: str) -> tuple[int, str]:
     """`python -m jobs.registry ...` in this process: (exit code, stdout)."""
     from jobs.registry import main
+    capsys.readouterr()  # drop what the stages before printed
     with pytest.raises(SystemExit) as e:
         main([*args, f"storage.uri={store}"])
     return int(e.value.code or 0), capsys.readouterr().out
 
 
-def test_promote_gate_rollback_audit_and_pii(ray_2_cpus, tmp_path, capsys):
+def test_promote_gate_rollback_audit_and_pii(ray_2_cpus, adult_run, tmp_path, capsys):
     store = tmp_path / "store"
     common = [*PROFILE, f"storage.uri={store}", "promote.model=adult_mlp"]
 
@@ -44,8 +45,8 @@ def test_promote_gate_rollback_audit_and_pii(ray_2_cpus, tmp_path, capsys):
         p = pipeline(*extra)
         return promote(p.promote_job(rec["run_uri"]), log=lambda _: None)
 
-    # 1. the default experiment (CI profile) passes every gate: version 1, production -> 1
-    a = run_training(pipeline().train_job(), log=lambda _: None)
+    # 1. the default experiment (CI profile: the session's run) passes every gate: version 1
+    a = copy_run(adult_run, store)
     out = promoted(a)
     assert (out["version"], out["production_before"], out["production"]) == (1, None, 1)
     assert out["passed"] and "PASS (6/6" in out["table"]
@@ -65,8 +66,8 @@ def test_promote_gate_rollback_audit_and_pii(ray_2_cpus, tmp_path, capsys):
     assert out_b.returncode == 5, out_b.stdout[-2000:] + out_b.stderr[-2000:]
     assert "champion" in out_b.stderr and "production stays at 1" in out_b.stderr
 
-    # 3. the same config under another name trains the same model: passes against v1 -> 3
-    c = run_training(pipeline("name=adult_mlp_again").train_job(), log=lambda _: None)
+    # 3. the same model again under another run name: passes against v1 -> 3
+    c = copy_run(adult_run, store, name="adult_mlp_again")
     out_c = promoted(c)
     assert (out_c["version"], out_c["production_before"], out_c["production"]) == (3, 1, 3)
 

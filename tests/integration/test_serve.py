@@ -229,7 +229,7 @@ def test_bad_payloads_get_4xx_naming_every_field(env):
     probs = r.json()["problems"]
     assert any(p.startswith("records[1].age='old'") for p in probs)
     assert any("records[1].hours_per_week" in p for p in probs)
-    assert any("records[1].zodiac: unknown field" in p for p in probs)
+    assert "records[1]: unknown field(s) ['zodiac']" in probs
     assert any("records[1].education: required field is missing" in p for p in probs)
     assert not any(p.startswith("records[0]") for p in probs)
     for body in ({"rows": []}, {"records": []}, {"records": "x"}, [1, 2], {"records": [5]}):
@@ -437,20 +437,43 @@ def test_metrics_reach_rays_prometheus_endpoint(env):
 
 
 def test_api_keys(env):
-    """A second app with API keys: 401 without the key, health endpoints open."""
+    """A second app with keys per scope: 401 without the key, /docs and /openapi.json behind
+    the API key, /admin/* only with the admin key, /feedback only with the feedback key and
+    rate-limited; health endpoints open."""
     from ray import serve
     job = variant(env, "serve.app_name=secure", "serve.route_prefix=/secure",
-                  "serve.auth.api_keys=[k-123]", "serve.auth.api_keys_env=null")
+                  "serve.auth.api_keys=[k-123]", "serve.auth.api_keys_env=null",
+                  "serve.auth.admin_keys_env=MLOPS_TEST_ADMIN_KEYS",
+                  "serve.auth.feedback_keys_env=MLOPS_TEST_FEEDBACK_KEYS",
+                  "serve.feedback.rate_per_s=0.001", "serve.feedback.burst=2")
     rollout.serve_alias(job, env["reg"], "production", log=lambda _: None)
     url, rec = env["url"] + "/secure", env["records"][0]
+    key = {"Authorization": "Bearer k-123"}
     try:
         assert post(url + "/predict", {"records": [rec]}).status_code == 401
         assert post(url + "/predict", {"records": [rec]},
                     {"Authorization": "Bearer wrong"}).status_code == 401
         assert requests.get(url + f"/v2/models/{MODEL}", timeout=10).status_code == 401
         assert requests.get(url + "/v2/health/ready", timeout=10).status_code == 200
-        assert post(url + "/predict", {"records": [rec]},
-                    {"Authorization": "Bearer k-123"}).status_code == 200
+        for doc in ("/docs", "/openapi.json"):
+            assert requests.get(url + doc, timeout=10).status_code == 401
+            assert requests.get(url + doc, headers=key, timeout=10).status_code == 200
+        ans = post(url + "/predict", {"records": [rec]}, key)
+        assert ans.status_code == 200
+        # the API key is not the admin key: stats show pids and artifact URIs
+        assert requests.get(url + "/admin/stats", headers=key, timeout=10).status_code == 401
+        assert requests.get(url + "/admin/stats", timeout=10,
+                            headers={"Authorization": "Bearer adm-1"}).status_code == 200
+        # not JSON: 415, never parsed
+        assert requests.post(url + "/predict", data=b"records=1", headers=key,
+                             timeout=10).status_code == 415
+        # labels feed live AUC and retraining: their own key, and a rate limit
+        fb = {"Authorization": "Bearer fb-1"}
+        body = {"request_id": ans.json()["request_id"], "labels": [1]}
+        assert post(url + "/feedback", body, key).status_code == 401
+        codes = [post(url + "/feedback", {**body, "request_id": f"r{i}"}, fb).status_code
+                 for i in range(3)]
+        assert codes == [404, 404, 429]  # unknown ids answered, then the bucket is empty
     finally:
         serve.delete("secure")
         control.cleanup(job, {"arms": []})
@@ -464,7 +487,7 @@ def test_model_replicas_follow_load(env):
                   "serve.route_prefix=/scale", "serve.cache.enabled=false",
                   "+serve.model.autoscaling_config={min_replicas:1,max_replicas:3,"
                   "target_ongoing_requests:1,upscale_delay_s:1,downscale_delay_s:3,"
-                  "look_back_period_s:1}")
+                  "look_back_period_s:1,metrics_interval_s:0.5}")
     rollout.serve_alias(job, env["reg"], "production", log=lambda _: None)
     app = f"scale-v{env['v']['good'].version}"
 

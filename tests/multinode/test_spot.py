@@ -47,23 +47,22 @@ def cluster():
         yield c
 
 
-def train_cfg(c: LocalCluster, storage: Path, *extra: str) -> dict:
+def train_cfg(c: LocalCluster, storage: Path, *extra: str) -> TrainJob:
     return validate(compose("train", [
         "+experiment=adult_mlp", "train.epochs=6", "train.early_stopping=null", "tracking=none",
         "scaling.num_workers=2", "+scaling.resources_per_worker.spot=1",
         "scaling.resources_per_worker.CPU=0.5", "failure.max_failures=1",
         f"storage.uri={storage}", f"ray.address={c.address}", "cost.sample_s=1",
         "ray.env_vars.RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S=10", *extra]),
-        TrainJob).model_dump(by_alias=True)
+        TrainJob)
 
 
-def run_dir(cfg: dict) -> Path:
-    from mlops_ray.train.trainer import run_name_for
+def run_dir(cfg: TrainJob) -> Path:
 
     from mlops_ray.data import load_table
     from mlops_ray.data.io import dataset_version
-    name = run_name_for(cfg, dataset_version(load_table("builtin://adult")))
-    return Path(cfg["storage"]["uri"]) / "runs" / name
+    name = cfg.run_name(dataset_version(load_table("builtin://adult")))
+    return Path(cfg.storage.uri) / "runs" / name
 
 
 def until(cond, what: str, run: Background, timeout: float = 300):
@@ -181,7 +180,7 @@ def test_node_loss_during_tuning_resumes_trials(cluster, tmp_path, gate):
         "+experiment=adult_mlp", "tune.num_samples=3", "tune.max_concurrent_trials=2",
         "train.epochs=5", "scheduler=fifo", "tracking=none", f"storage.uri={tmp_path}",
         "+scaling.resources_per_worker.spot=1", "scaling.resources_per_worker.CPU=0.5",
-        f"ray.address={cluster.address}", "cost.sample_s=1"]), TuneJob).model_dump(by_alias=True)
+        f"ray.address={cluster.address}", "cost.sample_s=1"]), TuneJob)
     run = Background(lambda: run_tuning(job))
     until(lambda: len({e["run"] for e in gate.events("waiting")}) == 2,
           "two running trials held at epoch 3, step 10", run)
@@ -202,7 +201,7 @@ def test_node_loss_during_tuning_resumes_trials(cluster, tmp_path, gate):
                if t["restored_from_epoch"] >= 0}
     assert resumed == {trial_id: 3}, resumed  # the lost trial, from its last checkpoint
     study = optuna.load_study(study_name=s["study"],
-                              storage=db_url(job["db"], from_cfg(job["storage"])))
+                              storage=db_url(job.db.plain(), from_cfg(job.storage.plain())))
     states = [t.state.name for t in study.trials]
     assert states.count("COMPLETE") == 3, states  # the study is intact: no trial lost or doubled
 

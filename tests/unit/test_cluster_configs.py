@@ -332,7 +332,7 @@ def test_v2_scheduler_prefers_spot_and_falls_back_to_on_demand(cloud):
 # reported, which is how typos such as `workerGroupSpec` are caught.
 CLUSTER_SPEC_KEYS = {"rayVersion", "enableInTreeAutoscaling", "autoscalerOptions",
                      "headGroupSpec", "workerGroupSpecs", "headServiceAnnotations", "suspend",
-                     "gcsFaultToleranceOptions", "managedBy", "upgradeStrategy"}
+                     "gcsFaultToleranceOptions", "managedBy", "upgradeStrategy", "authOptions"}
 HEAD_GROUP_KEYS = {"rayStartParams", "template", "serviceType", "headService", "enableIngress",
                    "resources", "labels"}
 WORKER_GROUP_KEYS = {"groupName", "replicas", "minReplicas", "maxReplicas", "rayStartParams",
@@ -474,9 +474,26 @@ def check_manifest(doc) -> list[str]:
     return errors
 
 
+def load_docs(path: Path) -> list:
+    with open(path) as f:
+        return [d for d in yaml.safe_load_all(f) if d is not None]
+
+
 @pytest.fixture(scope="module")
-def manifests() -> dict:
-    return {name: load_yaml(CLUSTER / "kuberay" / name) for name in MANIFESTS}
+def manifest_docs() -> dict:
+    """Every document of each manifest file (the KubeRay resource and its NetworkPolicy)."""
+    return {name: load_docs(CLUSTER / "kuberay" / name) for name in MANIFESTS}
+
+
+@pytest.fixture(scope="module")
+def manifests(manifest_docs) -> dict:
+    """The one KubeRay custom resource of each manifest file."""
+    out = {}
+    for name, docs in manifest_docs.items():
+        ray_docs = [d for d in docs if str(d.get("apiVersion", "")).startswith("ray.io/")]
+        assert len(ray_docs) == 1, f"{name}: expected one ray.io resource, got {len(ray_docs)}"
+        out[name] = ray_docs[0]
+    return out
 
 
 @pytest.mark.parametrize("name", MANIFESTS)
@@ -608,6 +625,263 @@ def test_kuberay_resources_string_format_is_enforced():
     assert _get_custom_resources({}, {"resources": '"{\\"spot\\": 1}"'}, "g") == {"spot": 1}
     with pytest.raises(ValueError):  # json.JSONDecodeError
         _get_custom_resources({}, {"resources": '{"spot": 1}'}, "g")
+
+
+# --------------------------------------------------------------------------------------------
+# KubeRay manifests: security (token auth, secrets, who can reach the dashboard)
+# --------------------------------------------------------------------------------------------
+
+AUTH_SECRET, AUTH_KEY = "ray-auth-token", "auth_token"   # the key KubeRay's authOptions reads
+REGISTRY_SECRET = ("mlops-registry-key", "key")
+SERVE_KEYS = {"MLOPS_RAY_SERVE_API_KEYS": "api", "MLOPS_RAY_SERVE_ADMIN_KEYS": "admin",
+              "MLOPS_RAY_SERVE_FEEDBACK_KEYS": "feedback"}
+SERVE_SECRET = "mlops-serve-keys"
+OPERATOR_POD = {"app.kubernetes.io/name": "kuberay-operator", "app.kubernetes.io/instance":
+                "kuberay-operator", "app.kubernetes.io/component": "kuberay-operator"}
+DASHBOARD, CLIENT, GCS, AGENT = 8265, 10001, 6379, 52365
+PUBLIC_TYPES = {"LoadBalancer", "NodePort"}
+
+
+def helm_ray_cluster() -> dict:
+    return load_yaml(CLUSTER / "kuberay" / "helm-values.yaml")["rayCluster"]
+
+
+def cluster_name(manifests, name: str) -> str:
+    """The RayCluster name KubeRay gives the pods' ray.io/cluster label. RayJob and RayService
+    clusters get a random suffix, so a policy must not count on it."""
+    doc = manifests[name]
+    return doc["metadata"]["name"] + ("" if doc["kind"] == "RayCluster" else "-x7k2q")
+
+
+def stack_pods(manifests, name: str) -> dict[str, dict]:
+    """group -> the labels KubeRay puts on its pods (template labels + its own)."""
+    spec = cluster_specs(manifests)[name.removesuffix(".yaml")]
+    groups = {"head": spec["headGroupSpec"], **{g["groupName"]: g
+                                                  for g in spec["workerGroupSpecs"]}}
+    pods = {}
+    for group, g in groups.items():
+        labels = dict(((g.get("template") or {}).get("metadata") or {}).get("labels") or {})
+        labels.update({"ray.io/cluster": cluster_name(manifests, name), "ray.io/group": group,
+                       "ray.io/node-type": "head" if group == "head" else "worker",
+                       "app.kubernetes.io/name": "kuberay",
+                       "app.kubernetes.io/created-by": "kuberay-operator"})
+        pods[group] = labels
+    return pods
+
+
+def ray_containers(manifests, name: str):
+    """(where, container) for the Ray container of the head and of every worker group."""
+    spec = cluster_specs(manifests)[name.removesuffix(".yaml")]
+    groups = [("head", spec["headGroupSpec"])] + [(g["groupName"], g)
+                                                   for g in spec["workerGroupSpecs"]]
+    for group, g in groups:
+        yield f"{name}:{group}", g["template"]["spec"]["containers"][0]
+
+
+def helm_envs() -> list[tuple[str, list]]:
+    """(where, containerEnv) for the head and every enabled worker group of the Helm values."""
+    rc = helm_ray_cluster()
+    groups = {"worker": rc["worker"], **{n: g for n, g in rc["additionalWorkerGroups"].items()
+                                         if not g.get("disabled")}}
+    return [("helm:head", rc["head"].get("containerEnv") or [])] + [
+        (f"helm:{n}", g.get("containerEnv") or []) for n, g in groups.items()]
+
+
+def env_map(env: list) -> dict[str, dict]:
+    return {e["name"]: e for e in env or []}
+
+
+def secret_ref(entry: dict | None) -> tuple | None:
+    ref = ((entry or {}).get("valueFrom") or {}).get("secretKeyRef")
+    if not ref or ref.get("optional"):
+        return None   # a literal value, or a Secret the pod may start without
+    return ref["name"], ref["key"]
+
+
+def auth_errors(env: list, where: str) -> list[str]:
+    e = env_map(env)
+    errors = []
+    if (e.get("RAY_AUTH_MODE") or {}).get("value") != "token":
+        errors.append(f"{where}: RAY_AUTH_MODE must be 'token'")
+    if secret_ref(e.get("RAY_AUTH_TOKEN")) != (AUTH_SECRET, AUTH_KEY):
+        errors.append(f"{where}: RAY_AUTH_TOKEN must come from secretKeyRef "
+                      f"{AUTH_SECRET}/{AUTH_KEY}")
+    if "value" in (e.get("RAY_AUTH_TOKEN") or {}):
+        errors.append(f"{where}: RAY_AUTH_TOKEN must never be a literal")
+    return errors
+
+
+def _selects(selector: dict | None, labels: dict) -> bool:
+    """A LabelSelector (matchLabels only, which is all these manifests use)."""
+    assert not (selector or {}).get("matchExpressions"), "extend _selects for matchExpressions"
+    return (selector or {}).get("matchLabels", {}).items() <= labels.items()
+
+
+def _peer_admits(peer: dict, src: dict, same_ns: bool) -> bool:
+    assert "ipBlock" not in peer, "an ipBlock peer: extend this check"
+    if "namespaceSelector" in peer:
+        # Namespace labels are not modelled: only {} (every namespace) is understood.
+        assert peer["namespaceSelector"] == {}, "a namespaceSelector with labels: extend this"
+    elif not same_ns:
+        return False                   # a bare podSelector means the policy's namespace only
+    return "podSelector" not in peer or _selects(peer["podSelector"], src)
+
+
+def admitted(policies: list[dict], dst: dict, src: dict, port: int, same_ns=True) -> bool:
+    """Whether Kubernetes NetworkPolicy semantics let `src` (pod labels) connect to `dst` on
+    `port`: allowed when no policy selects dst for Ingress, else only if a rule admits it."""
+    selecting = [p for p in policies if _selects(p["spec"]["podSelector"], dst)
+                 and "Ingress" in p["spec"].get("policyTypes", ["Ingress"])]
+    if not selecting:
+        return True
+    for pol in selecting:
+        for rule in pol["spec"].get("ingress") or []:
+            peers_ok = "from" not in rule or any(
+                _peer_admits(peer, src, same_ns) for peer in rule["from"])
+            ports_ok = "ports" not in rule or any(
+                pp.get("port") in (port, None) and pp.get("protocol", "TCP") == "TCP"
+                for pp in rule["ports"])
+            if peers_ok and ports_ok:
+                return True
+    return False
+
+
+def network_policies(docs: list) -> list[dict]:
+    pols = [d for d in docs if d.get("kind") == "NetworkPolicy"]
+    assert all(p.get("apiVersion") == "networking.k8s.io/v1" for p in pols)
+    return pols
+
+
+@pytest.mark.parametrize("name", MANIFESTS)
+def test_kuberay_token_auth_in_every_ray_container(manifests, name):
+    errors = []
+    for where, c in ray_containers(manifests, name):
+        errors += auth_errors(c.get("env"), where)
+    assert errors == []
+    # The operator sends the token to the dashboard (RayJob status, RayService deploys) and
+    # gives it to the containers it adds (autoscaler, RayJob submitter) only with authOptions.
+    spec = cluster_specs(manifests)[name.removesuffix(".yaml")]
+    assert spec.get("authOptions") == {"mode": "token", "secretName": AUTH_SECRET}, name
+
+
+def test_helm_values_token_auth_in_every_ray_container():
+    rc = helm_ray_cluster()
+    errors = [err for where, env in helm_envs() for err in auth_errors(env, where)]
+    # The ray-cluster chart has no authOptions: the autoscaler sidecar gets the token by hand.
+    errors += auth_errors(rc["head"]["autoscalerOptions"].get("env"), "helm:autoscaler")
+    assert errors == []
+
+
+def test_rayservice_wires_the_serve_api_keys_from_a_secret(manifests):
+    errors = []
+    for where, c in ray_containers(manifests, "rayservice.yaml"):
+        env = env_map(c.get("env"))
+        for var, key in SERVE_KEYS.items():
+            if secret_ref(env.get(var)) != (SERVE_SECRET, key):
+                errors.append(f"{where}: {var} must come from secretKeyRef {SERVE_SECRET}/{key}")
+    assert errors == []
+    ingress = yaml.safe_load(manifests["rayservice.yaml"]["spec"]["serveConfigV2"])[
+        "applications"][0]["args"]["ingress"]
+    assert ingress["api_keys"] == []   # keys never in the file, only the variables' names
+    assert {ingress[f"{scope}_keys_env"] for scope in ("api", "admin", "feedback")} == set(
+        SERVE_KEYS)
+
+
+def test_registry_signing_key_reaches_the_drivers(manifests):
+    from mlops_ray.registry.signing import KEY_ENV
+    wanted = [("rayjob.yaml", "head")] + [("raycluster.yaml", g) for g in stack_pods(
+        manifests, "raycluster.yaml")]
+    containers = {where: c for n in MANIFESTS for where, c in ray_containers(manifests, n)}
+    errors = [f"{n}:{g}: {KEY_ENV} must come from secretKeyRef {'/'.join(REGISTRY_SECRET)}"
+              for n, g in wanted
+              if secret_ref(env_map(containers[f"{n}:{g}"].get("env")).get(KEY_ENV))
+              != REGISTRY_SECRET]
+    errors += [f"{where}: {KEY_ENV}" for where, env in helm_envs()
+               if secret_ref(env_map(env).get(KEY_ENV)) != REGISTRY_SECRET]
+    assert errors == []
+
+
+@pytest.mark.parametrize("name", MANIFESTS)
+def test_kuberay_dashboard_is_reachable_only_from_operator_and_own_pods(
+        manifests, manifest_docs, name):
+    policies = network_policies(manifest_docs[name])
+    pods = stack_pods(manifests, name)
+    worker = next(v for k, v in pods.items() if k != "head")
+    stranger = {"app": "web", "team": "other"}
+    for group, dst in pods.items():
+        # Every Ray pod is behind a policy: the dashboard agents on the workers take jobs too.
+        assert any(_selects(p["spec"]["podSelector"], dst) for p in policies), (name, group)
+        for port in (DASHBOARD, CLIENT, GCS, AGENT):
+            assert not admitted(policies, dst, stranger, port), (name, group, port)
+            assert not admitted(policies, dst, stranger, port, same_ns=False), (name, group, port)
+            assert admitted(policies, dst, worker, port), (name, group, port)   # same cluster
+        assert not admitted(policies, dst, OPERATOR_POD, GCS, same_ns=False), (name, group)
+    head = pods["head"]
+    # RayJob / RayService drive the head through the dashboard: the operator must get in.
+    assert admitted(policies, head, OPERATOR_POD, DASHBOARD, same_ns=False), name
+    assert admitted(policies, head, pods["head"], DASHBOARD), name
+    if manifests[name]["kind"] == "RayJob":   # the K8sJobMode submitter pod (`ray job submit`)
+        job = manifests[name]["metadata"]["name"]
+        submitter = {"batch.kubernetes.io/job-name": job, "job-name": job,
+                     "ray.io/originated-from-cr-name": job,
+                     "ray.io/originated-from-crd": "RayJob"}
+        assert admitted(policies, head, submitter, DASHBOARD), name
+        assert not admitted(policies, head, submitter, GCS), name
+    if manifests[name]["kind"] == "RayService":   # predictions: open port, API keys required
+        assert all(admitted(policies, p, stranger, 8000) for p in pods.values())
+
+
+def test_helm_ray_cluster_is_covered_by_the_raycluster_policy(manifest_docs):
+    rc = helm_ray_cluster()
+    policies = network_policies(manifest_docs["raycluster.yaml"])
+    # The chart names the RayCluster after fullnameOverride; raycluster.yaml's policy selects it.
+    head = {"ray.io/cluster": rc["fullnameOverride"], "ray.io/node-type": "head",
+            "app.kubernetes.io/instance": "mlops-ray"}
+    assert any(_selects(p["spec"]["podSelector"], head) for p in policies)
+    assert not admitted(policies, head, {"app": "web"}, DASHBOARD)
+    assert admitted(policies, head, OPERATOR_POD, DASHBOARD, same_ns=False)
+
+
+def _service_exposes(svc_spec: dict | None, ports=(DASHBOARD, "dashboard")) -> bool:
+    svc_spec = svc_spec or {}
+    if svc_spec.get("type", "ClusterIP") not in PUBLIC_TYPES:
+        return False
+    listed = svc_spec.get("ports")
+    return not listed or any(p.get("port") in ports or p.get("targetPort") in ports
+                             for p in listed)
+
+
+@pytest.mark.parametrize("name", MANIFESTS)
+def test_kuberay_no_public_service_for_the_dashboard(manifests, manifest_docs, name):
+    spec = cluster_specs(manifests)[name.removesuffix(".yaml")]
+    head = spec["headGroupSpec"]
+    # KubeRay's head Service carries 8265 (and 10001, 6379): it must stay ClusterIP.
+    assert head.get("serviceType", "ClusterIP") not in PUBLIC_TYPES, name
+    assert (head.get("headService") or {}).get("spec", {}).get(
+        "type", "ClusterIP") not in PUBLIC_TYPES, name
+    assert not head.get("enableIngress"), name   # an Ingress for the dashboard
+    serve_svc = (manifests[name]["spec"].get("serveService") or {}).get("spec")
+    assert not _service_exposes(serve_svc), name
+    for doc in manifest_docs[name]:
+        assert doc["kind"] in {manifests[name]["kind"], "NetworkPolicy", "Service"}, doc["kind"]
+        if doc["kind"] == "Service":
+            assert not _service_exposes(doc["spec"]), (name, doc["metadata"]["name"])
+    rc = helm_ray_cluster()
+    assert rc.get("service", {}).get("type", "ClusterIP") == "ClusterIP"
+    assert (rc["head"].get("headService") or {}).get("spec", {}).get(
+        "type", "ClusterIP") not in PUBLIC_TYPES
+
+
+def test_policy_check_would_catch_an_open_dashboard(manifests, manifest_docs):
+    """The evaluator above is not vacuous: no policy, or an open rule, lets a stranger in."""
+    pods = stack_pods(manifests, "raycluster.yaml")
+    stranger = {"app": "web"}
+    assert admitted([], pods["head"], stranger, DASHBOARD)
+    opened = copy.deepcopy(network_policies(manifest_docs["raycluster.yaml"]))
+    opened[0]["spec"]["ingress"].append({"ports": [{"protocol": "TCP", "port": DASHBOARD}]})
+    assert admitted(opened, pods["head"], stranger, DASHBOARD)
+    assert not admitted(opened, pods["head"], stranger, GCS)
+    assert auth_errors([{"name": "RAY_AUTH_TOKEN", "value": "abc"}], "x") != []
 
 
 # --------------------------------------------------------------------------------------------

@@ -247,3 +247,22 @@ def test_a_job_with_a_bad_config_exits_2_and_writes_nothing(tmp_path, capsys):
         err = capsys.readouterr().err
         assert code == 2 and expected in err and "Traceback" not in err, err
     assert not store.exists()
+
+
+def test_the_environment_is_the_lock():
+    """`make install` installs requirements.lock: what run records name (ray, torch) and every
+    other locked package is at its locked version here."""
+    import importlib.metadata as md
+
+    from mlops_ray.runtime import library_versions
+    locked = {}
+    for line in (CONF_DIR.parent / "requirements.lock").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, version = line.split("==")
+            locked[name.lower().replace("_", "-")] = version
+    versions = library_versions()
+    assert versions["ray"] == locked["ray"]
+    assert versions["torch"].split("+")[0] == locked["torch"]
+    wrong = {n: (md.version(n), v) for n, v in locked.items()
+             if md.version(n).split("+")[0] != v}
+    assert not wrong, f"installed != locked: {wrong}"

@@ -24,9 +24,11 @@ POLICY = Policy({"admin": ["ada"], "approver": ["pat"], "trainer": ["tim"], "vie
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.server)])
-def db(request, tmp_path):
+def db(request, tmp_path, monkeypatch):
     if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'registry.db'}"
+        return f"sqlite:///{tmp_path / 'registry.db'}"  # its key: a file next to it
+    # a server database takes its key from the environment (registry/signing.py)
+    monkeypatch.setenv("MLOPS_RAY_REGISTRY_KEY", "test-registry-key")
     return new_pg_database(request.getfixturevalue("postgres_server"))
 
 
@@ -39,14 +41,31 @@ def meta(run: str, passed: bool = True, champion: str | None = None, data: str =
             "data_version": data, "config_hash": f"c-{run}", "metrics": {"test/auc": 0.9}}
 
 
+MODEL_META = json.dumps({"model": {"_target_": "mlops_ray.models.mlp.MLP", "hidden": [8]},
+                         "in_features": 3}).encode()
+
+
+def register(r: Registry, model: str, files: dict[str, bytes], m: dict):
+    """What promote registers: the files, a meta.json naming an allowed builder, and a gate
+    report signed with the registry's key carrying the verdict `m` describes."""
+    from mlops_ray.registry.signing import sign
+    report = sign({"passed": m["gate_passed"],
+                   "lineage": {"run": m["run_uri"], "data_version": m["data_version"],
+                               "config_hash": m["config_hash"]},
+                   "champion": {"run": m["champion_run"]} if m["champion_run"] else None},
+                  r.key)
+    return r.register(model, {"meta.json": MODEL_META, **files,
+                              "gate_report.json": json.dumps(report).encode()}, m)
+
+
 def test_versions_immutable_numbered_per_model(db, tmp_path):
     r = open_as(db, tmp_path)
-    v1 = r.register("adult", {"model.pt": b"w1"}, meta("r1"))
-    v2 = r.register("adult", {"model.pt": b"w2"}, meta("r2"))
-    g1 = r.register("german", {"model.pt": b"w1"}, meta("r3"))
+    v1 = register(r, "adult", {"model.pt": b"w1"}, meta("r1"))
+    v2 = register(r, "adult", {"model.pt": b"w2"}, meta("r2"))
+    g1 = register(r, "german", {"model.pt": b"w1"}, meta("r3"))
     assert (v1.version, v2.version, g1.version) == (1, 2, 1)
     n_audit = len(r.audit_log())
-    again = r.register("adult", {"model.pt": b"w1"}, meta("r1"))  # same content: same version
+    again = register(r, "adult", {"model.pt": b"w1"}, meta("r1"))  # same content: same version
     assert again.version == 1 and len(r.audit_log()) == n_audit
     assert r.get("adult").version == 2 and r.get("adult:1").content_hash == v1.content_hash
     with pytest.raises(RegistryError, match="adult:7 is not registered"):
@@ -54,15 +73,15 @@ def test_versions_immutable_numbered_per_model(db, tmp_path):
     with pytest.raises(RegistryError, match="no such alias"):
         r.get("adult@production")
     with pytest.raises(RegistryError, match="model name"):
-        r.register("bad name!", {"model.pt": b"x"}, meta("r"))
+        register(r, "bad name!", {"model.pt": b"x"}, meta("r"))
 
 
 def test_production_needs_gates_roles_and_champion(db, tmp_path):
     r = open_as(db, tmp_path)
-    r.register("m", {"f": b"1"}, meta("r1"))
-    r.register("m", {"f": b"2"}, meta("r2", passed=False, champion="r1"))
-    r.register("m", {"f": b"3"}, meta("r3", champion="r-other"))
-    r.register("m", {"f": b"4"}, meta("r4", champion="r1"))
+    register(r, "m", {"f": b"1"}, meta("r1"))
+    register(r, "m", {"f": b"2"}, meta("r2", passed=False, champion="r1"))
+    register(r, "m", {"f": b"3"}, meta("r3", champion="r-other"))
+    register(r, "m", {"f": b"4"}, meta("r4", champion="r1"))
     r.set_alias("m", "production", 1, expected=None)
     with pytest.raises(PermissionDenied, match="failed its validation gates"):
         r.set_alias("m", "production", 2, expected=1)
@@ -86,14 +105,14 @@ def test_production_needs_gates_roles_and_champion(db, tmp_path):
     forced = [a for a in log if a["action"] == "force_alias"]
     assert forced[0]["reason"] == "hotfix, ticket 7" and forced[0]["verdict"] == "failed"
     with pytest.raises(PermissionDenied, match="needs the trainer role"):
-        open_as(db, tmp_path, "vic").register("m", {"f": b"5"}, meta("r5"))
+        register(open_as(db, tmp_path, "vic"), "m", {"f": b"5"}, meta("r5"))
     assert r.verify_audit() == []
 
 
 def test_compare_and_swap_refuses_a_stale_expectation(db, tmp_path):
     r = open_as(db, tmp_path)
     for i in (1, 2, 3):
-        r.register("m", {"f": str(i).encode()}, meta(f"r{i}"))
+        register(r, "m", {"f": str(i).encode()}, meta(f"r{i}"))
     r.set_alias("m", "canary", 1, expected=None)
     before = len(r.audit_log())
     with pytest.raises(RegistryConflict, match="expected None, it now points at 1"):
@@ -106,7 +125,7 @@ def test_compare_and_swap_refuses_a_stale_expectation(db, tmp_path):
 
 def _racer(db: str, store: str, i: int, barrier, results) -> None:
     r = open_as(db, Path(store), "pat")
-    v = r.register("race", {"f": f"proc-{i}".encode()}, meta(f"run-{i}", champion=None))
+    v = register(r, "race", {"f": f"proc-{i}".encode()}, meta(f"run-{i}", champion=None))
     for rnd in range(2):
         barrier.wait()
         expected = r.aliases("race").get("production")
@@ -156,9 +175,9 @@ def test_twenty_concurrent_promoters(db, tmp_path):
 
 def test_rollback_follows_the_promotion_stack(db, tmp_path):
     r = open_as(db, tmp_path)
-    r.register("m", {"f": b"1"}, meta("r1"))
-    r.register("m", {"f": b"2"}, meta("r2", passed=False, champion="r1"))
-    r.register("m", {"f": b"3"}, meta("r3", champion="r1"))
+    register(r, "m", {"f": b"1"}, meta("r1"))
+    register(r, "m", {"f": b"2"}, meta("r2", passed=False, champion="r1"))
+    register(r, "m", {"f": b"3"}, meta("r3", champion="r1"))
     with pytest.raises(RegistryError, match="no earlier version"):
         r.rollback("m", "production", "nothing yet")
     r.set_alias("m", "production", 1, expected=None)
@@ -180,10 +199,10 @@ def test_rollback_follows_the_promotion_stack(db, tmp_path):
 
 def test_delete_and_erasure(db, tmp_path):
     r = open_as(db, tmp_path)
-    a = r.register("m", {"f": b"1"}, meta("r1", data="old-data"))
-    r.register("m", {"f": b"2"}, meta("r2", data="old-data"))
-    r.register("m", {"f": b"3"}, meta("r3", data="new-data"))
-    r.register("g", {"f": b"1"}, meta("r9", data="old-data"))
+    a = register(r, "m", {"f": b"1"}, meta("r1", data="old-data"))
+    register(r, "m", {"f": b"2"}, meta("r2", data="old-data"))
+    register(r, "m", {"f": b"3"}, meta("r3", data="new-data"))
+    register(r, "g", {"f": b"1"}, meta("r9", data="old-data"))
     r.set_alias("m", "production", 1, expected=None)
     assert [v.ref for v in r.lineage(data_version="old")] == ["g:1", "m:1", "m:2"]
     with pytest.raises(PermissionDenied, match="still aliased"):
@@ -208,26 +227,26 @@ def test_audit_chain_detects_edits_and_deletions(tmp_path):
     db = f"sqlite:///{tmp_path / 'r.db'}"
     r = open_as(db, tmp_path)
     for i in (1, 2, 3):
-        r.register("m", {"f": str(i).encode()}, meta(f"r{i}"))
+        register(r, "m", {"f": str(i).encode()}, meta(f"r{i}"))
     r.set_alias("m", "production", 1, expected=None)
     assert r.verify_audit() == []
     out = tmp_path / "audit.jsonl"
-    assert r.export_audit(out) == 4
+    assert r.export_audit(out) == 5  # the policy installed, 3 versions, 1 alias
     assert r.verify_audit([json.loads(x) for x in out.read_text().splitlines()]) == []
     lines = out.read_text().splitlines()
-    lines[1] = lines[1].replace('"register"', '"delete"')
-    assert any("seq=2" in p for p in r.verify_audit([json.loads(x) for x in lines]))
+    lines[2] = lines[2].replace('"register"', '"delete"')
+    assert any("seq=3" in p for p in r.verify_audit([json.loads(x) for x in lines]))
     con = sqlite3.connect(tmp_path / "r.db")
-    con.execute("UPDATE registry_audit SET reason='nothing to see' WHERE seq=2")
+    con.execute("UPDATE registry_audit SET reason='nothing to see' WHERE seq=3")
     con.commit()
-    assert r.verify_audit() == ["record seq=2: content does not match its hash (edited)"]
-    con.execute("UPDATE registry_audit SET reason=NULL WHERE seq=2")
+    assert r.verify_audit() == ["record seq=3: content does not match its hash (edited)"]
+    con.execute("UPDATE registry_audit SET reason=NULL WHERE seq=3")
     con.commit()
     assert r.verify_audit() == []
-    con.execute("DELETE FROM registry_audit WHERE seq=4")  # the newest record
+    con.execute("DELETE FROM registry_audit WHERE seq=5")  # the newest record
     con.commit()
     assert any("removed from the end" in p for p in r.verify_audit())
-    con.execute("DELETE FROM registry_audit WHERE seq=2")
+    con.execute("DELETE FROM registry_audit WHERE seq=3")
     con.commit()
     probs = r.verify_audit()
     assert any("sequence number" in p for p in probs) and any("chain broken" in p for p in probs)
@@ -235,7 +254,7 @@ def test_audit_chain_detects_edits_and_deletions(tmp_path):
 
 def test_tampered_artifact_is_refused(tmp_path):
     r = open_as(f"sqlite:///{tmp_path / 'r.db'}", tmp_path)
-    v = r.register("m", {"model.pt": b"weights", "signature.json": b"{}"}, meta("r1"))
+    v = register(r, "m", {"model.pt": b"weights", "signature.json": b"{}"}, meta("r1"))
     _, folder = r.fetch("m:1")
     (folder / "model.pt").write_bytes(b"weightz")
     with pytest.raises(ArtifactCorrupted, match="'model.pt' was altered"):
@@ -268,7 +287,7 @@ def test_migrations_are_versioned(tmp_path):
 def test_registry_on_s3(tmp_path, moto_s3, bucket):
     store = resolve(f"s3://{bucket}/models", endpoint_url=moto_s3)
     r = Registry(f"sqlite:///{tmp_path / 'r.db'}", store, POLICY, actor="ada")
-    v = r.register("m", {"model.pt": b"w" * 1000, "meta.json": b"{}"}, meta("r1"))
+    v = register(r, "m", {"model.pt": b"w" * 1000}, meta("r1"))
     assert v.artifact_uri.startswith(f"s3://{bucket}/models/registry/m/")
     ver, folder = r.fetch("m:1")
     assert (folder / "model.pt").read_bytes() == b"w" * 1000
@@ -283,8 +302,8 @@ def test_cli_identity_denials_and_audit(tmp_path, monkeypatch, capsys):
                       f"tokens: {{{token_hash('tok-p')}: pat, {token_hash('tok-v')}: vic}}\n")
     db = f"sqlite:///{tmp_path / 'r.db'}"
     r = Registry(db, resolve(str(tmp_path)), Policy.load(str(policy)), actor="ada")
-    r.register("m", {"f": b"1"}, meta("r1"))
-    r.register("m", {"f": b"2"}, meta("r2", passed=False, champion="r1"))
+    register(r, "m", {"f": b"1"}, meta("r1"))
+    register(r, "m", {"f": b"2"}, meta("r2", passed=False, champion="r1"))
     r.set_alias("m", "production", 1, expected=None)
     common = [f"db.url={db}", f"storage.uri={tmp_path}", f"registry.policy={policy}"]
 

@@ -165,7 +165,7 @@ def train_loop_per_worker(config: dict[str, Any], session: Any = None) -> dict[s
                      "scheduler": sched.state_dict(), "epoch": epoch, "step": step,
                      "loss_sum": loss_sum, "history": history, "early_stop": stopper.state(),
                      "stopped": stop, **spot.bookkeeping(jit),
-                     "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state()}}
+                     "rng": ckpt_io.rng_state()}
             meta = {"model": c.model, "in_features": int(x_tr.shape[1]),
                     "feature_names": c.feature_names, "run_name": c.run_name,
                     "epoch": epoch, "step": step, "metrics": metrics, "jit": jit}
