@@ -4,13 +4,17 @@
     python bench/serve_load.py --duration 15 --concurrency 16 --arms a d
 
 Arms (one POST /predict of one Adult row per request, load from `wrk` on the same machine):
-  (a) jobs.serve's app as configured by default (conf/serve.yaml, conf/ray/local.yaml), cache off
-  (b) the same with its response cache on, every request the same row
+  (a) jobs.serve's app as configured by default (conf/serve.yaml, conf/ray/local.yaml), cache off,
+      at the URL jobs.serve prints: the ingress replica's own port (direct ingress, no proxy hop)
+  (p) (a) through Serve's HTTP proxy (serve.direct_ingress=false): the path before direct ingress
+  (f) (a) serving a version whose decision rule has the fairness post-processor (group thresholds
+      on `sex`, as fairness.mitigation=threshold registers it)
+  (b) (a) with its response cache on, every request the same row
   (c) Ray Serve with Ray's defaults: one FastAPI deployment doing the same work, default proxy
   (d) bare FastAPI + uvicorn in one process doing the same work (validation, preprocessing, model)
-  (h) (a) behind Serve's HAProxy ingress (RAY_SERVE_ENABLE_HA_PROXY=1; opt-in, see docs/limits.md)
-Prints req/s, p50, p99 and errors per arm and concurrency, and the ratios of (a) and (b) to (c)
-and (d). Needs `wrk` (apt-get install wrk).
+  (h) (p) behind Serve's HAProxy ingress (RAY_SERVE_ENABLE_HA_PROXY=1; needs haproxy; opt-in)
+Prints req/s, p50, p99 and errors per arm and concurrency, and the ratios to (c) and (d).
+Needs `wrk` (apt-get install wrk).
 """
 # no `from __future__ import annotations`: FastAPI must see the real Request type
 
@@ -27,6 +31,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -62,12 +67,31 @@ def make_registry(work: Path) -> dict:
              "reference.json": json.dumps(profile(rows, p.preprocessor.numeric,
                                                   p.preprocessor.categorical)).encode()}
     reg = Registry(f"sqlite:///{work / 'mlops_ray.db'}", resolve(str(work)), Policy.default())
-    # the verdict a registry accepts: a passed gate report signed with its key
+    from mlops_ray.artifacts import rule as R
     from mlops_ray.registry.signing import sign
-    files["gate_report.json"] = json.dumps(sign({"passed": True, "champion": None, "lineage": {
-        "run": "bench", "data_version": None, "config_hash": None}}, reg.key)).encode()
-    v = reg.register(MODEL, files, {"run_uri": "bench"})
-    reg.set_alias(MODEL, "production", v.version, expected=None)
+
+    def register(decision: dict, alias: str) -> Any:
+        # the verdict a registry accepts: a passed gate report signed with its key, naming the
+        # decision rule it judged
+        report = {"passed": True, "champion": None, "rule_sha256": R.digest(decision),
+                  "lineage": {"run": f"bench-{alias}", "data_version": None,
+                              "config_hash": None}}
+        sig_ = signature(p.preprocessor, ds, 0.5, False, decision)
+        v = reg.register(MODEL, {**files, "signature.json": json.dumps(sig_).encode(),
+                                 "rule.json": json.dumps(decision).encode(),
+                                 "gate_report.json": json.dumps(sign(report, reg.key)).encode()},
+                         {"run_uri": f"bench-{alias}"})
+        reg.set_alias(MODEL, alias, v.version, expected=None)
+        return v
+    v = register(R.plain(0.5), "production")
+    # (f): the fairness post-processor as Fairlearn's ThresholdOptimizer leaves it (two
+    # randomised thresholds per group, mixed with a constant): the work per request is this
+    groups = {g: {"ops": [[0.6, ">", 0.45 + 0.01 * i], [0.4, ">", 0.55 - 0.01 * i]],
+                  "p_ignore": 0.1, "constant": 0.3}
+              for i, g in enumerate(sorted(p.frame["sex"].astype(str).unique()))}
+    register({"threshold": 0.5, "postprocessor": {
+        "kind": "group_thresholds", "attribute": "sex", "constraint": "equalized_odds",
+        "groups": groups}}, "fair")
     test = p.frame.iloc[p.splits["test"]]
     cols = [f["name"] for f in sig["inputs"]]
     record = json.loads(test[cols].head(1).to_json(orient="records"))[0]
@@ -152,11 +176,17 @@ def run_server(arm: str, work: Path, port: int, info: dict) -> None:
         from mlops_ray.registry import open_registry
         from mlops_ray.serving import control, rollout
         job = compose_job("serve", ServeJob, [
-            f"ref={MODEL}", f"storage.uri={work}", f"serve.port={port}", "ray.num_cpus=2",
-            "ray.include_dashboard=false",
+            f"ref={MODEL}@{'fair' if arm == 'f' else 'production'}", f"storage.uri={work}",
+            f"serve.port={port}", "ray.num_cpus=2", "ray.include_dashboard=false",
+            f"serve.direct_ingress={'false' if arm in ('p', 'h') else 'true'}",
             f"serve.cache.enabled={'true' if arm == 'b' else 'false'}"])
         control.start(job)
         rollout.serve_ref(job, open_registry(job), log=lambda _: None)
+        # where jobs.serve tells clients to go: the replica's own port (direct ingress)
+        url = control.direct_endpoint(job) if arm not in ("p", "h") else None
+        (work / f"url-{arm}.txt").write_text((url or f"http://127.0.0.1:{port}") + "/predict")
+    if arm == "c":
+        (work / f"url-{arm}.txt").write_text(f"http://127.0.0.1:{port}/predict")
     print("READY", flush=True)
     while not stop["now"]:
         time.sleep(0.2)
@@ -206,7 +236,7 @@ def main() -> None:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--duration", type=float, default=8)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
-    ap.add_argument("--arms", nargs="+", default=["a", "b", "h", "c", "d"])
+    ap.add_argument("--arms", nargs="+", default=["a", "p", "f", "b", "c", "d"])
     ap.add_argument("--serve", help=argparse.SUPPRESS)  # child: run one server
     ap.add_argument("--work", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -232,6 +262,13 @@ def main() -> None:
                                 stderr=open(work / f"server-{arm}.log", "w"))
         try:
             url = f"http://127.0.0.1:{port}/predict"
+            if arm != "d":  # the child writes the URL clients use, once it serves
+                deadline = time.monotonic() + 300
+                while not (work / f"url-{arm}.txt").exists():
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError(f"({arm}) did not start: see {work}/server-{arm}.log")
+                    time.sleep(0.5)
+                url = (work / f"url-{arm}.txt").read_text()
             wait_http(url, body.encode())
             print(f"({arm}) up in {time.monotonic() - t0:.1f} s", flush=True)
             wrk(url, body, 4, 2)  # warm-up

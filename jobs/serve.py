@@ -63,9 +63,11 @@ def act(job: ServeJob, reg: Registry) -> None:
         from mlops_ray.runtime import serve_until_stopped, stop_serving
         try:
             rollout.serve_ref(job, reg)
-            url = job.endpoint()
+            url = control.direct_endpoint(job) or job.endpoint()
             log(f"endpoint   {url}/predict  {url}/v2/models/{job.model}/infer  {url}/docs\n"
-                f"dashboard  {facts['dashboard_url'] or '(see the cluster)'}")
+                + (f"proxy      {job.endpoint()}/predict (Serve's HTTP proxy, one hop more)\n"
+                   if url != job.endpoint() else "")
+                + f"dashboard  {facts['dashboard_url'] or '(see the cluster)'}")
             if job.serve.detach:
                 return
             serve_until_stopped(log, announce=False)

@@ -44,6 +44,9 @@ os.environ["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"
 # test's look_back_period_s of 1 s needs them every half second (read when Serve starts)
 os.environ["RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "0.5"
 os.environ["RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "0.5"
+# what jobs.serve turns on for the local Ray it starts: ingress replicas answer on their own
+# port (serve.direct_ingress); the Serve tests send their requests there
+os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
 
 
 def dataset(experiment: str = "adult_mlp", *overrides: str):

@@ -45,15 +45,19 @@ def explain(err: ValidationError, schema: type[BaseModel]) -> list[str]:
             allowed = _allowed_keys(schema, loc[:-1])
             hint = f" (allowed keys here: {', '.join(allowed)})" if allowed else ""
             out.append(f"{key}: unknown key (value {e['input']!r}){hint}")
-        elif e["type"] == "value_error" and not loc or e["type"] == "value_error" \
-                and "; " in str(e.get("msg", "")):
-            msg = str(e["msg"]).removeprefix("Value error, ")
-            out += [f"{key + ': ' if loc else ''}{m}" for m in msg.split("; ")]
         elif e["type"] == "missing":
             out.append(f"{key}: required key is missing")
+        elif e["type"] == "value_error" and (not loc or isinstance(e["input"], dict | list)
+                                             or "; " in str(e.get("msg", ""))):
+            # a section's own check: its message names the key and value; the section's
+            # whole content would only bury it
+            msg = str(e["msg"]).removeprefix("Value error, ")
+            out += [m if not loc or m.startswith(key) else f"{key}: {m}"
+                    for m in msg.split("; ")]
         else:
             msg = str(e["msg"]).removeprefix("Value error, ")
-            out.append(f"{key}={e['input']!r}: {msg}")
+            value = repr(e["input"])
+            out.append(f"{key}={value if len(value) <= 80 else value[:77] + '...'}: {msg}")
     return out
 
 

@@ -41,6 +41,8 @@ class CvCfg(Strict):
 
 class ThresholdCfg(Strict):
     objective: Literal["f1", "youden", "accuracy"] = "f1"
+    # the predicted-positive rate stays within [base rate / r, base rate * r] (null: no guard)
+    max_rate_ratio: float | None = Field(1.5, gt=1)
 
 
 class FairnessCfg(Strict):

@@ -66,6 +66,12 @@ class FeedbackCfg(Strict):
     burst: int = Field(40, ge=1)
 
 
+class LiveCfg(Strict):
+    # how often each ingress replica pushes its statistics, drift rows and answers to the app's
+    # hub (serving/hub.py), which rollouts, action=status and /admin/* read
+    push_interval_s: float = Field(0.25, gt=0, le=60)
+
+
 class RolloutCfg(Strict):
     strategy: Literal["canary", "bluegreen", "ab", "shadow"] = "canary"
     steps: list[int] = [10, 50, 100]
@@ -109,6 +115,9 @@ class ServeCfg(Strict):
     keep_alive: bool = True  # jobs.pipeline on a local Ray: serve until Ctrl-C (false: exit)
     ready_timeout_s: float = Field(180, gt=0)
     ingress_mode: Literal["inline", "handle"] = "inline"
+    # a local Ray started by this job: ingress replicas answer on their own port too (Serve's
+    # direct ingress, RAY_SERVE_ENABLE_DIRECT_INGRESS), without the proxy hop
+    direct_ingress: bool = True
     access_log: bool = False
     ingress: ServeDeploymentCfg = ServeDeploymentCfg(max_ongoing_requests=256)
     model: ServeDeploymentCfg = ServeDeploymentCfg()
@@ -118,6 +127,7 @@ class ServeCfg(Strict):
     auth: AuthCfg = AuthCfg()
     drift: DriftCfg = DriftCfg()
     feedback: FeedbackCfg = FeedbackCfg()
+    live: LiveCfg = LiveCfg()
     rollout: RolloutCfg = RolloutCfg()
     grpc: GrpcCfg = GrpcCfg()
 

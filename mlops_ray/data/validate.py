@@ -21,7 +21,11 @@ def validate_frame(df: pd.DataFrame, ds: DatasetCfg) -> None:
         needed.append(ds.split.column)
     missing = [c for c in dict.fromkeys(needed) if c not in df.columns]
     if missing:
-        v.append(f"missing column(s) {missing} (present: {list(df.columns)})")
+        import difflib
+        hints = [f"'{c}': did you mean '{near[0]}'?" for c in missing
+                 if (near := difflib.get_close_matches(c, [str(x) for x in df.columns], n=1))]
+        v.append(f"missing column(s) {missing}" + (f" ({'; '.join(hints)})" if hints else "")
+                 + f" (present: {list(df.columns)})")
     if len(df) < ds.min_rows:
         v.append(f"{len(df)} rows, fewer than dataset.min_rows={ds.min_rows}")
     if label in df.columns:

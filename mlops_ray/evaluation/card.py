@@ -162,8 +162,9 @@ def _plot_cv(folds: list[Mapping[str, Any]], summary: Mapping[str, float], path:
 # ---- markdown ------------------------------------------------------------------------------
 
 def _gate_rows(gates: list[Mapping[str, Any]]) -> list[list[Any]]:
-    return [[g["name"], f"`{g['metric']}`", g["on"], _f(g["value"]), g["op"],
-             f"{g['threshold']:g}", _ci(*g["ci"]) if g.get("ci") else "-",
+    from mlops_ray.evaluation.gates import compared
+    return [[g["name"], f"`{g['metric']}`", f"{g['on']} {_f(compared(g))}", g["op"],
+             f"{g['threshold']:g}", _f(g["value"]), _ci(*g["ci"]) if g.get("ci") else "-",
              "**PASS**" if g["passed"] else "**FAIL**", g.get("detail", "")] for g in gates]
 
 
@@ -177,8 +178,9 @@ def _limitations(report: Mapping[str, Any]) -> list[str]:
     for attr, rep in (fair.get("attributes") or {}).items():
         if rep["small_groups"]:
             out.append(f"`{attr}`: groups below {fair.get('min_group_size')} rows "
-                       f"({', '.join(rep['small_groups'])}) are reported, not merged; their "
-                       f"estimates are unreliable (see the CIs).")
+                       f"({', '.join(rep['small_groups'])}) are reported but not gated: the "
+                       "gaps are computed over the other groups (their estimates are "
+                       "unreliable, see the CIs).")
         undefined = sorted(set(rep["tpr_undefined"]) | set(rep["fpr_undefined"]))
         if undefined:
             out.append(f"`{attr}`: {', '.join(undefined)} lack positives or negatives; their "
@@ -226,8 +228,18 @@ def _markdown(report: Mapping[str, Any], plots: Mapping[str, Path]) -> str:
     md += ["## Test metrics", ""]
     if report.get("threshold"):
         t = report["threshold"]
-        md += [f"Decision threshold {_f(t.get('value'))}, chosen on validation rows by "
-               f"{t.get('objective')}.", ""]
+        pp = (report.get("rule") or {}).get("postprocessor")
+        if pp:  # the labels the gates judged (and Serve gives) are the post-processed ones
+            md += [f"Decision rule (`rule.json`, what Serve and `jobs.predict` apply): "
+                   f"**mitigated**, group thresholds on `{pp['attribute']}` "
+                   f"({pp['constraint']}, Fairlearn ThresholdOptimizer fitted on validation "
+                   f"rows). The unmitigated threshold would be {_f(t.get('value'))} (chosen "
+                   f"on validation rows by {t.get('objective')}). Accuracy, F1 and the "
+                   "fairness tables are of the **mitigated** labels; AUC and the CV figures "
+                   "are threshold-free.", ""]
+        else:
+            md += [f"Decision rule: threshold {_f(t.get('value'))}, chosen on validation "
+                   f"rows by {t.get('objective')} (**unmitigated**).", ""]
     cis = test.get("ci") or {}
     md += _table(["metric", "value", "95% CI"],
                  [[f"`{k}`", _f(v), _ci(*cis[k]) if k in cis else "-"]
@@ -252,7 +264,8 @@ def _markdown(report: Mapping[str, Any], plots: Mapping[str, Path]) -> str:
     if fair.get("attributes"):
         md += ["## Fairness (test rows, thresholded predictions)", "",
                f"Bootstrap CIs ({fair.get('n_boot')} resamples, stratified by group). Groups "
-               f"under {fair.get('min_group_size')} rows are flagged *small*, never merged.", ""]
+               f"under {fair.get('min_group_size')} rows are flagged *small*: reported, never "
+               "merged, and left out of the gaps the gates compare.", ""]
         for attr, rep in fair["attributes"].items():
             md += [f"### `{attr}`", "",
                    *_table(["metric", "value", "95% CI"],
@@ -302,8 +315,8 @@ def _markdown(report: Mapping[str, Any], plots: Mapping[str, Path]) -> str:
 
     gates = report.get("gates") or []
     md += ["## Gates", "",
-           *_table(["gate", "metric", "on", "value", "op", "threshold", "95% CI", "result",
-                    "detail"], _gate_rows(gates)),
+           *_table(["gate", "metric", "compared", "op", "threshold", "point", "95% CI",
+                    "result", "detail"], _gate_rows(gates)),
            f"**Verdict: {'PASS' if ok else 'FAIL'}** "
            f"({sum(bool(g['passed']) for g in gates)}/{len(gates)} gates passed)", ""]
     md += ["## Limitations", "", *(f"- {x}" for x in _limitations(report)), ""]

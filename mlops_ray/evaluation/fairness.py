@@ -43,8 +43,9 @@ from mlops_ray.evaluation.stats import percentile_ci, resample_counts
 CONSTRAINTS = ("demographic_parity", "equalized_odds")
 SENSITIVE_AT_PREDICTION = (
     "ThresholdOptimizer applies a different threshold per group: the sensitive attribute must be "
-    "supplied with every prediction request, and predictions are randomised between two "
-    "thresholds per group (fixed seed here)."
+    "supplied with every prediction request, and a label is drawn between two thresholds per "
+    "group by a number derived from the row's probability (the decision rule, rule.json: the "
+    "same request always gets the same label, and Serve, jobs.predict and the gates use it alike)."
 )
 
 
@@ -150,6 +151,25 @@ def _attribute(y: np.ndarray, pred: np.ndarray, g: np.ndarray, min_group_size: i
     }
 
 
+def _gated(rep: dict[str, Any], y: np.ndarray, pred: np.ndarray, g: np.ndarray,
+           n_boot: int, seed: int, level: float) -> dict[str, Any]:
+    """The gaps the gates read: over the groups of at least min_group_size rows only (a rate
+    from a handful of rows would decide the gate); the small groups stay in the table."""
+    small = set(rep["small_groups"])
+    if not small:
+        return {**rep, "gated_groups": [gr["group"] for gr in rep["groups"]]}
+    keep = ~np.isin(g, list(small))
+    kept = sorted(set(g[keep].tolist()))
+    if len(kept) < 2:  # no comparison left: no evidence, and a gate on it fails
+        nan = {"value": float("nan"), "ci_low": float("nan"), "ci_high": float("nan")}
+        gaps = {"dp_diff": nan, "dp_ratio": nan, "eo_diff": nan}
+    else:
+        sub = _attribute(y[keep], pred[keep], g[keep], 0, n_boot, seed, level)
+        gaps = {k: sub[k] for k in ("dp_diff", "dp_ratio", "eo_diff")}
+    return {**rep, **gaps, "gated_groups": kept,
+            "note": f"gaps over groups of at least the minimum size; not gated: {sorted(small)}"}
+
+
 def fairness_report(y: np.ndarray, y_pred: np.ndarray, sensitive: pd.DataFrame | pd.Series,
                     min_group_size: int = 30, n_boot: int = 200, seed: int = 0,
                     level: float = 0.95) -> dict[str, Any]:
@@ -163,8 +183,9 @@ def fairness_report(y: np.ndarray, y_pred: np.ndarray, sensitive: pd.DataFrame |
     metrics: dict[str, float] = {}
     cis: dict[str, tuple[float, float]] = {}
     for i, attr in enumerate(frame.columns):
-        rep = _attribute(y, pred, group_labels(frame[attr].to_numpy()), min_group_size, n_boot,
-                         seed + i, level)
+        g = group_labels(frame[attr].to_numpy())
+        rep = _gated(_attribute(y, pred, g, min_group_size, n_boot, seed + i, level),
+                     y, pred, g, n_boot, seed + i, level)
         attributes[str(attr)] = rep
         for name in ("dp_diff", "dp_ratio", "eo_diff"):
             key, r = f"fair/{name}_{attr}", rep[name]

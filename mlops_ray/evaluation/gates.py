@@ -40,7 +40,8 @@ _RULE_KEYS = {"name", "metric", "op", "threshold", "on"}
 _CHAMPION_KEYS = {"name", "metric", "max_drop", "test", "alpha"}
 
 TEST_METRICS = ("auc", "pr_auc", "accuracy", "f1", "log_loss", "brier", "ece", "threshold")
-CV_METRICS = ("auc", "pr_auc", "accuracy", "log_loss", "brier")
+CV_METRICS = ("auc", "pr_auc", "accuracy", "log_loss", "brier",
+              "baseline_auc", "auc_vs_baseline")  # the last two: evaluation/baseline.py
 FAIR_METRICS = ("dp_diff", "dp_ratio", "eo_diff")
 
 
@@ -231,23 +232,36 @@ def passed(report: Mapping[str, Any]) -> bool:
     return verdict(report.get("gates") or [])
 
 
-def enforce(report: Mapping[str, Any]) -> None:
-    """Raise GateFailed naming the failed gates unless `passed(report)`."""
+def enforce(report: Mapping[str, Any], table: bool = False) -> None:
+    """Raise GateFailed naming the failed gates unless `passed(report)` (`table`: with the
+    verdict table, for callers that did not print it already)."""
     if not passed(report):
         gates = report.get("gates") or []
         raise GateFailed([g["name"] for g in gates if not g["passed"]] or ["(no gates)"],
-                         verdict_table(gates))
+                         verdict_table(gates) if table else "")
 
 
 def _fmt(x: float | None) -> str:
     return "n/a" if x is None or not math.isfinite(x) else f"{x:.4f}"
 
 
+def compared(r: Mapping[str, Any]) -> float:
+    """The number a gate result was judged on: its CI bound (on=ci_low / ci_high) or value."""
+    ci = r.get("ci")
+    if r.get("on") == "ci_low" and ci:
+        return float(ci[0])
+    if r.get("on") == "ci_high" and ci:
+        return float(ci[1])
+    return float(r["value"])
+
+
 def verdict_table(results: Iterable[GateResult | Mapping[str, Any]]) -> str:
     """The gate results as one screen of aligned text, ending with the overall verdict."""
     rows = [r.to_dict() if isinstance(r, GateResult) else dict(r) for r in results]
-    head = ["gate", "metric", "on", "value", "op", "threshold", "95% CI", "result"]
-    body = [[r["name"], r["metric"], r["on"], _fmt(r["value"]), r["op"], f"{r['threshold']:g}",
+    # "compared": the statistic the gate actually tests (a CI bound, or the point estimate)
+    head = ["gate", "metric", "compared", "op", "threshold", "point", "95% CI", "result"]
+    body = [[r["name"], r["metric"], f"{r['on']} {_fmt(compared(r))}", r["op"],
+             f"{r['threshold']:g}", _fmt(r["value"]),
              f"[{_fmt(r['ci'][0])}, {_fmt(r['ci'][1])}]" if r["ci"] else "-",
              "PASS" if r["passed"] else "FAIL"] for r in rows]
     widths = [max(len(str(c)) for c in col) for col in zip(head, *body)]

@@ -78,9 +78,10 @@ def load_served(folder: Path, ref: str) -> Any:
     meta = json.loads((folder / "meta.json").read_text())
     model = build_model(meta["model"], in_features=meta["in_features"])
     model.load_state_dict(torch.load(folder / "model.pt", map_location="cpu", weights_only=True))
+    from mlops_ray.artifacts.predictor import judged_rule
+    sig = json.loads((folder / "signature.json").read_text())
     return Predictor(model.eval(), Preprocessor.from_dict(json.loads(
-        (folder / "preprocessor.json").read_text())),
-        json.loads((folder / "signature.json").read_text()), {}, ref)
+        (folder / "preprocessor.json").read_text())), sig, {}, ref, judged_rule(folder, sig))
 
 
 # ------------------------------------------------------------------------------- example rows
@@ -149,6 +150,13 @@ def build_bundle(folder: str | Path, lineage: dict[str, Any], fmt: str, *,
     folder = Path(folder)
     ref = lineage.get("ref") or f"{lineage['model']}:{lineage['version']}"
     served = load_served(folder, ref)
+    if served.attribute:
+        from mlops_ray.errors import ExportError
+        raise ExportError(
+            f"{ref}: its judged decision rule includes a fairness post-processor (group "
+            f"thresholds on {served.attribute!r}); ONNX and TorchScript bundles implement a "
+            "plain threshold only, so the bundle would answer with another rule than the gates "
+            "judged. Serve it (jobs.serve) or score with jobs.predict, which apply the rule")
     pre, sig = served.pre, served.signature
     reference = served.reference or None
     examples = sample_rows(pre, reference, n_example, seed)
@@ -197,8 +205,7 @@ def build_bundle(folder: str | Path, lineage: dict[str, Any], fmt: str, *,
             f"# {ref}\n\nNo model card was registered with this version (it was not registered "
             "by `jobs.promote`). See MANIFEST.json for its lineage.\n").encode(),
     }
-    files["README.md"] = readme(fmt, lineage, sig, pre, parity, rows_doc["source"],
-                                (folder / "threshold_optimizer.pkl").exists()).encode()
+    files["README.md"] = readme(fmt, lineage, sig, pre, parity, rows_doc["source"]).encode()
     return Bundle(fmt, files, manifest(fmt, files, lineage, served.threshold, parity))
 
 
@@ -267,7 +274,7 @@ def manifest(fmt: str, files: dict[str, bytes], lineage: dict[str, Any], thresho
 
 
 def readme(fmt: str, lineage: dict[str, Any], sig: dict[str, Any], pre: Any,
-           parity: dict[str, Any], rows_source: str, has_mitigation: bool) -> str:
+           parity: dict[str, Any], rows_source: str) -> str:
     ref = lineage.get("ref")
     runtime = ("onnxruntime and numpy" if fmt == "onnx" else "torch")
     install = ("pip install onnxruntime numpy" if fmt == "onnx" else "pip install torch")
@@ -312,10 +319,6 @@ def readme(fmt: str, lineage: dict[str, Any], sig: dict[str, Any], pre: Any,
         "preprocessing (for reference: it is already inside the model)",
         "- `model_card.md`: the version's model card; `MANIFEST.json`: SHA-256 of every file, "
         "lineage (run, data version, content hash), export checks", ""]
-    if has_mitigation:
-        lines += ["Not included: the version's Fairlearn ThresholdOptimizer "
-                  "(`threshold_optimizer.pkl`); like Ray Serve, the bundle answers with the "
-                  "single decision threshold above.", ""]
     return "\n".join(lines)
 
 

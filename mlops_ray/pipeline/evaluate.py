@@ -28,6 +28,19 @@ def signing_key(job: EvaluateJob) -> bytes:
     return key_for(db_url(job.db.plain(), from_cfg(job.storage.plain())))
 
 
+def evaluation_inputs(job: EvaluateJob, rec: dict[str, Any]) -> dict[str, Any]:
+    """Everything a gate report depends on besides the run itself: a stored report is reused
+    only when every part is the same (needs_evaluation names the first that is not)."""
+    from mlops_ray.runtime import code_version
+    from mlops_ray.utils import stable_hash
+    code = code_version()
+    parts = {"threshold": job.threshold.plain(), "fairness": job.fairness.plain(),
+             "cv": job.cv.plain(), "gates": job.gates.plain(), "n_boot": job.n_boot,
+             "data_version": rec["dataset"]["version"],
+             "code_version": code.get("git_commit") or code.get("package")}
+    return {k: stable_hash(v) for k, v in parts.items()}
+
+
 def run_data(rec: dict[str, Any], run_job: TrainJob, storage: Any,
              prepared: Prepared | None = None) -> Prepared:
     """The run's own dataset, prepared as it was for training (reused when `prepared` is that
@@ -117,9 +130,17 @@ def run_evaluation(job: EvaluateJob, log: Any = print, prepared: Prepared | None
         raise ConfigError(f"fairness.mitigation_attribute={mit_attr!r}: not among the sensitive "
                           f"attributes {attrs}")
 
-    # 1. cross-validation
+    # 1. cross-validation, and a logistic-regression baseline on the same folds
+    from mlops_ray.evaluation import baseline
     folds = _folds(job, run_job, prepared, run_store, log)
     cv_summary = cvmod.summarise(folds)
+    base = baseline.baseline_folds(prepared, cvmod.fold_indices(prepared, job.cv.folds,
+                                                               run_job.seed), run_job.seed)
+    cv_summary.update(baseline.compare(folds, base))
+    log(f"cross-validation AUC {cv_summary['cv/auc_mean']:.4f} (baseline, logistic "
+        f"regression on the same folds: {cv_summary['cv/baseline_auc_mean']:.4f}; difference "
+        f"{cv_summary['cv/auc_vs_baseline_mean']:+.4f} [{cv_summary['cv/auc_vs_baseline_ci_low']:+.4f}, "
+        f"{cv_summary['cv/auc_vs_baseline_ci_high']:+.4f}])")
 
     # 2. held-out test at a threshold chosen on validation rows
     val_rows = prepared.frame.iloc[prepared.splits["val"]]
@@ -127,7 +148,7 @@ def run_evaluation(job: EvaluateJob, log: Any = print, prepared: Prepared | None
     y_val, y_test = prepared.labels(val_rows).astype(int), prepared.labels(test_rows).astype(int)
     candidate = load_run_model(rec, storage_cfg)  # loaded once: val, test and mitigation
     p_val, p_test = candidate(val_rows), candidate(test_rows)
-    thr = choose_threshold(y_val, p_val, job.threshold.objective)
+    thr = choose_threshold(y_val, p_val, job.threshold.objective, job.threshold.max_rate_ratio)
     test = binary_metrics(y_test, p_test, thr, prefix="test/")
     test_ci = {"test/auc": stats.bootstrap_ci(stats.roc_auc, y_test, p_test, n=job.n_boot,
                                               strata=y_test)}
@@ -137,11 +158,15 @@ def run_evaluation(job: EvaluateJob, log: Any = print, prepared: Prepared | None
     y_pred = (p_test >= thr).astype(int)
 
     # 3. fairness on test rows, after the configured post-processing mitigation
+    # the decision rule the gates judge, and every consumer of the version applies (rule.json)
+    from mlops_ray.artifacts import rule as rule_mod
+    decision = rule_mod.plain(thr)
     mitigation = None
     if fair_cfg.mitigation == "threshold":
         fitted = fairness.threshold_optimizer(candidate, val_rows, y_val, val_rows[mit_attr],
                                               constraint=fair_cfg.constraint, seed=cfg["seed"])
-        y_mit = fitted.predict(test_rows, sensitive_features=test_rows[mit_attr])
+        decision = rule_mod.from_fairlearn(fitted.optimizer, thr, mit_attr, fair_cfg.constraint)
+        y_mit = rule_mod.labels(decision, p_test, test_rows[mit_attr].tolist())
         mitigation = fairness.mitigation_summary(fitted, y_test, y_pred, y_mit,
                                                  test_rows[mit_attr])
         y_pred = y_mit
@@ -151,9 +176,6 @@ def run_evaluation(job: EvaluateJob, log: Any = print, prepared: Prepared | None
         test["test/f1"] = float(f1_score(y_test, y_pred, zero_division=0))
         test_ci["test/accuracy"] = stats.bootstrap_ci(lambda y, q: float((q == y).mean()), y_test,
                                                       y_pred, n=job.n_boot, strata=y_test)
-        import pickle
-        run_store.write_bytes(pickle.dumps(fitted), "eval", "threshold_optimizer.pkl")
-        mitigation["artifact"] = run_store.uri_of("eval", "threshold_optimizer.pkl")
     elif run_job.train.fairness_penalty.kind != "none":
         mitigation = {"name": "fairness_penalty", **run_job.train.fairness_penalty.plain(),
                       "requires_sensitive_at_prediction": False}
@@ -174,7 +196,7 @@ def run_evaluation(job: EvaluateJob, log: Any = print, prepared: Prepared | None
     metrics = {**cv_summary, **test, **fair["metrics"]}
     cis = {**{k: (v["ci_low"], v["ci_high"]) for k, v in test_ci.items()}, **fair["cis"]}
     cis.update({f"cv/{m}_mean": (cv_summary[f"cv/{m}_ci_low"], cv_summary[f"cv/{m}_ci_high"])
-                for m in ("auc", "pr_auc", "accuracy", "log_loss", "brier")})
+                for m in gmod.CV_METRICS})
     gate_spec_run = gate_spec if champion is not None else {"rules": rules}
     results = gmod.evaluate_gates(gate_spec_run, metrics, cis, champion)
     groups = {a: {str(k): int(v) for k, v in prepared.frame[a].astype(str).value_counts()
@@ -192,13 +214,18 @@ def run_evaluation(job: EvaluateJob, log: Any = print, prepared: Prepared | None
                  "positive_rate": {"all": rec["dataset"]["positive_rate"],
                                    "test": float(y_test.mean())}, "groups": groups},
         "config": {k: cfg[k] for k in ("model", "optim", "train", "scaling", "seed")},
-        "cv": {"k": job.cv.folds, "folds": folds, "summary": cv_summary},
+        "cv": {"k": job.cv.folds, "folds": folds, "summary": cv_summary,
+               "baseline": {"model": "logistic regression, same folds and preprocessing",
+                            "folds": base}},
         "test": {"metrics": test, "ci": {k: [v["ci_low"], v["ci_high"]]
                                         for k, v in test_ci.items()}},
         "threshold": {"objective": job.threshold.objective, "value": thr,
+                      "max_rate_ratio": job.threshold.max_rate_ratio,
                       "chosen_on": "validation rows"},
         "fairness": {k: v for k, v in fair.items() if k != "cis"},
         "mitigation": mitigation, "champion": champion,
+        "rule": decision, "rule_sha256": rule_mod.digest(decision),
+        "inputs": evaluation_inputs(job, rec),
         "gates": [r.to_dict() for r in results],
         "curves": card.downsample_curves(y_test, p_test),
     }
@@ -222,11 +249,18 @@ def _rule_key(rules: list[dict[str, Any]]) -> list[tuple]:
 
 
 def needs_evaluation(report: dict | None, rec: dict, champion_run: str | None,
-                     rules: list[dict[str, Any]], key: bytes) -> str | None:
-    """Why the run's stored gate report cannot be used (None: it can)."""
+                     rules: list[dict[str, Any]], key: bytes,
+                     inputs: dict[str, Any] | None = None) -> str | None:
+    """Why the run's stored gate report cannot be used (None: it can). `inputs`: this job's
+    evaluation_inputs."""
     from mlops_ray.registry.signing import verified
     if report is None:
         return "the run has no gate report"
+    if inputs is not None:
+        stored = report.get("inputs") or {}
+        changed = [k for k in inputs if stored.get(k) != inputs[k]]
+        if changed:
+            return f"it was evaluated with other {', '.join(changed)}"
     if not verified(report, key):
         return ("its gate report is not signed with the registry key (written by something "
                 "other than an evaluation holding it)")
@@ -256,7 +290,7 @@ def stored_report(job: EvaluateJob, rec: dict[str, Any], run_store: Any,
     attrs = job.fairness.attributes or rec["config"]["dataset"]["sensitive"]
     why = needs_evaluation(report, rec, champion_run,
                            expand_rules([r.plain() for r in job.gates.rules], attrs),
-                           signing_key(job))
+                           signing_key(job), evaluation_inputs(job, rec))
     if why is None and report is not None:
         report["report_uri"] = run_store.uri_of("eval", "gate_report.json")
         report["model_card"] = run_store.uri_of("eval", "model_card.md")

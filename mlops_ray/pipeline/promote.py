@@ -25,17 +25,26 @@ FILES = ("model.pt", "meta.json", "preprocessor.json", "signature.json", "refere
 
 
 def signature(pre: Any, dataset: dict[str, Any], threshold: float,
-              needs_sensitive: bool) -> dict[str, Any]:
-    """Input/output contract: what serving validates requests against."""
+              needs_sensitive: bool, decision: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Input/output contract: what serving validates requests against. The attribute the
+    decision rule's post-processor needs is required, with the groups it knows (closed: an
+    unknown group is a 4xx, never a guess)."""
     inputs = [{"name": c, "kind": "numeric", "datatype": "FP64", "required": True}
               for c in pre.numeric]
     inputs += [{"name": c, "kind": "categorical", "datatype": "BYTES", "required": True,
                 "categories": pre.categories[c]} for c in pre.categorical]
     used = {i["name"] for i in inputs}
+    pp = (decision or {}).get("postprocessor")
     optional = [{"name": c, "kind": "categorical", "datatype": "BYTES",
-                 "required": False, "role": "sensitive",
-                 "mitigation_needs_it": needs_sensitive}
+                 "required": bool(pp and pp["attribute"] == c), "role": "sensitive",
+                 "mitigation_needs_it": bool(pp and pp["attribute"] == c) or needs_sensitive,
+                 **({"categories": sorted(pp["groups"]), "closed": True}
+                    if pp and pp["attribute"] == c else {})}
                 for c in dataset["sensitive"] if c not in used]
+    if pp and pp["attribute"] in used:  # a post-processor on a model input: close its groups
+        for i in inputs:
+            if i["name"] == pp["attribute"]:
+                i.update(categories=sorted(pp["groups"]), closed=True)
     return {"inputs": inputs + optional,
             "outputs": [{"name": "probability", "datatype": "FP32", "shape": [-1]},
                         {"name": "label", "datatype": "INT64", "shape": [-1]}],
@@ -73,19 +82,18 @@ def version_files(job: PromoteJob, rec: dict[str, Any], report: dict[str, Any],
 
     def dumps(obj: Any) -> bytes:
         return json.dumps(obj, indent=1, sort_keys=True, default=float).encode()
+    from mlops_ray.artifacts import rule as rule_mod
+    decision = report.get("rule") or rule_mod.plain(report["threshold"]["value"])
     files.update({
+        "rule.json": dumps(decision),  # the rule the gates judged (hash in the signed report)
         "signature.json": dumps(signature(pre, cfg["dataset"], report["threshold"]["value"],
-                                          needs_sensitive)),
+                                          needs_sensitive, decision)),
         "reference.json": dumps(profile(train_rows, pre.numeric, cats, seed=cfg["seed"])),
         "config.json": dumps(cfg), "lineage.json": dumps(lineage),
         "gate_report.json": dumps({k: v for k, v in report.items() if k != "curves"}),
     })
     card = resolve(report["model_card"].rsplit("/", 1)[0], storage.endpoint_url, storage.region)
     files["model_card.md"] = card.read_bytes("model_card.md")
-    if mitigation.get("artifact"):
-        src = resolve(mitigation["artifact"].rsplit("/", 1)[0], storage.endpoint_url,
-                      storage.region)
-        files["threshold_optimizer.pkl"] = src.read_bytes("threshold_optimizer.pkl")
     return files
 
 

@@ -125,8 +125,12 @@ def deploy(ctx: Context) -> dict[str, Any]:
                                 log=lambda m: ctx.log(f"   {m}"))
         else:
             rollout.serve_alias(sj, ctx.reg, "production", log=lambda m: ctx.log(f"   {m}"))
-        return {"endpoint": sj.endpoint(), "app": sj.app_name, "version": prod.ref,
-                "dashboard": facts["dashboard_url"], "ray_address": facts["address"]}
+        direct = control.direct_endpoint(sj)
+        if direct:
+            e["output"] += f" (direct, no proxy hop: {direct}/predict)"
+        return {"endpoint": sj.endpoint(), "direct_endpoint": direct, "app": sj.app_name,
+                "version": prod.ref, "dashboard": facts["dashboard_url"],
+                "ray_address": facts["address"]}
 
 
 def held_out_records(prepared: Any, signature: dict[str, Any], n: int) -> tuple[list[dict], Any]:
@@ -178,8 +182,11 @@ def smoke(ctx: Context) -> dict[str, Any]:
         prod, folder = ctx.reg.fetch(f"{ctx.model}@production")
         sig = json.loads((folder / "signature.json").read_text())
         records, rows = held_out_records(ctx.prepared, sig, ctx.job.smoke.rows)
-        expected = Predictor.load(folder, prod.ref).predict_proba(rows)
-        url, got, chunk = f"{sj.endpoint()}/predict", [], sj.serve.limits.max_rows
+        # what the gates judged: the version's probabilities and its decision rule's labels
+        expected, expected_y = Predictor.load(folder, prod.ref).predict(rows)
+        from mlops_ray.serving.control import direct_endpoint
+        base = direct_endpoint(sj, timeout=5) or sj.endpoint()  # the path clients should use
+        url, got, got_y, chunk = f"{base}/predict", [], [], sj.serve.limits.max_rows
         headers = {}
         if keys := api_keys(sj.serve.auth):
             headers["Authorization"] = f"Bearer {keys[0]}"
@@ -194,10 +201,15 @@ def smoke(ctx: Context) -> dict[str, Any]:
                 raise SmokeFailed(f"smoke test: answered by version {body['version']}, "
                                   f"production is {prod.ref}")
             got += body["probabilities"]
+            got_y += body["labels"]
         diff = float(np.max(np.abs(np.asarray(got) - expected))) if got else 0.0
         if diff > 1e-5:
             raise SmokeFailed(f"smoke test: served probabilities differ from {prod.ref} "
                               f"computed offline by up to {diff:.2g}")
+        flipped = int((np.asarray(got_y) != expected_y).sum())
+        if flipped:
+            raise SmokeFailed(f"smoke test: {flipped} served label(s) differ from {prod.ref}'s "
+                              "judged decision rule")
         ms = (time.perf_counter() - t0) * 1000
         e["output"] = f"{len(got)} held-out rows, max |diff| {diff:.1g}, {ms:.0f} ms"
         return {"rows": len(got), "max_abs_diff": diff, "ms": round(ms, 1)}

@@ -73,7 +73,8 @@ class Scorer:
     def __call__(self, batch: pa.Table) -> pa.Table:
         n = batch.num_rows
         df = batch.select(self.features).to_pandas()
-        p = self.predictor.predict_proba(df) if n else np.zeros(0)
+        # probabilities and labels by the version's judged decision rule
+        p, y = self.predictor.predict(df) if n else (np.zeros(0), np.zeros(0, np.int64))
         stats = batch_counts(df, self.predictor.reference, self.drift_numeric,
                              self.drift_categorical)
         now = memory()
@@ -85,7 +86,7 @@ class Scorer:
         return pa.table({
             **ids,
             "probability": pa.array(p, pa.float64()),
-            "label": pa.array((p >= self.predictor.threshold).astype(np.int64)),
+            "label": pa.array(np.asarray(y, np.int64)),
             "model": _constant(self.ref, n),
             "content_hash": _constant(self.content_hash, n),
             STATS: pa.array([json.dumps(stats)] + [None] * (n - 1), pa.string())

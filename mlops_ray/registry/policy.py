@@ -131,3 +131,31 @@ class Policy:
 
     def describe(self, who: str) -> dict[str, Any]:
         return {"identity": who, "role": self.role_of(who), "policy": self.source}
+
+
+def stored_policy(conn: Any, given: Policy, actor: str | None, key: bytes) -> Policy:
+    """The policy in force: the one stored in the registry's database (inside the caller's
+    locked transaction). A job naming a policy file installs it into a registry that has none;
+    naming none, or another one, changes nothing."""
+    import sqlalchemy as sa
+
+    from mlops_ray.registry import audit
+    from mlops_ray.registry import schema as S
+    row = conn.execute(sa.select(S.policy)).first()
+    if row is None:
+        if given.is_default:
+            return given
+        who = actor or given.identity()
+        conn.execute(S.policy.insert().values(id=1, text=given.text(), sha256=given.digest(),
+                                              set_by=who, set_at=audit.now()))
+        audit.append(conn, key, who, "policy_set",
+                     details={"sha256": given.digest(), "source": given.source})
+        return given
+    stored = Policy.parse(row.text, f"stored in the registry (sha256 {row.sha256[:12]}, set by "
+                                    f"{row.set_by})")
+    if not given.is_default and given.digest() != row.sha256:
+        raise PermissionDenied(
+            f"registry.policy={given.source}: this registry's policy is stored in its database "
+            f"(set by {row.set_by} at {row.set_at}) and differs; an admin changes it with "
+            "`python -m jobs.registry policy set FILE`")
+    return stored

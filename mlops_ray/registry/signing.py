@@ -76,3 +76,20 @@ def verified(obj: dict[str, Any] | None, key: bytes) -> bool:
     if not isinstance(obj, dict) or not isinstance(obj.get("signature"), dict):
         return False
     return hmac.compare_digest(str(obj["signature"].get("mac", "")), mac(key, _body(obj)))
+
+
+def verdict(files: dict[str, bytes], meta: dict[str, Any], key: bytes) -> tuple[bool, Any, str]:
+    """(gates passed, champion run, why not trusted) of a version from its own gate report:
+    only a report signed with the registry's key, about this very run, counts; what the
+    registering caller claims (meta) does not."""
+    try:
+        report = json.loads(files.get("gate_report.json") or b"null")
+    except ValueError:
+        report = None
+    if not verified(report, key):
+        return False, None, "no gate report signed with the registry key"
+    lin = report.get("lineage") or {}
+    if (lin.get("run"), lin.get("data_version"), lin.get("config_hash")) != (
+            meta.get("run_uri"), meta.get("data_version"), meta.get("config_hash")):
+        return False, None, "the signed gate report is about another run, data or config"
+    return bool(report.get("passed")), (report.get("champion") or {}).get("run"), ""

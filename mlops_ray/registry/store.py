@@ -22,7 +22,7 @@ import sqlalchemy as sa
 from mlops_ray.errors import PermissionDenied, RegistryConflict, RegistryError, UnsafeArtifact
 from mlops_ray.registry import artifact, audit, signing
 from mlops_ray.registry import schema as S
-from mlops_ray.registry.policy import Policy
+from mlops_ray.registry.policy import Policy, stored_policy
 from mlops_ray.storage import Storage
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -120,32 +120,10 @@ class Registry:
         try:
             with self._write() as conn:
                 S.migrate(conn)
-                self.policy = self._stored_policy(conn, given, actor)
+                self.policy = stored_policy(conn, given, actor, self.key)
         except sa.exc.OperationalError as e:
             raise RegistryError(f"registry database {url.split('@')[-1]}: {e.orig}") from None
         self.actor = actor or self.policy.identity()
-
-    def _stored_policy(self, conn: sa.Connection, given: Policy, actor: str | None) -> Policy:
-        """The policy in force: the one stored in the registry. A job naming a policy file
-        installs it into a registry that has none; naming none (or another) changes nothing."""
-        row = conn.execute(sa.select(S.policy)).first()
-        if row is None:
-            if given.is_default:
-                return given
-            who = actor or given.identity()
-            conn.execute(S.policy.insert().values(id=1, text=given.text(), sha256=given.digest(),
-                                                  set_by=who, set_at=audit.now()))
-            audit.append(conn, self.key, who, "policy_set",
-                         details={"sha256": given.digest(), "source": given.source})
-            return given
-        stored = Policy.parse(row.text, f"stored in the registry (sha256 {row.sha256[:12]}, set "
-                                        f"by {row.set_by})")
-        if not given.is_default and given.digest() != row.sha256:
-            raise PermissionDenied(
-                f"registry.policy={given.source}: this registry's policy is stored in its "
-                f"database (set by {row.set_by} at {row.set_at}) and differs; an admin changes "
-                "it with `python -m jobs.registry policy set FILE`")
-        return stored
 
     def set_policy(self, new: Policy, reason: str | None = None) -> None:
         """Replace the stored policy (an admin under the policy in force)."""
@@ -231,6 +209,15 @@ class Registry:
     def get(self, ref: str) -> Version:
         model, alias, version = parse_ref(ref)
         with self.engine.connect() as conn:
+            if conn.execute(sa.select(S.versions.c.model).where(S.versions.c.model == model)
+                            .limit(1)).first() is None:
+                import difflib
+                names = sorted(conn.execute(sa.select(S.versions.c.model).distinct())
+                               .scalars().all())
+                near = difflib.get_close_matches(model, names, n=1)
+                raise RegistryError(f"{ref}: no model '{model}' is registered" + (
+                    f" (did you mean '{near[0]}'?)" if near else "")
+                    + f"; models: {names or 'none'}")
             if alias is not None:
                 version = conn.execute(sa.select(S.aliases.c.version).where(
                     S.aliases.c.model == model, S.aliases.c.alias == alias)).scalar()
@@ -285,22 +272,6 @@ class Registry:
         return v, artifact.fetch(v.artifact_uri, v.content_hash, self.storage)
 
     # ---------------------------------------------------------------- writes
-    def _verdict(self, files: dict[str, bytes], meta: dict[str, Any]) -> tuple[bool, Any, str]:
-        """(gates passed, champion run, why not trusted) from the version's own gate report:
-        only a report signed with the registry key, about this very run, counts; what the
-        caller claims (meta) does not."""
-        try:
-            report = json.loads(files.get("gate_report.json") or b"null")
-        except ValueError:
-            report = None
-        if not signing.verified(report, self.key):
-            return False, None, "no gate report signed with the registry key"
-        lin = report.get("lineage") or {}
-        if (lin.get("run"), lin.get("data_version"), lin.get("config_hash")) != (
-                meta.get("run_uri"), meta.get("data_version"), meta.get("config_hash")):
-            return False, None, "the signed gate report is about another run, data or config"
-        return bool(report.get("passed")), (report.get("champion") or {}).get("run"), ""
-
     def register(self, model: str, files: dict[str, bytes], meta: dict[str, Any]) -> Version:
         """A new immutable version (or the existing one with identical content). Its gate
         verdict is read from its signed gate report, never taken from the caller; a model spec
@@ -318,7 +289,7 @@ class Registry:
                 self._append(conn, "register", "refused", model=model,
                              details={"refused": why, "run": meta.get("run_uri")})
             raise UnsafeArtifact(f"{model}: not registered: {why}")
-        passed, champion_run, distrust = self._verdict(files, meta)
+        passed, champion_run, distrust = signing.verdict(files, meta, self.key)
         digest, uri = artifact.write(self.storage, model, files)  # complete before the row
         with self._write() as conn:
             row = conn.execute(sa.select(S.versions).where(

@@ -21,7 +21,7 @@ from ray import serve
 from mlops_ray.serving import rest
 from mlops_ray.serving.faults import maybe_fail
 from mlops_ray.serving.grpc import GrpcRoutes
-from mlops_ray.serving.rest import FeedbackRequest, InferRequest, PredictRequest, api, body_doc
+from mlops_ray.serving.rest import api
 from mlops_ray.serving.router import fetch
 
 
@@ -96,15 +96,15 @@ class Ingress(GrpcRoutes):
     def model_ready(self, name: str, request: Request) -> Any:
         return rest.model_ready(self, name, request)
 
-    @api.post("/v2/models/{name}/infer", openapi_extra=body_doc(InferRequest))
+    @api.post("/v2/models/{name}/infer")
     async def infer(self, name: str, request: Request) -> Any:
         return await rest.infer(self, name, request)
 
-    @api.post("/predict", openapi_extra=body_doc(PredictRequest))
+    @api.post("/predict")
     async def predict(self, request: Request) -> Any:
         return await rest.predict(self, request)
 
-    @api.post("/feedback", openapi_extra=body_doc(FeedbackRequest))
+    @api.post("/feedback")
     async def feedback(self, request: Request) -> Any:
         return await rest.feedback(self, request)
 
@@ -117,12 +117,12 @@ class Ingress(GrpcRoutes):
         return rest.docs(self, request)
 
     @api.get("/admin/stats")
-    def admin_stats(self, request: Request) -> Any:
-        return rest.admin_stats(self, request)
+    async def admin_stats(self, request: Request) -> Any:
+        return await rest.admin_stats(self, request)
 
     @api.get("/admin/drift")
-    def admin_drift(self, request: Request) -> Any:
-        return rest.admin_drift(self, request)
+    async def admin_drift(self, request: Request) -> Any:
+        return await rest.admin_drift(self, request)
 
 
 def build_app(args: dict[str, Any]) -> Any:

@@ -7,6 +7,7 @@ rollbacks are rollout.py's; every traffic change is appended to the registry's a
 """
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,8 @@ def ingress_config(sj: ServeJob) -> dict[str, Any]:
             "admin_keys_env": s.auth.admin_keys_env,
             "feedback_keys_env": s.auth.feedback_keys_env,
             # a replica off loopback refuses to start open (a Serve config on a cluster too)
-            "require_keys": not s.host.startswith(LOOPBACK) and not s.auth.allow_anonymous}
+            "require_keys": not s.host.startswith(LOOPBACK) and not s.auth.allow_anonymous,
+            "app_name": sj.app_name, "push_interval_s": s.live.push_interval_s}
 
 
 def deployment_options(s: ServeCfg, part: str) -> dict[str, Any]:
@@ -59,6 +61,9 @@ def start(sj: ServeJob) -> dict[str, Any]:
     from mlops_ray.runtime import ensure_ray
     from mlops_ray.serving.auth import check_bind
     check_bind(sj.serve.host, sj.serve.auth)  # off loopback: keys, or an explicit opt-out
+    if sj.serve.direct_ingress and not sj.ray.address:
+        # read by the Serve controller and replicas of the local Ray started below
+        os.environ.setdefault("RAY_SERVE_ENABLE_DIRECT_INGRESS", "1")
     facts = ensure_ray(sj.ray.plain())
     s = sj.serve
     kw: dict[str, Any] = {"http_options": {"host": s.host, "port": s.port},
@@ -68,6 +73,38 @@ def start(sj: ServeJob) -> dict[str, Any]:
                               "grpc_servicer_functions": s.grpc.servicer_functions}
     serve.start(**kw)
     return facts
+
+
+def direct_endpoints(sj: ServeJob, timeout: float = 30, replicas: int = 1) -> list[str]:
+    """URLs (route prefix included) of the ingress replicas answering by themselves (direct
+    ingress), once `replicas` of them do; [] where the cluster runs without it."""
+    import ray
+    from ray.serve.context import _get_global_client
+    deadline = time.monotonic() + timeout
+    while True:
+        try:  # Serve's controller knows the replica ports it handed out
+            client: Any = _get_global_client()
+            groups = ray.get(client._controller.get_target_groups.remote(sj.app_name),
+                             timeout=10)
+        except Exception:  # noqa: BLE001 - no controller, an older Serve: no direct path
+            return []
+        urls = sorted(f"http://{t.ip}:{t.port}{sj.serve.route_prefix.rstrip('/')}"
+                      for g in groups
+                      if str(getattr(g.protocol, "value", g.protocol)).upper() == "HTTP"
+                      and g.app_name == sj.app_name for t in g.targets
+                      if t.port != sj.serve.port)
+        if len(urls) >= replicas:
+            return urls
+        if os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS") != "1" or \
+                time.monotonic() > deadline:
+            return urls
+        time.sleep(0.2)
+
+
+def direct_endpoint(sj: ServeJob, timeout: float = 30) -> str | None:
+    """The URL of an ingress replica answering by itself, or None (see direct_endpoints)."""
+    urls = direct_endpoints(sj, timeout)
+    return urls[0] if urls else None
 
 
 def wait_ready(app: str, timeout: float) -> None:
@@ -156,24 +193,49 @@ def export_config(sj: ServeJob, reg: Registry) -> dict[str, Any]:
     return config
 
 
-def _ingress(sj: ServeJob) -> Any:
+_LOOP: Any = None
+
+
+def _call(sj: ServeJob, method: str) -> Any:
+    """`Ingress.<method>()` through a Serve handle, awaited on one event loop of this process
+    (a daemon thread): handles then work under Ray's throughput settings too
+    (RAY_SERVE_THROUGHPUT_OPTIMIZED runs a handle's router in the caller's loop, which a
+    blocking `.result()` from synchronous code does not have)."""
+    import asyncio
+    import threading
+
     from ray import serve
-    return serve.get_deployment_handle("Ingress", sj.app_name)
+    global _LOOP
+    if _LOOP is None:
+        _LOOP = asyncio.new_event_loop()
+        threading.Thread(target=_LOOP.run_forever, name="serve-handles", daemon=True).start()
+
+    async def go() -> Any:
+        return await getattr(serve.get_deployment_handle("Ingress", sj.app_name), method).remote()
+    return asyncio.run_coroutine_threadsafe(go(), _LOOP).result()
 
 
 def current_routing(sj: ServeJob) -> dict[str, Any] | None:
     from ray import serve
     if sj.app_name not in serve.status().applications:
         return None
-    return _ingress(sj).routing_state.remote().result()
+    return _call(sj, "routing_state")
 
 
 def stats(sj: ServeJob) -> dict[str, Any]:
-    return _ingress(sj).stats.remote().result()
+    """The app's statistics over all its ingress replicas (its hub, hub.py)."""
+    return _call(sj, "stats")
 
 
 def drift(sj: ServeJob) -> dict[str, Any]:
-    return _ingress(sj).drift_table.remote().result()
+    return _call(sj, "drift_table")
+
+
+def reset_hub(sj: ServeJob) -> None:
+    """A new live hub for an app deployed anew (no statistics of an earlier app by its name)."""
+    from mlops_ray.serving.hub import hub_for
+    s = sj.serve
+    hub_for(sj.app_name, sj.model, s.drift.plain(), s.feedback.plain(), fresh=True)
 
 
 def set_routing(sj: ServeJob, routing: dict[str, Any]) -> None:

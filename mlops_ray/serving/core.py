@@ -19,7 +19,7 @@ from mlops_ray.config.serve import CacheCfg, DriftCfg, FeedbackCfg, LimitsCfg
 from mlops_ray.errors import RequestInvalid
 from mlops_ray.serving.auth import HEALTH, env_keys, key_ok
 from mlops_ray.serving.cache import TTLCache, key_of
-from mlops_ray.serving.live import LiveState, ServeMetrics
+from mlops_ray.serving.live import ServeMetrics, compare_shadow, pending_entry
 from mlops_ray.serving.router import Arm, Router
 from mlops_ray.serving.schema import validate_records
 
@@ -40,6 +40,8 @@ class IngressCfg(Strict):
     admin_keys_env: str | None = None
     feedback_keys_env: str | None = None
     require_keys: bool = False  # bound off loopback without allow_anonymous
+    app_name: str | None = None  # the Serve app: names its hub (hub.py)
+    push_interval_s: float = 0.25  # how often the replica pushes to the hub
 
 
 class IngressCore:
@@ -62,8 +64,12 @@ class IngressCore:
             if c.cache.enabled else None
         self.router = Router(c.storage.plain(), inline=c.mode == "inline")
         self.metrics = ServeMetrics(self.name)
-        self.live = LiveState(self.name, c.drift.plain(), c.feedback.plain(), self.metrics)
-        self._drift_task: asyncio.Task | None = None
+        # what this replica saw, pushed to the app's hub (hub.py) every push_interval_s
+        self.replica = uuid.uuid4().hex[:12]
+        self.outbox: dict[str, Any] = {"versions": {}, "answers": [], "rows": {}}
+        self.shadow = {"compared": 0, "label_disagreements": 0, "abs_diff_sum": 0.0}
+        self.hub: Any = None
+        self._push_task: asyncio.Task | None = None
 
     # --- routing state (user_config) -------------------------------------------------------
     def reconfigure(self, routing: dict[str, Any]) -> None:
@@ -77,27 +83,64 @@ class IngressCore:
                       self.router.load_error)
             return
         for ref, (_, folder) in loaded.items():
-            self.live.add_version(ref, json.loads((folder / "reference.json").read_text()))
+            self.outbox["versions"][ref] = json.loads((folder / "reference.json").read_text())
         self.router.apply(routing, loaded)
 
     def routing_state(self) -> dict[str, Any]:
         return self.router.state()
 
-    def stats(self) -> dict[str, Any]:
-        from scipy.stats import ks_2samp
-        arms = {r: a.summary() for r, a in self.router.arms.items()}
-        stable = next((a for a in self.router.arms.values() if a.spec["role"] == "stable"), None)
-        for ref, a in self.router.arms.items():  # is an arm's prediction distribution another?
-            if a is not stable and stable is not None and min(len(a.probs),
-                                                              len(stable.probs)) >= 20:
-                arms[ref]["shift_p"] = float(ks_2samp(a.probs, stable.probs).pvalue)
-        return {"routing": self.router.routing, "arms": arms, "pid": os.getpid(),
-                "shadow": dict(self.live.shadow),
-                "cache": self.cache.stats() if self.cache else None,
-                "feedback": self.live.live_quality()}
+    # --- the app's hub: statistics, drift, feedback across every replica ----------------------
+    def _hub(self) -> Any:
+        if self.hub is None:
+            from mlops_ray.serving.hub import hub_for
+            c = self.cfg
+            self.hub = hub_for(c.app_name or c.model_name, c.model_name, c.drift.plain(),
+                               c.feedback.plain())
+        return self.hub
 
-    def drift_table(self) -> dict[str, Any]:
-        return self.live.drift_table(set(self.router.arms))
+    def snapshot(self) -> dict[str, Any]:
+        """This replica's cumulative counters and what it saw since its last push."""
+        snap = {"arms": {r: a.snapshot() for r, a in self.router.arms.items()},
+                "routing": self.router.routing, "pid": os.getpid(),
+                "shadow": dict(self.shadow), "cache": self.cache.stats() if self.cache else None,
+                **self.outbox}
+        self.outbox = {"versions": {}, "answers": [], "rows": {}}
+        return snap
+
+    async def _push_loop(self) -> None:
+        while True:
+            await asyncio.sleep(float(self.cfg.push_interval_s))
+            snap = self.snapshot()
+            try:
+                await self._hub().push.remote(self.replica, snap)
+            except Exception as e:  # noqa: BLE001 - the hub restarts; serving goes on
+                log.warning("push to the live hub failed: %s", e)
+                self.hub = None
+                self.outbox["versions"].update(snap["versions"])  # re-sent to a new hub
+
+    def _ensure_push(self) -> None:
+        if self._push_task is None:  # started inside Serve's event loop
+            self._push_task = asyncio.get_running_loop().create_task(self._push_loop())
+
+    async def stats(self) -> dict[str, Any]:
+        """The app's statistics over all its replicas (this one's pushed first)."""
+        self._ensure_push()
+        await self._hub().push.remote(self.replica, self.snapshot())
+        return await self._hub().stats.remote()
+
+    async def drift_table(self) -> dict[str, Any]:
+        self._ensure_push()
+        await self._hub().push.remote(self.replica, self.snapshot())
+        return await self._hub().drift_table.remote()
+
+    async def feedback(self, raw: Any) -> int:
+        """Labels of an answered request, whichever replica answered it (through the hub)."""
+        self._ensure_push()
+        await self._hub().push.remote(self.replica, self.snapshot())
+        out = await self._hub().feedback.remote(raw)
+        if "accepted" not in out:
+            raise RequestInvalid(out["problems"], out["status"])
+        return int(out["accepted"])
 
     # --- requests ------------------------------------------------------------------------------
     def _auth(self, request: Request, scope: str = "api") -> JSONResponse | None:
@@ -171,9 +214,7 @@ class IngressCore:
 
     async def _predict(self, request: Request | None, records_in: Any, endpoint: str
                        ) -> tuple[Arm, dict[str, Any], str]:
-        if self._drift_task is None:  # started with the first request, inside Serve's loop
-            self._drift_task = asyncio.get_running_loop().create_task(
-                self.live.drift_loop(lambda: set(self.router.arms)))
+        self._ensure_push()
         ab = request.headers.get("x-ab-key") if request is not None else None
         arm, shadow = self.router.choose(ab, records_in if isinstance(records_in, list)
                                          else [{}])
@@ -199,13 +240,17 @@ class IngressCore:
             if self.cache:
                 self.cache.put(key, result)
             arm.answered(time.perf_counter() - t0, len(records), result["probabilities"])
-            self.live.drift[ref].add(records)
+            rows = self.outbox["rows"].setdefault(ref, [])
+            if len(rows) < int(self.cfg.drift.window):  # more would not fit the window anyway
+                rows.extend(records)
         self.metrics.requests.inc(tags={**tags, "endpoint": endpoint})
         self.metrics.latency.observe((time.perf_counter() - t0) * 1000, tags=tags)
         for p in result["probabilities"]:
             self.metrics.prob.observe(p, tags=tags)
         rid = uuid.uuid4().hex
-        self.live.remember(rid, ref, self.router.sigs[ref], records, result)
+        if len(self.outbox["answers"]) < int(self.cfg.feedback.max_pending):
+            self.outbox["answers"].append((rid, pending_entry(ref, self.router.sigs[ref],
+                                                              records, result)))
         if shadow is not None:
             asyncio.get_running_loop().create_task(self._shadow(shadow, records, result))
         return arm, result, rid
@@ -221,4 +266,4 @@ class IngressCore:
             log.warning("shadow %s failed: %s", arm.ref, e)
             return
         arm.answered(time.perf_counter() - t0, len(records), got["probabilities"])
-        self.live.compare_shadow(got, answer)
+        compare_shadow(self.shadow, got, answer)

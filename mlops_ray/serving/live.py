@@ -1,7 +1,7 @@
 """Live state of the served versions: the Ray metrics the ingress publishes, drift windows
 against each version's training reference (checked off the request path, alerting by log,
 gauge and webhook), delayed-label feedback for live AUC and group gaps, and the shadow
-comparisons. One ingress replica's view (several replicas each hold their share)."""
+comparisons. Kept by the app's hub (hub.py), which every ingress replica feeds."""
 from __future__ import annotations
 
 import asyncio
@@ -29,6 +29,22 @@ def _post(url: str, payload: dict[str, Any]) -> None:
         urllib.request.urlopen(req, timeout=5).read()  # nosec B310
     except OSError as e:
         log.warning("drift webhook %s failed: %s", url, e)
+
+
+def pending_entry(ref: str, sig: dict[str, Any], records: list[dict], result: dict
+                  ) -> dict[str, Any]:
+    """What a request's labels are joined with later: its answer and its sensitive groups."""
+    attrs = [f["name"] for f in sig["inputs"] if f.get("role") == "sensitive"]
+    return {"ref": ref, "p": result["probabilities"], "y_pred": result["labels"],
+            "groups": {a: [r.get(a) for r in records] for a in attrs}}
+
+
+def compare_shadow(s: dict[str, Any], got: dict, answer: dict) -> None:
+    """Count a shadow answer against the one the client got."""
+    s["compared"] += len(got["labels"])
+    s["label_disagreements"] += sum(a != b for a, b in zip(got["labels"], answer["labels"]))
+    s["abs_diff_sum"] += float(np.abs(np.subtract(got["probabilities"],
+                                                  answer["probabilities"])).sum())
 
 
 class ServeMetrics:
@@ -71,31 +87,20 @@ class LiveState:
         self.pending_rows = 0
         self.labelled: dict[str, dict[str, deque]] = {}  # ref -> feedback windows
         self.alerted: set[str] = set()
-        self.shadow = {"compared": 0, "label_disagreements": 0, "abs_diff_sum": 0.0}
 
     def add_version(self, ref: str, reference: dict[str, Any]) -> None:
         from mlops_ray.evaluation.drift import DriftMonitor
         self.drift[ref] = DriftMonitor(reference, self.drift_cfg)
 
     # --- requests ---------------------------------------------------------------------------
-    def remember(self, rid: str, ref: str, sig: dict[str, Any], records: list[dict],
-                 result: dict) -> None:
-        """Keep a request's answer (and its sensitive groups) until its labels arrive."""
-        attrs = [f["name"] for f in sig["inputs"] if f.get("role") == "sensitive"]
-        self.pending[rid] = {"ref": ref, "p": result["probabilities"], "y_pred": result["labels"],
-                             "groups": {a: [r.get(a) for r in records] for a in attrs}}
-        self.pending_rows += len(records)
+    def remember(self, rid: str, entry: dict[str, Any]) -> None:
+        """Keep a request's answer (`pending_entry`) until its labels arrive."""
+        self.pending[rid] = entry
+        self.pending_rows += len(entry["p"])
         # bounded in requests and rows: the oldest unanswered ones go first
         while len(self.pending) > int(self.feedback_cfg["max_pending"]) or \
                 self.pending_rows > int(self.feedback_cfg.get("max_pending_rows", 200000)):
             self.pending_rows -= len(self.pending.popitem(last=False)[1]["p"])
-
-    def compare_shadow(self, got: dict, answer: dict) -> None:
-        s = self.shadow
-        s["compared"] += len(got["labels"])
-        s["label_disagreements"] += sum(a != b for a, b in zip(got["labels"], answer["labels"]))
-        s["abs_diff_sum"] += float(np.abs(np.subtract(got["probabilities"],
-                                                      answer["probabilities"])).sum())
 
     # --- feedback -----------------------------------------------------------------------------
     def feedback(self, raw: Any) -> int:

@@ -8,7 +8,6 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
 
 from mlops_ray.errors import RequestInvalid
 from mlops_ray.serving.core import IngressCore
@@ -20,34 +19,6 @@ api = FastAPI(title="mlops_ray model server", docs_url=None, redoc_url=None, ope
                           "Protocol v2. Non-health endpoints need `Authorization: Bearer <key>` "
                           "when keys are configured: predictions the API key, /feedback the "
                           "feedback key, /admin/* the admin key.")
-
-
-def body_doc(model: type[BaseModel]) -> dict[str, Any]:
-    """OpenAPI request body from a pydantic model, for the docs only: the handlers read the raw
-    body once and validate it against the version's signature (no second parse by FastAPI)."""
-    return {"requestBody": {"required": True, "content": {
-        "application/json": {"schema": model.model_json_schema(ref_template="#/$defs/{model}")}}}}
-
-
-class PredictRequest(BaseModel):
-    records: list[dict[str, Any]] = Field(..., description="one object per row: column -> value")
-
-
-class Tensor(BaseModel):
-    name: str
-    shape: list[int]
-    datatype: str
-    data: list[Any]
-
-
-class InferRequest(BaseModel):
-    id: str | None = None
-    inputs: list[Tensor]
-
-
-class FeedbackRequest(BaseModel):
-    request_id: str
-    labels: list[int] = Field(..., description="true labels (0/1) of the request's rows")
 
 
 # The handlers of the REST routes, over the ingress core. The routes themselves are declared on
@@ -89,6 +60,8 @@ async def infer(ing: IngressCore, name: str, request: Request) -> Any:
         return denied
     try:
         raw = await ing._body(request)
+        if isinstance(raw, dict) and "id" in raw and not isinstance(raw["id"], str):
+            raise RequestInvalid(["id: must be a string"])
         arm = ing.router.stable()
         records = oip_to_records(raw, ing.router.sigs[arm.ref], int(ing.cfg.limits.max_rows))
         arm, res, rid = await ing._predict(request, records, "infer")
@@ -121,23 +94,28 @@ async def feedback(ing: IngressCore, request: Request) -> Any:
     if (denied := ing._auth(request, "feedback")) or (denied := ing._rate_limited(request)):
         return denied
     try:
-        accepted = ing.live.feedback(await ing._body(request))
+        accepted = await ing.feedback(await ing._body(request))
     except Exception as e:  # noqa: BLE001
         return ing._error(e)
     return {"accepted": accepted}
 
 
-def admin_stats(ing: IngressCore, request: Request) -> Any:
-    return ing._auth(request, "admin") or ing.stats()
+async def admin_stats(ing: IngressCore, request: Request) -> Any:
+    return ing._auth(request, "admin") or await ing.stats()
 
 
-def admin_drift(ing: IngressCore, request: Request) -> Any:
-    return ing._auth(request, "admin") or ing.drift_table()
+async def admin_drift(ing: IngressCore, request: Request) -> Any:
+    return ing._auth(request, "admin") or await ing.drift_table()
 
 
 def openapi(ing: IngressCore, request: Request) -> Any:
-    # the app serving this request: in a replica, Serve's copy of `api` holds the routes
-    return ing._auth(request) or JSONResponse(request.app.openapi())
+    """The document of this server: its routes, status codes and the served version's input
+    schema (openapi.py)."""
+    if denied := ing._auth(request):
+        return denied
+    from mlops_ray.serving.openapi import document
+    sig = ing.router.sigs.get(ing.router.stable().ref) if ing.router.ready() else None
+    return JSONResponse(document(ing.name, sig, ing.cfg.limits, secured=not ing.open))
 
 
 def docs(ing: IngressCore, request: Request) -> Any:

@@ -16,6 +16,7 @@ from mlops_ray.serving.control import (
     cleanup,
     current_routing,
     deploy_version,
+    reset_hub,
     set_routing,
     stats,
 )
@@ -107,8 +108,70 @@ def rollout(sj: ServeJob, reg: Registry, to: str, strategy: str, log: Any = prin
     return routing
 
 
+RUNNER_NAMESPACE = "mlops_ray"
+
+
+class CanaryRunner:
+    """Steps canaries inside the cluster: one detached actor per app (`mlops-rollout-<app>`).
+    The `jobs.serve action=rollout` process only starts it and follows its log, so if that
+    process dies the canary still completes or rolls back on schedule."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.running = False
+
+    def run(self, job: dict[str, Any], actor: str, to: str, stable: dict[str, Any],
+            spec: dict[str, Any]) -> dict[str, Any]:
+        from mlops_ray.registry import open_registry
+        self.lines, self.running = [], True
+        try:
+            sj = ServeJob.model_validate(job)
+            # on behalf of the caller whose deploy role rollout() checked
+            reg = open_registry(sj, actor=actor)
+            return {"routing": step_canary(sj, reg, to, stable, spec, self.lines.append)}
+        except Exception as e:  # noqa: BLE001 - returned to the caller, if it is still there
+            return {"error": str(e), "type": type(e).__name__}
+        finally:
+            self.running = False
+
+    def busy(self) -> bool:
+        return self.running
+
+    def log_since(self, n: int) -> list[str]:
+        return self.lines[n:]
+
+
 def _canary(sj: ServeJob, reg: Registry, to: str, stable: dict[str, Any],
             spec: dict[str, Any], log: Any) -> dict[str, Any]:
+    """Run the canary in the app's runner actor and follow it (its log lines, its result)."""
+    import ray
+    remote: Any = ray.remote  # typed for functions; the actor options are Ray's own
+    runner = remote(num_cpus=0, max_concurrency=4)(CanaryRunner).options(
+        name=f"mlops-rollout-{sj.app_name}", namespace=RUNNER_NAMESPACE, lifetime="detached",
+        get_if_exists=True).remote()
+    if ray.get(runner.busy.remote()):
+        raise ServeError(f"a canary of app '{sj.app_name}' is being stepped already")
+    done_ref = runner.run.remote(sj.plain(), reg.actor, to, stable, spec)
+    seen = 0
+    while True:
+        done, _ = ray.wait([done_ref], timeout=sj.serve.rollout.poll_s)
+        lines = ray.get(runner.log_since.remote(seen))
+        for line in lines:
+            log(line)
+        seen += len(lines)
+        if done:
+            break
+    out = ray.get(done_ref)
+    for line in ray.get(runner.log_since.remote(seen)):
+        log(line)
+    if "error" in out:
+        raise ServeError(out["error"])
+    return out["routing"]
+
+
+def step_canary(sj: ServeJob, reg: Registry, to: str, stable: dict[str, Any],
+                spec: dict[str, Any], log: Any) -> dict[str, Any]:
+    """The canary's steps: weights up while it bakes within the rules; its own rollback."""
     r = sj.serve.rollout
     prev = [arm(stable, 100, "stable")]
     for step in r.steps:
@@ -173,6 +236,7 @@ def serve_ref(sj: ServeJob, reg: Registry, ref: str | None = None, log: Any = pr
     if cur:
         return rollout(sj, reg, ref, "bluegreen", log)
     may_serve(reg, sj, v, "deploy")
+    reset_hub(sj)  # an app deployed anew starts its statistics anew
     spec = deploy_version(sj, v)
     routing = {"arms": [arm(spec, 100, "stable")], "mode": "weighted", "previous": None}
     set_routing(sj, routing)

@@ -13,8 +13,6 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from mlops_ray.serving.faults import maybe_fail
 
 
@@ -36,14 +34,11 @@ class Arm:
         self.rows += rows
         self.probs.extend(probabilities)
 
-    def summary(self) -> dict[str, Any]:
-        lat = np.fromiter(self.latency_ms, float)
-        return {"version": self.spec["version"], "role": self.spec["role"],
-                "weight": self.spec["weight"], "requests": self.requests, "errors": self.errors,
-                "rows": self.rows, "error_rate": self.errors / self.requests if self.requests else 0.0,
-                "p50_ms": float(np.percentile(lat, 50)) if len(lat) else None,
-                "p99_ms": float(np.percentile(lat, 99)) if len(lat) else None,
-                "mean_probability": float(np.mean(self.probs)) if self.probs else None}
+    def snapshot(self) -> dict[str, Any]:
+        """Cumulative counters and the recent samples, as pushed to the app's hub."""
+        return {"spec": self.spec, "requests": self.requests, "errors": self.errors,
+                "rows": self.rows, "latency_ms": list(self.latency_ms)[-500:],
+                "probs": list(self.probs)[-1000:]}
 
 
 def fetch(artifact_uri: str, content_hash: str, storage_cfg: dict[str, Any]) -> Path:

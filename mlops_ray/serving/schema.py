@@ -8,19 +8,20 @@ from typing import Any
 
 from mlops_ray.errors import RequestInvalid
 
+# what a field may hold (the OpenAPI document, openapi.py, states the same limits)
+NUMBER_LIMIT = 1e12  # |numeric value|, |integer category|
+MAX_STRING = 256  # characters of a categorical value
+
 
 def _number(v: Any) -> float | None:
-    if isinstance(v, bool):
+    """A JSON number within +-NUMBER_LIMIT as float; None for anything else (strings too)."""
+    if isinstance(v, bool) or not isinstance(v, int | float):
         return None
-    if isinstance(v, int | float):
-        return float(v) if math.isfinite(v) else None
-    if isinstance(v, str):
-        try:
-            f = float(v)
-        except ValueError:
-            return None
-        return f if math.isfinite(f) else None
-    return None
+    try:
+        f = float(v)
+    except OverflowError:  # an integer too large for a float
+        return None
+    return f if math.isfinite(f) and abs(f) <= NUMBER_LIMIT else None
 
 
 def _short(v: Any, n: int = 40) -> str:
@@ -59,21 +60,34 @@ def validate_records(records: Any, signature: dict[str, Any], max_rows: int,
                                     "for an unknown value)")
                 continue
             v = rec[name]
+            if v is None and f.get("closed") and "missing" not in f.get("categories", []):
+                problems.append(f"records[{i}].{name}: must be one of {f['categories']} (the "
+                                "decision rule needs it)")
+                continue
             if v is None:  # the saved preprocessing imputes missing values as in training
                 clean[name] = None
                 continue
             if f["kind"] == "numeric":
                 num = _number(v)
                 if num is None:
-                    problems.append(f"records[{i}].{name}={_short(v)}: must be a finite number")
+                    problems.append(f"records[{i}].{name}={_short(v)}: must be a number "
+                                    f"(|x| <= {NUMBER_LIMIT:g}) or null")
                 clean[name] = num
             else:
-                if not isinstance(v, str | int) or isinstance(v, bool):
-                    problems.append(f"records[{i}].{name}={_short(v)}: must be a string")
+                cats = f.get("categories")
+                closed = bool(cats and (f.get("closed") or unknown_categories == "reject"))
+                if closed and not isinstance(v, str):
+                    problems.append(f"records[{i}].{name}={_short(v)}: must be one of the "
+                                    f"strings {cats[:12]}")
+                    continue
+                if isinstance(v, bool) or not isinstance(v, str | int) or (
+                        isinstance(v, str) and len(v) > MAX_STRING) or (
+                        isinstance(v, int) and abs(v) > NUMBER_LIMIT):
+                    problems.append(f"records[{i}].{name}={_short(v)}: must be a string (at most "
+                                    f"{MAX_STRING} characters), an integer or null")
                     continue
                 v = str(v)
-                cats = f.get("categories")
-                if cats and unknown_categories == "reject" and v not in cats:
+                if closed and v not in cats:
                     shown = cats if len(cats) <= 12 else cats[:12] + ["..."]
                     problems.append(f"records[{i}].{name}={_short(v)}: unknown category (allowed: "
                                     f"{shown})")

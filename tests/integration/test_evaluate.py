@@ -97,6 +97,7 @@ def test_biased_candidate_fails_the_fairness_gate(ray_2_cpus, tmp_path):
                    f"storage.uri={tmp_path}"], timeout=600)
     assert out.returncode == 5, out.stderr[-3000:]
     assert "eo_sex" in out.stderr and "FAIL" in out.stdout + out.stderr
+    assert (out.stdout + out.stderr).count("verdict: FAIL") == 1  # the table once
     report = json.loads((Path(rec["run_uri"].removeprefix("file://")) / "eval" /
                          "gate_report.json").read_text())
     gate = next(g for g in report["gates"] if g["name"] == "eo_sex")

@@ -79,6 +79,53 @@ def test_pipeline_serves_the_gated_model_and_a_rerun_skips_finished_stages(deplo
     assert actions.count("register") == 1 and actions.count("deploy") == 1
 
 
+def test_served_answers_are_the_judged_rule_mitigation_included(deployed):
+    """The default evaluation mitigates with Fairlearn's ThresholdOptimizer: the version's
+    decision rule is that post-processor, the gates judged its labels, and Serve answers
+    held-out rows with exactly those labels and the run's probabilities."""
+    import numpy as np
+
+    from mlops_ray.artifacts import rule as R
+    from mlops_ray.artifacts.runs import load_run_model, resolve_run
+    from mlops_ray.data import prepare
+    from tests.conftest import dataset
+    report = deployed["first"]["report"]
+    decision = report["rule"]
+    assert decision["postprocessor"]["attribute"] == "sex"
+    v, folder = deployed["reg"].fetch("adult_mlp:1")
+    assert json.loads((folder / "rule.json").read_text()) == decision
+    assert report["rule_sha256"] == R.digest(decision)
+    prepared = prepare(dataset("adult_mlp"), 0)
+    test = prepared.frame.iloc[prepared.splits["test"]]
+    run_rec, _ = resolve_run(deployed["first"]["run"], {})
+    p = load_run_model(run_rec, {})(test)
+    y = R.labels(decision, p, test["sex"].tolist())
+    # the gates judged these labels: the report's "after" accuracy is theirs
+    y_true = prepared.labels(test).astype(int)
+    assert report["mitigation"]["after"]["accuracy"] == float((y == y_true).mean())
+    sig = json.loads((folder / "signature.json").read_text())
+    cols = [f["name"] for f in sig["inputs"]]
+    sample = test.iloc[:600]
+    records = json.loads(sample[cols].to_json(orient="records"))
+    got_p, got_y = [], []
+    for i in range(0, len(records), 200):
+        r = requests.post(deployed["url"] + "/predict", json={"records": records[i:i + 200]},
+                          timeout=60)
+        assert r.status_code == 200, r.text
+        got_p += r.json()["probabilities"]
+        got_y += r.json()["labels"]
+    np.testing.assert_allclose(got_p, p[:600], atol=1e-6)
+    assert got_y == y[:600].tolist()
+    # the rule needs the attribute: a request without it, or with a group it does not know, is
+    # a 422 naming it
+    no_sex = {k: v for k, v in records[0].items() if k != "sex"}
+    r = requests.post(deployed["url"] + "/predict", json={"records": [no_sex]}, timeout=30)
+    assert r.status_code == 422 and "records[0].sex: required field is missing" in r.text
+    r = requests.post(deployed["url"] + "/predict", timeout=30,
+                      json={"records": [{**records[0], "sex": "Other"}]})
+    assert r.status_code == 422 and "sex='Other': unknown category" in r.text
+
+
 def test_a_failed_gate_stops_the_pipeline_before_promotion(deployed, capsys):
     from mlops_ray.pipeline.run import run_pipeline
     code = in_process("pipeline", PipelineJob, [

@@ -56,8 +56,12 @@ def env(ray_2_cpus, tmp_path_factory):
         (Path(versions["good"].artifact_uri.removeprefix("file://")) / "signature.json")
         .read_text())["inputs"]]
     records = json.loads(test_rows[cols].to_json(orient="records"))
+    # every request of this module goes straight to the ingress replica (direct ingress): the
+    # path jobs.serve prints; the proxy answers the same (test_protocols_answer_...)
+    direct = control.direct_endpoint(job)
+    assert direct and not direct.endswith(f":{port}"), direct
     yield {"job": job, "overrides": overrides, "reg": reg, "v": versions,
-           "url": f"http://127.0.0.1:{port}",
+           "url": direct, "proxy": f"http://127.0.0.1:{port}",
            "records": records, "rows": test_rows, "prepared": prepared, "hook": hook,
            "grpc": f"127.0.0.1:{grpc_port}"}
     serve.shutdown()
@@ -178,6 +182,9 @@ def test_protocols_answer_like_the_offline_model(env):
     assert requests.get(url + f"/v2/models/{MODEL}/ready", timeout=10).json()["ready"]
     assert requests.get(url + "/v2/models/nope", timeout=10).status_code == 404
     assert "/predict" in requests.get(url + "/openapi.json", timeout=10).json()["paths"]
+    # Serve's HTTP proxy answers the same, one hop more
+    via_proxy = post(env["proxy"] + "/predict", {"records": recs}).json()
+    assert via_proxy["probabilities"] == body["probabilities"]
 
 
 def test_grpc_open_inference_protocol(env):
@@ -273,6 +280,36 @@ def test_fuzzed_requests_never_get_a_5xx(env):
     check()
 
 
+def test_openapi_document_is_complete_and_kept(env):
+    """The endpoint's /openapi.json: every reference resolves, every operation documents the
+    codes it answers, and schemathesis with every check finds no failure and no server error
+    (the two answers JSON Schema cannot state are in tests/schemathesis.toml)."""
+    import re
+    import subprocess
+    import sys
+    url = env["url"]
+    doc = requests.get(url + "/openapi.json", timeout=10).json()
+    refs = set(re.findall(r'"\$ref": "#/components/schemas/([^"]+)"', json.dumps(doc)))
+    assert refs and refs <= set(doc["components"]["schemas"]), refs
+    for path, ops in doc["paths"].items():
+        for method, op in ops.items():
+            codes = set(op["responses"])
+            assert "200" in codes, (path, method)
+            if "requestBody" in op:
+                assert {"413", "415", "422"} <= codes, (path, method, codes)
+    records = doc["components"]["schemas"]["PredictRequest"]["properties"]["records"]
+    assert records["minItems"] == 1 and records["maxItems"] == 1000
+    st = Path(sys.executable).with_name("st")
+    out = subprocess.run(
+        [str(st), "--config-file", str(Path(__file__).parents[1] / "schemathesis.toml"), "run",
+         url + "/openapi.json", "--url", url, "--checks", "all", "--max-examples", "25",
+         "--seed", "7", "--workers", "2", "--request-timeout", "30",
+         "--suppress-health-check", "all", "--no-color"],
+        capture_output=True, text=True, timeout=900)
+    report = out.stdout[-6000:] + out.stderr[-2000:]
+    assert out.returncode == 0, report
+
+
 def test_cache_is_keyed_on_the_version(env):
     url, rec = env["url"], env["records"][1]
     before = control.stats(env["job"])["cache"]
@@ -350,6 +387,82 @@ def test_good_canary_completes(env):
     assert [a["ref"] for a in routing["arms"]] == [v["equal"].ref]
     assert load.failed == [] and set(load.versions) == {v["good"].version, v["equal"].version}
     assert any("10%" in s for s in steps) and any("50%" in s for s in steps)
+
+
+def test_a_canary_goes_on_when_its_rollout_process_dies(env):
+    """`jobs.serve action=rollout` is SIGKILLed while its canary bakes at 10%: the canary is
+    stepped inside the cluster (an actor per app), so it completes on schedule anyway."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, job_env
+    job, reg, v = env["job"], env["reg"], env["v"]
+    reset(env)
+    reg.set_alias(MODEL, "canary", v["equal"].version)
+    seen = len(reg.audit_log(MODEL))
+
+    def steps() -> list[dict]:
+        return [json.loads(a["details"]) for a in reg.audit_log(MODEL)[seen:]
+                if a["action"] == "traffic"]
+    with Load(env["url"], env["records"]):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "jobs.serve", *env["overrides"], "action=rollout",
+             "to=canary", "strategy=canary"], cwd=REPO, env=job_env(),
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_until(lambda: steps() or proc.poll() is not None, 120,
+                       what="the canary's first step")
+            assert proc.poll() is None, "the rollout process ended before it was killed"
+            assert steps()[0]["arms"] == {v["good"].ref: 90, v["equal"].ref: 10}
+            proc.kill()
+            proc.wait(30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        final = wait_until(lambda: any(s.get("completed") for s in steps()) and steps(), 180,
+                           what="the canary completed without its process")
+    assert [s["arms"] for s in final] == [{v["good"].ref: 90, v["equal"].ref: 10},
+                                          {v["good"].ref: 50, v["equal"].ref: 50},
+                                          {v["equal"].ref: 100}]
+    assert [a["ref"] for a in control.current_routing(job)["arms"]] == [v["equal"].ref]
+
+
+def test_statistics_cover_every_ingress_replica(env):
+    """Two ingress replicas, each answering part of the traffic (straight to each replica's
+    own port): the app's statistics, which rollout decisions read, count all of it."""
+    from ray import serve
+    reg, v = env["reg"], env["v"]
+    job = variant(env, "serve.app_name=twin", "serve.route_prefix=/twin",
+                  "serve.ingress.num_replicas=2")
+    rollout.serve_alias(job, reg, "production", log=lambda _: None)
+    try:
+        stable = control.deploy_version(job, v["good"])
+        canary = control.deploy_version(job, v["equal"])
+        control.set_routing(job, {"arms": [control.arm(stable, 50, "stable"),
+                                           control.arm(canary, 50, "canary")],
+                                  "mode": "weighted", "previous": None})
+        urls = control.direct_endpoints(job, replicas=2)
+        assert len(urls) == 2, urls
+        answered: dict[int, int] = {}
+        for url in urls:
+            for rec in env["records"][:60]:
+                r = post(url + "/predict", {"records": [rec]})
+                assert r.status_code == 200, r.text
+                answered[r.json()["version"]] = answered.get(r.json()["version"], 0) + 1
+        assert sum(answered.values()) == 120
+
+        def counted() -> dict[int, int]:
+            st = control.stats(job)
+            return {a["version"]: a["requests"] for a in st["arms"].values()} \
+                if st["replicas"] == 2 else {}
+        wait_until(lambda: counted() == answered, 30,
+                   what="both replicas' requests in the app's statistics")
+        st = control.stats(job)
+        assert len(st["pid"]) == 2 and st["arms"][canary["ref"]]["requests"] == \
+            answered[v["equal"].version]
+    finally:
+        serve.delete("twin")
+        control.cleanup(job, {"arms": []})
 
 
 def test_shadow_never_changes_an_answer(env):
@@ -447,7 +560,8 @@ def test_api_keys(env):
                   "serve.auth.feedback_keys_env=MLOPS_TEST_FEEDBACK_KEYS",
                   "serve.feedback.rate_per_s=0.001", "serve.feedback.burst=2")
     rollout.serve_alias(job, env["reg"], "production", log=lambda _: None)
-    url, rec = env["url"] + "/secure", env["records"][0]
+    url, rec = control.direct_endpoint(job), env["records"][0]
+    assert url and url.endswith("/secure")
     key = {"Authorization": "Bearer k-123"}
     try:
         assert post(url + "/predict", {"records": [rec]}).status_code == 401
@@ -497,9 +611,10 @@ def test_model_replicas_follow_load(env):
     try:
         assert running() == 1
         want = offline(env["reg"], env["v"]["good"].ref, env["rows"].head(20))
-        got = post(env["url"] + "/scale/predict", {"records": env["records"][:20]}).json()
+        scale_url = control.direct_endpoint(job)
+        got = post(scale_url + "/predict", {"records": env["records"][:20]}).json()
         np.testing.assert_allclose(got["probabilities"], want, atol=1e-6)  # via the handle
-        with Load(env["url"] + "/scale", env["records"], threads=12):
+        with Load(scale_url, env["records"], threads=12):
             wait_until(lambda: running() > 1, 90, interval=0.5, what="a scale-up under load")
         wait_until(lambda: running() == 1, 90, interval=0.5, what="a scale-down after load")
         port = os.environ["MLOPS_TEST_RAY_METRICS_PORT"]

@@ -166,7 +166,8 @@ def test_promote_does_not_reuse_a_forged_report_or_fold_results(tmp_path):
            "config": {"dataset": {"sensitive": ["sex"]}}}
     ev = job("evaluate", EvaluateJob, ["+experiment=adult_mlp", f"run={run}",
                                        f"storage.uri={store}"])
-    forged = {"passed": True, "champion": None, "gates": [],
+    from mlops_ray.pipeline.evaluate import evaluation_inputs
+    forged = {"passed": True, "champion": None, "gates": [], "inputs": evaluation_inputs(ev, rec),
               "lineage": {"run": rec["run_uri"], "data_version": "d", "config_hash": "c",
                           "checkpoint_digest": "x"}}
     (run / "eval" / "gate_report.json").write_text(json.dumps(forged))

@@ -46,6 +46,11 @@ def test_all_violations_reported_at_once(adult, adult_cfg):
     assert "hours_per_week" in msg and "above max=100" in msg and "'Unknown'" in msg
     assert "occupation" in msg and "missing" in msg and "binary" in msg
     assert len(e.value.violations) == 5
+    # a misspelled column: the one it probably meant is named
+    renamed = adult.head(600).rename(columns={"hours_per_week": "hours_per_weak"})
+    with pytest.raises(DataValidationError, match="'hours_per_week': did you mean "
+                                                  "'hours_per_weak'"):
+        validate_frame(renamed, adult_cfg)
 
 
 def test_non_numeric_declared_numeric(adult, adult_cfg):

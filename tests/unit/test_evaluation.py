@@ -1,6 +1,7 @@
 """Known-answer tests for metrics, statistics, fairness, gates and the model card (no Ray)."""
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -140,13 +141,13 @@ def test_paired_bootstrap_worse_candidate():
 # ---- fairness ------------------------------------------------------------------------------
 
 def test_fairness_hand_table():
-    rep = fairness_report(Y12, PRED12, pd.DataFrame({"sex": SEX12}), min_group_size=5, n_boot=100)
+    rep = fairness_report(Y12, PRED12, pd.DataFrame({"sex": SEX12}), min_group_size=4, n_boot=100)
     sex = rep["attributes"]["sex"]
     a, b = sex["groups"]
-    assert (a["group"], a["count"], a["small"], b["count"], b["small"]) == ("a", 8, False, 4, True)
+    assert (a["group"], a["count"], a["small"], b["count"], b["small"]) == ("a", 8, False, 4, False)
     assert (a["rate"], a["tpr"], a["fpr"], a["precision"]) == pytest.approx((0.5, 2 / 3, 0.4, 0.5))
     assert (b["rate"], b["tpr"], b["fpr"], b["precision"]) == pytest.approx((0.25, 1.0, 0.0, 1.0))
-    assert sex["small_groups"] == ["b"]
+    assert sex["small_groups"] == [] and sex["gated_groups"] == ["a", "b"]
     m = rep["metrics"]
     assert m["fair/dp_diff_sex"] == pytest.approx(0.25)
     assert m["fair/dp_ratio_sex"] == pytest.approx(0.5)
@@ -159,6 +160,32 @@ def test_fairness_hand_table():
     assert m["fair/dp_diff_sex"] == demographic_parity_difference(Y12, PRED12, sensitive_features=SEX12)
     assert m["fair/dp_ratio_sex"] == demographic_parity_ratio(Y12, PRED12, sensitive_features=SEX12)
     assert m["fair/eo_diff_sex"] == equalized_odds_difference(Y12, PRED12, sensitive_features=SEX12)
+    # b under the minimum size: still in the table, flagged, but no gap is computed with it
+    # (a rate from 4 rows would decide the gate); with a alone there is no comparison left
+    small = fairness_report(Y12, PRED12, pd.DataFrame({"sex": SEX12}), min_group_size=5,
+                            n_boot=100)["attributes"]["sex"]
+    assert [gr["group"] for gr in small["groups"]] == ["a", "b"] and small["small_groups"] == ["b"]
+    assert small["gated_groups"] == ["a"] and "not gated: ['b']" in small["note"]
+    assert math.isnan(small["eo_diff"]["value"])
+
+
+def test_small_groups_are_reported_but_not_gated():
+    """A group of 3 rows with a false-positive rate of 0 decided eo_diff (0.855 on a new
+    dataset): now the gaps are over the groups of at least min_group_size rows."""
+    y, p, g = synthetic(2000)
+    pred = (p >= 0.5).astype(int)
+    g = np.asarray(g, dtype=object)
+    tiny = np.r_[np.arange(3)]
+    y2, pred2, g2 = y.copy(), pred.copy(), g.copy()
+    g2[tiny] = "tiny"
+    y2[tiny], pred2[tiny] = 0, 0  # FPR 0 in a group of 3
+    full = fairness_report(y2, pred2, pd.DataFrame({"sex": g2}), min_group_size=1, n_boot=50)
+    gated = fairness_report(y2, pred2, pd.DataFrame({"sex": g2}), min_group_size=30, n_boot=50)
+    big = fairness_report(y[3:], pred[3:], pd.DataFrame({"sex": g[3:]}), min_group_size=30,
+                          n_boot=50)
+    assert full["metrics"]["fair/eo_diff_sex"] > gated["metrics"]["fair/eo_diff_sex"]
+    assert gated["metrics"]["fair/eo_diff_sex"] == big["metrics"]["fair/eo_diff_sex"]
+    assert gated["attributes"]["sex"]["small_groups"] == ["tiny"]
 
 
 def test_group_without_positives_has_undefined_tpr():
@@ -166,9 +193,10 @@ def test_group_without_positives_has_undefined_tpr():
     y = np.r_[Y12, 0, 0]
     pred = np.r_[PRED12, 1, 0]
     g = np.concatenate([SEX12, ["c", "c"]])
-    rep = fairness_report(y, pred, pd.DataFrame({"grp": g}), n_boot=50)["attributes"]["grp"]
+    rep = fairness_report(y, pred, pd.DataFrame({"grp": g}), n_boot=50,
+                          min_group_size=1)["attributes"]["grp"]
     c = rep["groups"][2]
-    assert math.isnan(c["tpr"]) and c["fpr"] == 0.5 and c["small"]
+    assert math.isnan(c["tpr"]) and c["fpr"] == 0.5 and not c["small"]
     assert rep["tpr_undefined"] == ["c"] and rep["fpr_undefined"] == []
     # TPR gap over a, b: 1/3; FPR gap over a, b, c: 0.5
     assert rep["eo_diff"]["value"] == pytest.approx(0.5)
@@ -179,9 +207,11 @@ def test_fairness_ci_deterministic_and_covers_every_attribute():
     s = pd.DataFrame({"sex": g, "race": np.where(np.arange(len(y)) % 50 == 0, "x", "w")})
     r1 = fairness_report(y, (p >= 0.5).astype(int), s, n_boot=100, seed=1)
     r2 = fairness_report(y, (p >= 0.5).astype(int), s, n_boot=100, seed=1)
-    assert r1["metrics"] == r2["metrics"]
+    assert json.dumps(r1["metrics"]) == json.dumps(r2["metrics"])  # NaN == NaN here
     assert set(r1["attributes"]) == {"sex", "race"}
-    assert r1["attributes"]["race"]["small_groups"] == ["x"]  # 20 rows < 30: flagged, kept
+    race = r1["attributes"]["race"]
+    assert race["small_groups"] == ["x"] and race["gated_groups"] == ["w"]  # 20 rows < 30
+    assert [gr["group"] for gr in race["groups"]] == ["w", "x"]  # reported all the same
 
 
 def test_threshold_optimizer_reduces_dp_difference():
@@ -199,6 +229,31 @@ def test_threshold_optimizer_reduces_dp_difference():
     assert s["after"]["dp_diff"] < s["before"]["dp_diff"] / 2
     assert s["requires_sensitive_at_prediction"] and s["note"] == SENSITIVE_AT_PREDICTION
     assert s["attribute"] == "sex"
+
+
+def test_the_decision_rule_is_fairlearns_and_deterministic():
+    """rule.json holds the fitted ThresholdOptimizer's interpolation: its P(label=1) is
+    Fairlearn's to the last bit, and its labels are a function of the row (the draw), with
+    the rates Fairlearn's random draw has."""
+    from mlops_ray.artifacts import rule as R
+    y, p, g = synthetic(6000)
+    X = p[:, None]
+    val, test = slice(0, 3000), slice(3000, None)
+    for constraint in ("demographic_parity", "equalized_odds"):
+        fitted = threshold_optimizer(lambda x: np.asarray(x)[:, 0], X[val], y[val],
+                                     pd.Series(g[val], name="sex"), constraint=constraint)
+        rule = R.from_fairlearn(fitted.optimizer, 0.5, "sex", constraint)
+        assert json.loads(json.dumps(rule)) == rule  # JSON as it is stored (no inf)
+        want = fitted.optimizer._pmf_predict(X[test], sensitive_features=g[test])[:, 1]
+        np.testing.assert_array_equal(R.positive_probability(rule, p[test], g[test]), want)
+        got = R.labels(rule, p[test], list(g[test]))
+        np.testing.assert_array_equal(got, R.labels(rule, p[test], list(g[test])))
+        for grp in np.unique(g[test]):  # same selection rate as the random draw, per group
+            m = g[test] == grp
+            assert abs(got[m].mean() - want[m].mean()) < 0.03
+    with pytest.raises(ValueError, match="unknown to the decision rule"):
+        R.labels(rule, p[:3], ["alien"] * 3)
+    assert R.labels(R.plain(0.5), np.array([0.2, 0.5, 0.9])).tolist() == [0, 1, 1]
 
 
 # ---- gates ---------------------------------------------------------------------------------
@@ -264,7 +319,12 @@ def test_conf_gate_files_validate():
     import yaml  # ships with Hydra's OmegaConf; only the test reads YAML
     allowed = G.metric_names(["sex", "race"])
     for path in sorted(Path(__file__).resolve().parents[2].glob("conf/gates/*.yaml")):
-        G.validate_gates(yaml.safe_load(path.read_text()), allowed)
+        spec = yaml.safe_load(path.read_text())
+        if "rules" not in spec:  # a dataset's choice: it includes one of the files checked here
+            assert spec["defaults"][0] in ("default", "baseline"), path
+            continue
+        G.validate_gates({**spec, "rules": G.expand_rules(spec["rules"], ["sex", "race"])},
+                         allowed)
 
 
 def test_passed_is_a_function_of_the_report():
@@ -308,6 +368,9 @@ def test_model_card_files(tmp_path):
                        "note": SENSITIVE_AT_PREDICTION, "before": {"dp_diff": 0.45},
                        "after": {"dp_diff": 0.05}},
         "champion": G.compare_to_champion(CHAMP, y, p, p_champ, n_boot=50),
+        "rule": {"threshold": 0.5, "postprocessor": {
+            "kind": "group_thresholds", "attribute": "sex", "constraint": "equalized_odds",
+            "groups": {"a": {"ops": [[1.0, ">", 0.4], [0.0, ">", 0.4]]}}}},
         "gates": [r.to_dict() for r in results],
         "passed": G.verdict(results),
         "curves": downsample_curves(y, p, max_points=300, p_champion=p_champ),
@@ -321,8 +384,89 @@ def test_model_card_files(tmp_path):
     md = files["markdown"].read_text()
     assert "## Gates" in md and "| eo_sex |" in md and "`fair/eo_diff_sex`" in md
     assert "### `sex`" in md and "### `race`" in md and "![roc](roc.png)" in md
-    assert "## Limitations" in md and "reported, not merged" in md  # race x is small
+    assert "## Limitations" in md and "reported but not gated" in md  # race x is small
+    # which figures are of mitigated labels, both rules, and what each gate compared
+    assert "**mitigated**, group thresholds on `sex`" in md
+    assert "unmitigated threshold would be 0.5" in md
+    assert "| gate | metric | compared | op | threshold | point |" in md
     assert "needed at prediction time" in md and "## Champion comparison" in md
     assert "`adult_mlp-abc`" in md and "**Gate verdict: FAIL**" in md
     html = files["html"].read_text()
     assert "<table>" in html and "data:image/png;base64," in html and "eo_sex" in html
+
+
+def test_a_stored_report_is_reused_only_for_the_same_evaluation_inputs(tmp_path, monkeypatch):
+    """Changing the threshold objective, the mitigation, CV, a gate, the bootstrap count, the
+    data version or the code version each makes promote evaluate again."""
+    from mlops_ray.config.compose import job
+    from mlops_ray.config.evaluate import EvaluateJob
+    from mlops_ray.pipeline import evaluate as ev
+    from mlops_ray.registry.signing import sign
+
+    def eval_job(*overrides: str) -> EvaluateJob:
+        return job("evaluate", EvaluateJob, ["+experiment=adult_mlp", f"run={tmp_path}",
+                                             f"storage.uri={tmp_path}", *overrides])
+    rec = {"run_uri": "file:///r", "config_hash": "c", "dataset": {"version": "d1"},
+           "checkpoints": {"digest": {"best": "x"}}}
+    base = eval_job()
+    key = b"k"
+    report = sign({"lineage": {"run": "file:///r", "data_version": "d1", "config_hash": "c",
+                               "checkpoint_digest": "x"}, "champion": None, "gates": [],
+                   "inputs": ev.evaluation_inputs(base, rec)}, key)
+
+    def why(j: EvaluateJob, r: dict = rec) -> str | None:
+        return ev.needs_evaluation(report, r, None, [], key, ev.evaluation_inputs(j, r))
+    assert why(base) is None
+    for overrides, part in [(["threshold.objective=youden"], "threshold"),
+                            (["fairness.mitigation=none"], "fairness"),
+                            (["cv.folds=3"], "cv"), (["n_boot=123"], "n_boot"),
+                            (["gates.rules.0.threshold=0.5"], "gates")]:
+        assert part in (why(eval_job(*overrides)) or ""), overrides
+    assert "data_version" in why(base, {**rec, "dataset": {"version": "d2"}})
+    monkeypatch.setattr("mlops_ray.runtime.code_version",
+                        lambda: {"package": "x", "git_commit": "another"})
+    assert "code_version" in why(base)
+
+
+def test_a_new_dataset_is_gated_against_a_baseline_not_adults_thresholds():
+    """dataset=file (and German) compose conf/gates/baseline.yaml: the candidate must not be
+    significantly worse than a logistic regression on the same folds; Adult keeps its
+    absolute thresholds. The baseline really is trained on the folds."""
+    from mlops_ray.config.compose import job
+    from mlops_ray.config.evaluate import EvaluateJob
+    from mlops_ray.data import prepare
+    from mlops_ray.evaluation import baseline, cv
+    from tests.conftest import dataset
+
+    def rules(*overrides: str) -> list[str]:
+        return [r.name for r in job("evaluate", EvaluateJob, ["run=x", *overrides]).gates.rules]
+    assert "vs_baseline" in rules("dataset=file", "dataset.uri=x.csv", "dataset.label=y",
+                                  "dataset.numeric=[a]")
+    assert "vs_baseline" in rules("+experiment=german_mlp")
+    assert "cv_auc" in rules("+experiment=adult_mlp")
+    G.validate_gates(G.expand_rules([r.plain() for r in job(
+        "evaluate", EvaluateJob, ["run=x", "+experiment=german_mlp"]).gates.rules],
+        ["sex", "age_group"]), G.metric_names(["sex", "age_group"]))
+    prepared = prepare(dataset("german_mlp"), 0)
+    folds = cv.fold_indices(prepared, 3, 0)
+    base = baseline.baseline_folds(prepared, folds, 0)
+    assert all(0.6 < f["auc"] < 0.95 for f in base)
+    worse = baseline.compare([{"auc": f["auc"] - 0.1} for f in base], base)
+    assert worse["cv/auc_vs_baseline_mean"] == pytest.approx(-0.1)
+    assert worse["cv/auc_vs_baseline_ci_high"] == pytest.approx(-0.1)  # no spread: certain
+    same = baseline.compare(base, base)
+    assert same["cv/auc_vs_baseline_ci_high"] == 0.0
+
+
+def test_the_default_threshold_does_not_collapse_on_balanced_data():
+    """F1 alone picked a threshold predicting 83% positives at a 45% base rate (accuracy
+    0.54); the default guard keeps the predicted-positive rate within 1/1.5x-1.5x."""
+    from mlops_ray.evaluation.threshold import choose_threshold
+    rng = np.random.default_rng(0)
+    y = (rng.random(4000) < 0.45).astype(int)
+    p = np.clip(0.45 + 0.06 * (y - 0.45) + rng.normal(0, 0.2, 4000), 0, 1)  # a weak model
+    free = choose_threshold(y, p, "f1")
+    guarded = choose_threshold(y, p, "f1", max_rate_ratio=1.5)
+    assert (p >= free).mean() > 0.8  # the collapse
+    assert y.mean() / 1.5 <= (p >= guarded).mean() <= y.mean() * 1.5
+    assert ((p >= guarded) == y).mean() > ((p >= free) == y).mean()

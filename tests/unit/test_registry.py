@@ -72,6 +72,9 @@ def test_versions_immutable_numbered_per_model(db, tmp_path):
         r.get("adult:7")
     with pytest.raises(RegistryError, match="no such alias"):
         r.get("adult@production")
+    with pytest.raises(RegistryError, match=r"no model 'adulte' is registered \(did you mean "
+                                            r"'adult'\?\); models: \['adult', 'german'\]"):
+        r.get("adulte@production")
     with pytest.raises(RegistryError, match="model name"):
         register(r, "bad name!", {"model.pt": b"x"}, meta("r"))
 
