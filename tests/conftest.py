@@ -47,6 +47,7 @@ os.environ["RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "0.5"
 # what jobs.serve turns on for the local Ray it starts: ingress replicas answer on their own
 # port (serve.direct_ingress); the Serve tests send their requests there
 os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
+os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = "1"  # no load balancer here
 
 
 def dataset(experiment: str = "adult_mlp", *overrides: str):

@@ -152,7 +152,7 @@ def _attribute(y: np.ndarray, pred: np.ndarray, g: np.ndarray, min_group_size: i
 
 
 def _gated(rep: dict[str, Any], y: np.ndarray, pred: np.ndarray, g: np.ndarray,
-           n_boot: int, seed: int, level: float) -> dict[str, Any]:
+           min_group_size: int, n_boot: int, seed: int, level: float) -> dict[str, Any]:
     """The gaps the gates read: over the groups of at least min_group_size rows only (a rate
     from a handful of rows would decide the gate); the small groups stay in the table."""
     small = set(rep["small_groups"])
@@ -160,14 +160,17 @@ def _gated(rep: dict[str, Any], y: np.ndarray, pred: np.ndarray, g: np.ndarray,
         return {**rep, "gated_groups": [gr["group"] for gr in rep["groups"]]}
     keep = ~np.isin(g, list(small))
     kept = sorted(set(g[keep].tolist()))
+    note = f"gaps over groups of at least the minimum size; not gated: {sorted(small)}"
     if len(kept) < 2:  # no comparison left: no evidence, and a gate on it fails
         nan = {"value": float("nan"), "ci_low": float("nan"), "ci_high": float("nan")}
         gaps = {"dp_diff": nan, "dp_ratio": nan, "eo_diff": nan}
+        sizes = ", ".join(f"{gr['group']} {gr['count']}" for gr in rep["groups"])
+        note = (f"no gap to gate: fewer than two groups of at least {min_group_size} test rows "
+                f"({sizes}); lower fairness.min_group_size to gate them")
     else:
         sub = _attribute(y[keep], pred[keep], g[keep], 0, n_boot, seed, level)
         gaps = {k: sub[k] for k in ("dp_diff", "dp_ratio", "eo_diff")}
-    return {**rep, **gaps, "gated_groups": kept,
-            "note": f"gaps over groups of at least the minimum size; not gated: {sorted(small)}"}
+    return {**rep, **gaps, "gated_groups": kept, "note": note}
 
 
 def fairness_report(y: np.ndarray, y_pred: np.ndarray, sensitive: pd.DataFrame | pd.Series,
@@ -182,17 +185,20 @@ def fairness_report(y: np.ndarray, y_pred: np.ndarray, sensitive: pd.DataFrame |
     attributes: dict[str, Any] = {}
     metrics: dict[str, float] = {}
     cis: dict[str, tuple[float, float]] = {}
+    undefined: dict[str, str] = {}  # metric -> why it has no value (for the gate's detail)
     for i, attr in enumerate(frame.columns):
         g = group_labels(frame[attr].to_numpy())
         rep = _gated(_attribute(y, pred, g, min_group_size, n_boot, seed + i, level),
-                     y, pred, g, n_boot, seed + i, level)
+                     y, pred, g, min_group_size, n_boot, seed + i, level)
         attributes[str(attr)] = rep
         for name in ("dp_diff", "dp_ratio", "eo_diff"):
             key, r = f"fair/{name}_{attr}", rep[name]
             metrics.update({key: r["value"], f"{key}_ci_low": r["ci_low"],
                             f"{key}_ci_high": r["ci_high"]})
             cis[key] = (r["ci_low"], r["ci_high"])
-    return {"attributes": attributes, "metrics": metrics, "cis": cis,
+            if not np.isfinite(r["value"]) and rep.get("note"):
+                undefined[key] = f"{attr}: {rep['note']}"
+    return {"attributes": attributes, "metrics": metrics, "cis": cis, "undefined": undefined,
             "min_group_size": min_group_size, "n_boot": n_boot, "level": level}
 
 

@@ -194,9 +194,11 @@ def _champion_result(g: dict[str, Any], champion: Mapping[str, Any] | None) -> G
 
 def evaluate_gates(gates: Iterable[Mapping[str, Any]] | Mapping[str, Any],
                    metrics: Mapping[str, float], cis: Mapping[str, tuple[float, float]],
-                   champion: Mapping[str, Any] | None = None) -> list[GateResult]:
+                   champion: Mapping[str, Any] | None = None,
+                   undefined: Mapping[str, str] | None = None) -> list[GateResult]:
     """One GateResult per gate. A missing metric, a missing CI or a NaN fails its gate (no
-    evidence is not a pass). `champion` is the output of `compare_to_champion`, or None."""
+    evidence is not a pass). `champion` is the output of `compare_to_champion`, or None;
+    `undefined` says why a metric has no value (shown instead of "undefined")."""
     results = []
     for g in normalise_gates(gates):
         if is_champion_gate(g):
@@ -215,7 +217,7 @@ def evaluate_gates(gates: Iterable[Mapping[str, Any]] | Mapping[str, Any],
             x, detail = ci[ON.index(on) - 1], ""
         ok = bool(math.isfinite(x) and OPS[op](x, thr))
         if not detail:
-            detail = (f"{on} is undefined (NaN)" if math.isnan(x)
+            detail = ((undefined or {}).get(metric) or f"{on} is undefined (NaN)" if math.isnan(x)
                       else f"{on} {x:.4f} {op if ok else 'not ' + op} {thr:g}")
         results.append(GateResult(g["name"], metric, value, thr, op, on, ci, ok, detail))
     return results

@@ -198,7 +198,8 @@ def run_evaluation(job: EvaluateJob, log: Any = print, prepared: Prepared | None
     cis.update({f"cv/{m}_mean": (cv_summary[f"cv/{m}_ci_low"], cv_summary[f"cv/{m}_ci_high"])
                 for m in gmod.CV_METRICS})
     gate_spec_run = gate_spec if champion is not None else {"rules": rules}
-    results = gmod.evaluate_gates(gate_spec_run, metrics, cis, champion)
+    results = gmod.evaluate_gates(gate_spec_run, metrics, cis, champion,
+                                  fair.get("undefined"))
     groups = {a: {str(k): int(v) for k, v in prepared.frame[a].astype(str).value_counts()
                   .items()} for a in attrs}
     report: dict[str, Any] = {

@@ -62,8 +62,13 @@ def start(sj: ServeJob) -> dict[str, Any]:
     from mlops_ray.serving.auth import check_bind
     check_bind(sj.serve.host, sj.serve.auth)  # off loopback: keys, or an explicit opt-out
     if sj.serve.direct_ingress and not sj.ray.address:
-        # read by the Serve controller and replicas of the local Ray started below
+        # read by the Serve controller and replicas of the local Ray started below; a replica
+        # that stops keeps answering this long for load balancers to notice (Ray: 30 s): no
+        # load balancer runs on a local cluster
         os.environ.setdefault("RAY_SERVE_ENABLE_DIRECT_INGRESS", "1")
+        os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "5")
+    elif not sj.ray.address:
+        os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "0"  # the proxy only, as configured
     facts = ensure_ray(sj.ray.plain())
     s = sj.serve
     kw: dict[str, Any] = {"http_options": {"host": s.host, "port": s.port},
@@ -88,7 +93,10 @@ def direct_endpoints(sj: ServeJob, timeout: float = 30, replicas: int = 1) -> li
                              timeout=10)
         except Exception:  # noqa: BLE001 - no controller, an older Serve: no direct path
             return []
-        urls = sorted(f"http://{t.ip}:{t.port}{sj.serve.route_prefix.rstrip('/')}"
+        # a replica binds serve.host: on loopback it is reached there, not at the node's IP
+        local = sj.serve.host.startswith(LOOPBACK)
+        urls = sorted(f"http://{sj.serve.host if local else t.ip}:{t.port}"
+                      f"{sj.serve.route_prefix.rstrip('/')}"
                       for g in groups
                       if str(getattr(g.protocol, "value", g.protocol)).upper() == "HTTP"
                       and g.app_name == sj.app_name for t in g.targets

@@ -133,7 +133,7 @@ class IngressCore:
         await self._hub().push.remote(self.replica, self.snapshot())
         return await self._hub().drift_table.remote()
 
-    async def feedback(self, raw: Any) -> int:
+    async def feedback_labels(self, raw: Any) -> int:
         """Labels of an answered request, whichever replica answered it (through the hub)."""
         self._ensure_push()
         await self._hub().push.remote(self.replica, self.snapshot())

@@ -94,7 +94,7 @@ async def feedback(ing: IngressCore, request: Request) -> Any:
     if (denied := ing._auth(request, "feedback")) or (denied := ing._rate_limited(request)):
         return denied
     try:
-        accepted = await ing.feedback(await ing._body(request))
+        accepted = await ing.feedback_labels(await ing._body(request))
     except Exception as e:  # noqa: BLE001
         return ing._error(e)
     return {"accepted": accepted}

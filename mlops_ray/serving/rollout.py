@@ -120,14 +120,15 @@ class CanaryRunner:
         self.lines: list[str] = []
         self.running = False
 
-    def run(self, job: dict[str, Any], actor: str, to: str, stable: dict[str, Any],
-            spec: dict[str, Any]) -> dict[str, Any]:
-        from mlops_ray.registry import open_registry
+    def run(self, job: dict[str, Any], registry: tuple[str, Any, str], to: str,
+            stable: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
+        from mlops_ray.storage import from_cfg
         self.lines, self.running = [], True
         try:
             sj = ServeJob.model_validate(job)
-            # on behalf of the caller whose deploy role rollout() checked
-            reg = open_registry(sj, actor=actor)
+            # the caller's registry, on behalf of the caller whose deploy role rollout() checked
+            url, policy, actor = registry
+            reg = Registry(url, from_cfg(sj.storage.plain()), policy, actor=actor)
             return {"routing": step_canary(sj, reg, to, stable, spec, self.lines.append)}
         except Exception as e:  # noqa: BLE001 - returned to the caller, if it is still there
             return {"error": str(e), "type": type(e).__name__}
@@ -151,7 +152,7 @@ def _canary(sj: ServeJob, reg: Registry, to: str, stable: dict[str, Any],
         get_if_exists=True).remote()
     if ray.get(runner.busy.remote()):
         raise ServeError(f"a canary of app '{sj.app_name}' is being stepped already")
-    done_ref = runner.run.remote(sj.plain(), reg.actor, to, stable, spec)
+    done_ref = runner.run.remote(sj.plain(), (reg.url, reg.policy, reg.actor), to, stable, spec)
     seen = 0
     while True:
         done, _ = ray.wait([done_ref], timeout=sj.serve.rollout.poll_s)

@@ -80,6 +80,8 @@ def validate_records(records: Any, signature: dict[str, Any], max_rows: int,
                     problems.append(f"records[{i}].{name}={_short(v)}: must be one of the "
                                     f"strings {cats[:12]}")
                     continue
+                if isinstance(v, float) and v.is_integer() and abs(v) <= NUMBER_LIMIT:
+                    v = int(v)  # JSON Schema's integer: 5054.0 is one
                 if isinstance(v, bool) or not isinstance(v, str | int) or (
                         isinstance(v, str) and len(v) > MAX_STRING) or (
                         isinstance(v, int) and abs(v) > NUMBER_LIMIT):

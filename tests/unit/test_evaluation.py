@@ -162,11 +162,17 @@ def test_fairness_hand_table():
     assert m["fair/eo_diff_sex"] == equalized_odds_difference(Y12, PRED12, sensitive_features=SEX12)
     # b under the minimum size: still in the table, flagged, but no gap is computed with it
     # (a rate from 4 rows would decide the gate); with a alone there is no comparison left
-    small = fairness_report(Y12, PRED12, pd.DataFrame({"sex": SEX12}), min_group_size=5,
-                            n_boot=100)["attributes"]["sex"]
+    rep = fairness_report(Y12, PRED12, pd.DataFrame({"sex": SEX12}), min_group_size=5,
+                          n_boot=100)
+    small = rep["attributes"]["sex"]
     assert [gr["group"] for gr in small["groups"]] == ["a", "b"] and small["small_groups"] == ["b"]
-    assert small["gated_groups"] == ["a"] and "not gated: ['b']" in small["note"]
-    assert math.isnan(small["eo_diff"]["value"])
+    assert small["gated_groups"] == ["a"] and math.isnan(small["eo_diff"]["value"])
+    # the gate on it fails, and says why and what to change
+    (res,) = G.evaluate_gates([{"name": "eo", "metric": "fair/eo_diff_sex", "op": "<=",
+                              "threshold": 0.2}], rep["metrics"], rep["cis"],
+                              undefined=rep["undefined"])
+    assert not res.passed and "fewer than two groups of at least 5" in res.detail
+    assert "a 8, b 4" in res.detail and "fairness.min_group_size" in res.detail
 
 
 def test_small_groups_are_reported_but_not_gated():
