@@ -42,14 +42,14 @@ tune: install ## tune the default experiment (Optuna TPE + ASHA on Ray Tune)
 serve: install ## serve the experiment's production version on 127.0.0.1:8000 (after jobs.promote)
 	$(PY) -m jobs.serve ref=$(EXPERIMENT)
 
-test: install ## every tier: unit, Ray integration, e2e (subprocess jobs), then multi-node
+test: install ## every tier: unit, Ray integration, e2e (subprocess jobs), then multi-node (~20 + ~4.5 min on 2 cores)
 	$(PY) -m pytest -m "not multinode" --durations=25 $(PYTEST_ARGS)
 	$(PY) -m pytest -m multinode --durations=10 $(PYTEST_ARGS)
 
-test-unit: install ## unit tests: no Ray, no subprocess job, no server
+test-unit: install ## unit tests: no Ray, no subprocess job, no server (~50 s on 2 cores)
 	$(PY) -m pytest -m "$(UNIT)" --durations=10 $(PYTEST_ARGS)
 
-test-multinode: install ## node loss, preemption, tuning and elastic scenarios on a local multi-node cluster
+test-multinode: install ## node loss, preemption, tuning and elastic scenarios on a local multi-node cluster (~4-5 min)
 	$(PY) -m pytest -m multinode --durations=10 $(PYTEST_ARGS)
 
 lint: install ## ruff, the layering as import-linter contracts (pyproject.toml), bandit (new findings vs the reviewed bandit-baseline.json)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -26,21 +27,26 @@ def ensure_ray(ray_cfg: dict[str, Any]) -> dict[str, Any]:
         address = ray_cfg.get("address") or os.environ.get("RAY_ADDRESS") or "local"
         kw: dict[str, Any] = {"address": address, "log_to_driver": True,
                               "configure_logging": True, "logging_level": "WARNING"}
-        if address != "local" and "RAY_AUTH_MODE" not in os.environ and (
+        if "RAY_AUTH_MODE" not in os.environ and (address == "local" or (
                 os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
-                or (Path.home() / ".ray" / "auth_token").exists()):
-            # Ray 2.60: a client process must opt in; Ray caches its config at import, so
-            # refresh it the way Ray's own auto-enable does
+                or (Path.home() / ".ray" / "auth_token").exists())):
+            # Ray 2.60: a client process must opt in; a local cluster has token auth by default
+            # and says so in a warning on every start: choose it explicitly instead (the same
+            # setting, no warning; RAY_AUTH_MODE=disabled still opts out). Ray caches its config
+            # at import, so refresh it the way Ray's own auto-enable does
             from ray._private.authentication.authentication_token_setup import (
                 _enable_token_auth,
             )
             _enable_token_auth()
         if address == "local":  # a local cluster we start
+            # every worker of this job talks to this cluster only (see pin_address)
+            kw["runtime_env"] = {"worker_process_setup_hook": "mlops_ray.runtime.pin_address"}
             kw.update(num_cpus=ray_cfg.get("num_cpus"), num_gpus=ray_cfg.get("num_gpus"),
                       include_dashboard=ray_cfg.get("include_dashboard", True),
                       dashboard_host=ray_cfg.get("dashboard_host", "127.0.0.1"),
                       _node_ip_address="127.0.0.1")  # a laptop cluster listens on loopback only
         ctx = ray.init(**kw)
+        _drop_known_harmless_lines()
         if address == "local":
             # ray.init is typed BaseContext; a local init returns a RayContext
             claim_address_file(ctx.address_info["gcs_address"])  # type: ignore[attr-defined]
@@ -49,6 +55,43 @@ def ensure_ray(ray_cfg: dict[str, Any]) -> dict[str, Any]:
     return {"dashboard_url": _FACTS.get("dashboard_url"),
             "address": ray.get_runtime_context().gcs_address,
             "resources": ray.cluster_resources()}
+
+
+# Lines Ray's processes print that are known to be harmless and that no Ray setting turns off
+# without hiding real errors with them (the C++ core logs this one at ERROR level)
+HARMLESS = (
+    # ray-project/ray#53727: Ray Train's own PreemptionWatcher, restartable, with actor handles
+    # as constructor arguments; printed on every run
+    re.compile(r"Actor with class name: 'PreemptionWatcher' .*has constructor arguments in the "
+               r"object store and max_restarts > 0"),
+)
+
+
+def _drop_known_harmless_lines() -> None:
+    """Wrap the driver's printer of worker output (Ray's log_to_driver) so that the HARMLESS
+    lines are dropped; every other line, errors included, is printed as before."""
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    with dispatcher._lock:
+        for i, (name, handler) in enumerate(dispatcher.handlers):
+            if name != "ray_print_logs" or getattr(handler, "filtered", False):
+                continue
+
+            def filtered(data: dict[str, Any], _print: Any = handler) -> None:
+                lines = [x for x in data.get("lines", [])
+                         if not any(p.search(x) for p in HARMLESS)]
+                if lines:
+                    _print({**data, "lines": lines})
+            filtered.filtered = True  # type: ignore[attr-defined]
+            dispatcher.handlers[i] = (name, filtered)
+
+
+def pin_address() -> None:
+    """Ray worker setup hook of the local clusters we start. Ray's helpers inside workers (Ray
+    Train's placement-group cleaner, the State API) find "their" cluster from RAY_ADDRESS, else
+    from /tmp/ray/ray_current_cluster, which may name another cluster on this machine: they
+    then queried that one ("Found multiple active Ray instances") and failed."""
+    import ray
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
 
 
 def claim_address_file(gcs_address: str) -> None:

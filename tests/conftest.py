@@ -298,3 +298,44 @@ def new_pg_database(server_url: str) -> str:
                          autocommit=True) as conn:
         conn.execute(f"CREATE DATABASE {name}")
     return f"{server_url}/{name}"
+
+
+def wandb_records(run_file: Path) -> list:
+    """The protobuf records of an offline W&B run file (`run-<id>.wandb`): a LevelDB-style log
+    (32 KiB blocks, 7-byte record headers after a 7-byte file header)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+    data, pos, part, records = run_file.read_bytes(), 7, b"", []
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is padding
+            pos += 32768 - pos % 32768
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind == 0:
+            break
+        part = chunk if kind in (1, 2) else part + chunk
+        if kind in (1, 4):  # a full record, or the last piece of one
+            rec = pb.Record()
+            rec.ParseFromString(part)
+            records.append(rec)
+    return records
+
+
+def wandb_history(run_file: Path) -> list[dict]:
+    """The history rows (one per `log` call) of an offline W&B run file."""
+    import json
+    return [{"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in r.history.item}
+            for r in wandb_records(run_file) if r.WhichOneof("record_type") == "history"]
+
+
+def wandb_group(run_file: Path) -> str:
+    return next(r.run.run_group for r in wandb_records(run_file)
+                if r.WhichOneof("record_type") == "run")
+
+
+def read_ray_address_file() -> str | None:
+    """The cluster /tmp/ray/ray_current_cluster names (this machine's default Ray)."""
+    from ray._private.utils import read_ray_address
+    return read_ray_address()

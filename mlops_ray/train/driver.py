@@ -12,7 +12,6 @@ the same folder, and Ray Train resumes from its latest checkpoint.
 """
 from __future__ import annotations
 
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -158,11 +157,11 @@ def run_training(job: RunSections, *, prepared: Any = None, log: Any = print) ->
     record["best"] = {k: v for k, v in best_metrics.items() if k != "checkpoint_dir_name"}
     task.finish(record, best)
     record["wall_s"] = round(time.perf_counter() - t_start, 2)
-    local_out = storage.path() if storage.is_local else os.path.abspath("outputs")
     try:
-        from mlops_ray.tracking import log_run
+        from mlops_ray.tracking import local_dir, log_run
         record["tracking_dir"] = log_run(record, job.tracking.plain(),
-                                         os.path.join(local_out, "wandb"), step_key=task.step_key)
+                                         local_dir(job.storage.plain()), step_key=task.step_key,
+                                         history=not task.live_tracking)
     except Exception as e:  # noqa: BLE001 - tracking must never lose a finished run
         record["tracking_error"] = f"{type(e).__name__}: {e}"
         print(f"warning: tracking failed ({record['tracking_error']})", file=sys.stderr)

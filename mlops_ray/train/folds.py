@@ -42,7 +42,8 @@ def run_fold(job: TrainJob, prepared: Any, train_rows: np.ndarray, held_rows: np
     fold_job = job.model_copy(update={"train": job.train.model_copy(
         update={"epochs": epochs or job.train.epochs})})
     lc = loop_config(fold_job, pre.feature_names, pre.to_dict(), f"fold-{fold}")
-    lc = lc.model_copy(update={"seed": seed, "step_gate": step_gate})
+    # no W&B run per fold: the evaluation's report and card are the record of the folds
+    lc = lc.model_copy(update={"seed": seed, "step_gate": step_gate, "tracking": None})
     with tempfile.TemporaryDirectory() as d:
         out = train_loop_per_worker(lc.plain(), LocalSession(d, data))
         model, _, _ = ckpt_io.load_model(d)

@@ -28,6 +28,23 @@ GAUGES = {
 }
 
 
+def quiet_report_lines() -> None:
+    """Ray Train 2.60 logs `Reporting training result N: TrainingReport(...)` at INFO for every
+    report, on a logger named after its file (outside `ray.train`, so RunConfig's
+    LoggingConfig misses it): hold it to the run's Train log level (`ray.train_log_level`,
+    WARNING by default); our own one line per epoch is the progress."""
+    import logging
+
+    from ray.train.v2._internal.execution import context as train_context
+    level = "WARNING"
+    try:
+        config = train_context.get_train_context().train_run_context.get_run_config()
+        level = config.logging_config.log_level if config.logging_config else level
+    except Exception:  # noqa: BLE001, S110 - Ray-internal; the default is the documented one
+        pass
+    logging.getLogger(train_context.__file__).setLevel(level)
+
+
 class TrainSession:
     """Ray Train worker API (inside a TorchTrainer)."""
     kind = "train"
@@ -39,6 +56,7 @@ class TrainSession:
         self.train, self.rt = ray.train, ray.train.torch
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        quiet_report_lines()
 
     def data(self, config: dict[str, Any]) -> Any:
         import ray

@@ -79,6 +79,8 @@ def _trainable(job: TuneJob, prepared: Prepared, data_ref: Any, backend: str,
     pre = prepared.preprocessor
     names, pre_dict = pre.feature_names, pre.to_dict()
 
+    # trials log no W&B themselves (an ASHA-stopped trial's thread never returns to finish its
+    # run): the driver's wandb_callback logs each trial's reports as they arrive
     def trial_job(config: dict[str, Any]) -> TrainJob:
         return TrainJob.stored(apply(base, config))  # the space's values are within its bounds
 
@@ -87,7 +89,8 @@ def _trainable(job: TuneJob, prepared: Prepared, data_ref: Any, backend: str,
         from mlops_ray.train.tasks.tabular import train_loop_per_worker
         name = f"trial-{tune.get_context().get_trial_id()}"
         lc = loop_config(trial_job(config), names, pre_dict, name, data_ref)
-        train_loop_per_worker(lc.model_copy(update={"step_gate": gate}).plain(), TuneSession())
+        train_loop_per_worker(lc.model_copy(update={"step_gate": gate, "tracking": None})
+                              .plain(), TuneSession())
 
     def train_trial(config: dict[str, Any]) -> None:
         from ray.tune.integration.ray_train import TuneReportCallback
@@ -96,8 +99,8 @@ def _trainable(job: TuneJob, prepared: Prepared, data_ref: Any, backend: str,
         tj = trial_job(config)
         # a stable name: a retried or restored trial resumes its own Train checkpoints
         name = f"trial-{tune.get_context().get_trial_id()}"
-        lc = loop_config(tj, names, pre_dict, name, data_ref).model_copy(
-            update={"step_gate": gate})
+        lc = loop_config(tj, names, pre_dict, name, data_ref)
+        lc = lc.model_copy(update={"step_gate": gate, "tracking": None})
         trainer_for(tj, train_loop_per_worker, lc.plain(), name, storage,
                     f"tune/{study}/trials", [TuneReportCallback()]).fit()
 
@@ -142,7 +145,8 @@ def _tuner(job: TuneJob, trainable: Any, storage: Storage, study: str, url: str
             name=study, **storage.ray_args("tune"),
             failure_config=tune.FailureConfig(max_failures=t.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2), verbose=0,
-            callbacks=[metrics_callback(study, t.metric, t.mode)]),
+            callbacks=[metrics_callback(study, t.metric, t.mode),
+                       *wandb_callback(job, storage, study)]),
     ), False
 
 
@@ -297,6 +301,46 @@ def pickle_safe_url(url: str) -> str:
     from urllib.parse import unquote
     os.environ.setdefault("PGPASSWORD", unquote(m["pw"]))
     return m["head"] + "@" + url[m.end():]
+
+
+def wandb_callback(job: TuneJob, storage: Storage, study: str) -> list[Any]:
+    """One W&B run per trial (`trial-<id>`, grouped by the study), logged live by the tuning
+    driver from each trial's reports, finished when the trial ends."""
+    if job.tracking.backend == "none":
+        return []
+    from ray.tune import Callback
+
+    from mlops_ray.tracking import Live, local_dir
+    tracking = {**job.tracking.plain(), "dir": local_dir(job.storage.plain()), "group": study}
+
+    class TrialRuns(Callback):
+        def __init__(self) -> None:
+            self.runs: dict[str, Live] = {}
+
+        def on_trial_result(self, iteration: int, trials: list[Any], trial: Any,
+                            result: dict[str, Any], **info: Any) -> None:
+            if trial.trial_id not in self.runs:
+                self.runs[trial.trial_id] = Live(tracking, f"trial-{trial.trial_id}", 0,
+                                                 dict(trial.config), several=True)
+            self.runs[trial.trial_id].log(result, step=int(result.get("epoch", iteration)))
+
+        def _end(self, trial: Any) -> None:
+            if (run := self.runs.pop(trial.trial_id, None)) is not None:
+                run.finish()
+
+        def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any,
+                              **info: Any) -> None:
+            self._end(trial)
+
+        def on_trial_error(self, iteration: int, trials: list[Any], trial: Any,
+                           **info: Any) -> None:
+            self._end(trial)
+
+        def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
+            for trial in trials:
+                self._end(trial)
+
+    return [TrialRuns()]
 
 
 def metrics_callback(study: str, metric: str, mode: str) -> Any:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -64,14 +65,26 @@ def weights_hash(state: dict) -> str:
     return h.hexdigest()
 
 
-def test_make_train_job_standalone_gives_the_parents_weights(tmp_path):
-    """`make train`'s job on its own local Ray (Ray's own auth defaults): Adult to held-out
-    test AUC >= 0.90, and the very weights (and run name) the code before the restructuring
-    trained."""
+def test_make_train_job_standalone_gives_the_parents_weights(ray_2_cpus, tmp_path):
+    """`make train`'s job on its own local Ray (Ray's own auth defaults) while another Ray
+    cluster (the test session's) runs on this machine and is its default: Adult to held-out
+    test AUC >= 0.90, the very weights (and run name) the code before the restructuring
+    trained, nothing of it attached to the other cluster, and a quiet console."""
     import torch
+
+    from mlops_ray.train.driver import summary_lines
+    from tests.conftest import read_ray_address_file
+    assert read_ray_address_file() == ray_2_cpus  # the other cluster is this machine's default
     out = run_job(["jobs.train", "+experiment=adult_mlp", f"storage.uri={tmp_path}",
-                   "tracking=none"], timeout=600, RAY_AUTH_MODE=None, RAY_AUTH_TOKEN=None)
+                   "tracking=none"], timeout=600, RAY_AUTH_MODE=None, RAY_AUTH_TOKEN=None,
+                  RAY_ADDRESS=None)
     assert out.returncode == 0, out.stderr[-3000:]
+    console = out.stdout + out.stderr
+    for noise in ("Found multiple active Ray instances",  # a helper looking for its cluster
+                  "Failed to query Ray Train Controller",  # the PG cleaner, asking the other one
+                  "Reporting training result", "TrainingReport(", "PreemptionWatcher",
+                  "Token authentication is enabled"):
+        assert noise not in console, f"{noise!r} in the console:\n{console[-3000:]}"
     (record_path,) = tmp_path.glob("runs/adult_mlp-*/run.json")
     rec = json.loads(record_path.read_text())
     assert rec["status"] == "finished" and rec["test"]["test/auc"] >= 0.90
@@ -79,6 +92,19 @@ def test_make_train_job_standalone_gives_the_parents_weights(tmp_path):
         assert where in out.stdout
     assert str(record_path.parent) in out.stdout
     assert rec["run_name"] == PARENT_RUN
+    # one line per epoch (the README's promise; Ray forwards them from the Train controller,
+    # in their own time), and the summary; nothing else
+    lines = out.stdout.splitlines()
+    assert len([x for x in lines if "[mlops_ray] epoch" in x]) == len(rec["history"])
+    header, *rest = [x for x in lines if "[mlops_ray] epoch" not in x]
+    assert header.startswith(f"run {rec['run_name']}: starting in {rec['run_uri']}") \
+        and [x.split()[0] for x in rest] == [x.split()[0] for x in summary_lines(rec)], \
+        out.stdout  # (the record on disk has its keys sorted)
+    # on stderr, one line: that this run did not join the other cluster, and how it could
+    (warning,) = out.stderr.splitlines()
+    assert re.fullmatch(rf"warning: another Ray cluster \({ray_2_cpus}\) is this machine's "
+                        rf"default; this run uses a new local one \(\S+\)\. To use that "
+                        rf"cluster instead, set ray.address={ray_2_cpus}", warning), warning
     latest = Path(rec["checkpoints"]["latest"].removeprefix("file://"), "state.pt")
     state = torch.load(latest, map_location="cpu", weights_only=False)["model"]
     assert weights_hash(state) == PARENT_WEIGHTS

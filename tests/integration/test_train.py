@@ -15,7 +15,7 @@ from mlops_ray.config.compose import compose
 from mlops_ray.config.train import TrainJob
 from mlops_ray.data import dataset_version, load_table
 from mlops_ray.train.driver import run_training
-from tests.conftest import wait_until
+from tests.conftest import wait_until, wandb_history
 
 pytestmark = pytest.mark.ray
 
@@ -29,14 +29,28 @@ def final_weights(record: dict) -> dict[str, torch.Tensor]:
     return torch.load(Path(path) / "state.pt", weights_only=False)["model"]
 
 
-def test_run_record_lineage_metrics_and_wandb_on_two_ddp_workers(ray_2_cpus, tmp_path):
+def test_run_record_lineage_metrics_and_wandb_on_two_ddp_workers(ray_2_cpus, tmp_path, gate):
+    """DDP over two Train workers: the run record's lineage, and W&B written by rank 0 as it
+    trains (held in its last epoch, the W&B run already exists in the worker), one W&B run
+    id for the loop and the driver's summary."""
+    from mlops_ray.cluster.rehearsal import Background
+    gate.hold(epoch=2, step=1)
     cfg = job_cfg("+experiment=german_mlp", f"storage.uri={tmp_path}", "train.epochs=3",
                   "train.early_stopping=null", "scaling.num_workers=2",
                   "scaling.resources_per_worker.CPU=0.5")
-    rec = run_training(cfg)
+    run = cfg.run_name(dataset_version(load_table("builtin://german")))
+    bg = Background(lambda: run_training(cfg))
+    try:
+        wait_until(lambda: len(gate.events("waiting")) == 2 or bg.done(), 180,
+                   what="both ranks held in the last epoch")
+        assert not bg.done(), bg.result(1)
+        live = list((tmp_path / "wandb").glob(f"wandb/offline-run-*-{run}"))
+        assert len(live) == 1, "rank 0 opens its W&B run when training starts, not at the end"
+    finally:
+        gate.release()
+    rec = bg.result(300)
     on_disk = json.loads((tmp_path / "runs" / rec["run_name"] / "run.json").read_text())
-    assert on_disk["status"] == "finished" and on_disk["run_name"] == cfg.run_name(
-        dataset_version(load_table("builtin://german")))
+    assert on_disk["status"] == "finished" and on_disk["run_name"] == run
     assert on_disk["world_size"] == 2  # DDP over two Train workers
     assert on_disk["dataset"]["version"] == dataset_version(load_table("builtin://german"))
     assert on_disk["config"]["model"]["hidden"] == [64, 32] and len(on_disk["config_hash"]) == 12
@@ -45,8 +59,14 @@ def test_run_record_lineage_metrics_and_wandb_on_two_ddp_workers(ray_2_cpus, tmp
     assert [m["epoch"] for m in on_disk["history"]] == [0, 1, 2]
     assert 0.6 < on_disk["test"]["test/auc"] <= 1.0
     assert Path(on_disk["checkpoints"]["best"].removeprefix("file://"), "state.pt").exists()
-    wandb_dir = Path(on_disk["tracking_dir"])
-    assert list(wandb_dir.rglob("*.wandb")), "offline W&B run file missing"
+    # the loop's W&B run holds one history row per epoch; the driver's summary continues the
+    # same run id in a second offline folder (`wandb sync` uploads both into one run)
+    runs = sorted((tmp_path / "wandb").glob(f"wandb/offline-run-*-{run}"))
+    assert len(runs) == 2 and runs[0] == live[0] and Path(on_disk["tracking_dir"]) == runs[1]
+    rows = wandb_history(live[0] / f"run-{run}.wandb")
+    assert [(r["_step"], r["epoch"]) for r in rows] == [(0, 0), (1, 1), (2, 2)]
+    assert [r["val/auc"] for r in rows] == [m["val/auc"] for m in on_disk["history"]]
+    assert wandb_history(runs[1] / f"run-{run}.wandb") == []  # the summary only
 
 
 ADULT_SHORT = ["+experiment=adult_mlp", "train.epochs=3", "train.early_stopping=null",

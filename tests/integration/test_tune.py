@@ -18,7 +18,7 @@ from mlops_ray.config.train import TrainJob
 from mlops_ray.config.tune import TuneJob
 from mlops_ray.data import dataset_version, load_table
 from mlops_ray.tune.tuner import run_tuning, study_name, with_tuned_params
-from tests.conftest import REPO, job_env, wait_until
+from tests.conftest import REPO, job_env, wait_until, wandb_group, wandb_history
 
 pytestmark = pytest.mark.ray
 
@@ -33,7 +33,8 @@ def tune_cfg(*overrides: str) -> dict:
 def test_tpe_asha_summary_best_run_and_retrain(ray_2_cpus, tmp_path):
     # one trial at a time: ASHA's decisions then depend on the values alone, not on which of
     # two concurrent trials reaches a rung first
-    job = tune_cfg(*GERMAN, f"storage.uri={tmp_path}", "tune.num_samples=6",
+    with_wandb = [a for a in GERMAN if a != "tracking=none"] + ["tracking=wandb"]
+    job = tune_cfg(*with_wandb, f"storage.uri={tmp_path}", "tune.num_samples=6",
                    "tune.max_concurrent_trials=1")
     s = run_tuning(job)
     on_disk = json.loads((tmp_path / "tune" / s["study"] / "tune.json").read_text())
@@ -41,6 +42,11 @@ def test_tpe_asha_summary_best_run_and_retrain(ray_2_cpus, tmp_path):
     assert any(t["status"] == "EARLY_STOPPED" and t["epochs"] < 6 for t in on_disk["trials"]), \
         "ASHA stopped no trial early"
     assert on_disk["total_epochs"] < 6 * 6
+    # each trial is its own W&B run, grouped by the study, with a row per epoch it trained
+    for t in on_disk["trials"]:
+        (run_file,) = (tmp_path / "wandb").glob(f"wandb/offline-run-*-trial-{t['trial_id']}/*.wandb")
+        assert wandb_group(run_file) == s["study"]
+        assert [r["epoch"] for r in wandb_history(run_file)] == list(range(t["epochs"]))
     assert (tmp_path / "tune" / s["study"] / "tune_curve.png").stat().st_size > 1000
     best = on_disk["best"]
     assert best["value"] == max(t["final_value"] for t in on_disk["trials"]

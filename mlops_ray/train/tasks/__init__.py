@@ -20,6 +20,7 @@ class Task:
     finish: Callable[[dict[str, Any], Any], None] = lambda record, best: None  # e.g. test metrics
     record: dict[str, Any] = field(default_factory=dict)  # extra run.json fields
     step_key: str = "epoch"  # what numbers the W&B steps
+    live_tracking: bool = False  # the loop logs to W&B itself as it goes (rank 0)
 
 
 def task_for(job: Any, prepared: Any = None) -> Task:

@@ -20,6 +20,7 @@ from sklearn.metrics import roc_auc_score
 from mlops_ray.artifacts import checkpoint as ckpt_io
 from mlops_ray.config.base import Strict
 from mlops_ray.config.train import EarlyStopCfg, FairnessPenaltyCfg, TrainJob
+from mlops_ray.tracking import Live
 from mlops_ray.train import session as sessions
 from mlops_ray.train.spot import EarlyStopping, Spot, seed_for
 from mlops_ray.train.tasks import Task
@@ -51,12 +52,14 @@ class TabularLoopCfg(Strict):
     step_log: str | None = None  # test seams (train/spot.py, train/gate.py)
     step_gate: str | None = None
     data_ref: Any = None  # the arrays in Ray's object store (None: the session has them)
+    tracking: dict[str, Any] | None = None  # W&B, logged live by rank 0 (+ dir, group)
 
 
 def loop_config(job: TrainJob, feature_names: list[str], preprocessor: dict[str, Any],
                 run_name: str, data_ref: Any = None) -> TabularLoopCfg:
     import os
 
+    from mlops_ray.tracking import local_dir
     from mlops_ray.train.gate import from_env
     t, ck = job.train, job.checkpoint
     return TabularLoopCfg(
@@ -69,7 +72,9 @@ def loop_config(job: TrainJob, feature_names: list[str], preprocessor: dict[str,
         preemption_grace_s=job.failure.preemption_grace_s,
         score_attribute=ck.checkpoint_score_attribute, feature_names=feature_names,
         preprocessor=preprocessor, step_log=os.environ.get("MLOPS_RAY_STEP_LOG"),
-        step_gate=from_env(), data_ref=data_ref)
+        step_gate=from_env(), data_ref=data_ref,
+        tracking=None if job.tracking.backend == "none" else {
+            **job.tracking.plain(), "dir": local_dir(job.storage.plain()), "group": None})
 
 
 def arrays(prepared: Any, penalty_attr: str | None = None) -> dict[str, np.ndarray]:
@@ -174,6 +179,8 @@ def train_loop_per_worker(config: dict[str, Any], session: Any = None) -> dict[s
         if keep and rank == 0:
             session.publish({"checkpoint_seconds": spot.ckpt_s}, c.run_name)
 
+    live = Live(c.tracking, c.run_name, rank, {"model": c.model, "optim": c.optim, "seed": seed,
+                                               "batch_size": c.batch_size, "epochs": epochs})
     last: dict[str, Any] = history[-1] if history else {}
     stop = stopped  # a run that stopped early stays stopped when rerun
     session.publish({"preemptions_survived": spot.survived, "restarts": spot.restarts,
@@ -236,11 +243,13 @@ def train_loop_per_worker(config: dict[str, Any], session: Any = None) -> dict[s
         keep, draining = spot.at_epoch_end(epoch + 1, done)
         loss_sum = 0.0
         report(metrics, epoch + 1, 0, keep, jit=draining)
+        live.log(metrics, step=epoch)  # after the report: W&B shows what was checkpointed
         if draining and not done:
             spot.hold()
         if stop:
             break
     spot.close()
+    live.finish()
     return {"history": history, "restored_from": restored_from, "stopped_early": stop,
             "preemptions_survived": spot.survived, "restarts": spot.restarts,
             "rank": rank, "world_size": world}
@@ -294,6 +303,7 @@ def make(job: TrainJob, prepared: Any = None) -> Task:
         record["test"] = test_metrics(best, prepared)
 
     return Task(name="tabular", loop=train_loop_per_worker, loop_config=loop_cfg,
+                live_tracking=job.tracking.backend != "none",
                 data_version=prepared.version,
                 dataset={"name": job.dataset.name, "uri": job.dataset.uri,
                          **prepared.summary()},
