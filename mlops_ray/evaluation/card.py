@@ -240,6 +240,11 @@ def _markdown(report: Mapping[str, Any], plots: Mapping[str, Path]) -> str:
         else:
             md += [f"Decision rule: threshold {_f(t.get('value'))}, chosen on validation "
                    f"rows by {t.get('objective')} (**unmitigated**).", ""]
+        if r := t.get("max_rate_ratio"):
+            md += [f"Why this threshold: among thresholds whose predicted-positive rate on "
+                   f"validation rows stays within 1/{r:g}x-{r:g}x the base rate, the best by "
+                   f"{t.get('objective')}; unconstrained, F1 can put most rows positive on "
+                   "balanced data (`threshold.max_rate_ratio`, null for plain F1).", ""]
     cis = test.get("ci") or {}
     md += _table(["metric", "value", "95% CI"],
                  [[f"`{k}`", _f(v), _ci(*cis[k]) if k in cis else "-"]

@@ -89,7 +89,12 @@ def test_unsupported_storage_scheme():
 
 
 def test_dataset_label_cannot_be_a_feature():
-    assert "also listed as a feature" in _errors(["dataset.label=age"])
+    # a cross-field error is its message only: no dump of the dataset section before it
+    assert _errors(["dataset.label=age"]) == (
+        "invalid config (1 problem(s)):\n  - dataset.label='age' is also listed as a feature")
+    assert _errors(["dataset.pii=[age]"]) == (
+        "invalid config (1 problem(s)):\n  - dataset.pii: 'age' is PII and cannot also be a "
+        "feature, label or sensitive attribute")
 
 
 def test_several_problems_reported_together():

@@ -367,7 +367,7 @@ def test_model_card_files(tmp_path):
         "cv": {"k": 3, "folds": folds, "summary": {"cv/auc_mean": 0.89, "cv/auc_std": 0.01,
                                                   "cv/auc_ci_low": 0.865, "cv/auc_ci_high": 0.915}},
         "test": {"metrics": {"test/auc": metrics["test/auc"]}, "ci": {"test/auc": [0.8, 0.9]}},
-        "threshold": {"objective": "f1", "value": 0.5},
+        "threshold": {"objective": "f1", "value": 0.5, "max_rate_ratio": 1.5},
         "fairness": fair,
         "mitigation": {"name": "threshold_optimizer", "constraint": "equalized_odds",
                        "attribute": "sex", "requires_sensitive_at_prediction": True,
@@ -394,6 +394,7 @@ def test_model_card_files(tmp_path):
     # which figures are of mitigated labels, both rules, and what each gate compared
     assert "**mitigated**, group thresholds on `sex`" in md
     assert "unmitigated threshold would be 0.5" in md
+    assert "within 1/1.5x-1.5x the base rate, the best by f1" in md  # the threshold's rationale
     assert "| gate | metric | compared | op | threshold | point |" in md
     assert "needed at prediction time" in md and "## Champion comparison" in md
     assert "`adult_mlp-abc`" in md and "**Gate verdict: FAIL**" in md
