@@ -67,6 +67,11 @@ def test_run_record_lineage_metrics_and_wandb_on_two_ddp_workers(ray_2_cpus, tmp
     assert [(r["_step"], r["epoch"]) for r in rows] == [(0, 0), (1, 1), (2, 2)]
     assert [r["val/auc"] for r in rows] == [m["val/auc"] for m in on_disk["history"]]
     assert wandb_history(runs[1] / f"run-{run}.wandb") == []  # the summary only
+    import subprocess
+    import sys
+    sync = subprocess.run([str(Path(sys.executable).parent / "wandb"), "sync", "--dry-run",
+                           *map(str, runs)], capture_output=True, text=True, timeout=120)
+    assert "Would sync 2 run(s)" in sync.stdout + sync.stderr, sync.stdout + sync.stderr
 
 
 ADULT_SHORT = ["+experiment=adult_mlp", "train.epochs=3", "train.early_stopping=null",

@@ -74,6 +74,29 @@ def until(cond, what: str, run: Background, timeout: float = 300):
         raise
 
 
+def lose(cluster: LocalCluster, node_id: str, gate, run: Background) -> None:
+    """A VM pulled away: its Ray node dies and every process on it with it, at once. (Ray's
+    workers notice their raylet's death later, in their own time: a held worker released
+    before then could still finish steps, and checkpoints, for a node that is gone.)"""
+    import os
+    import signal
+    pids = [e["pid"] for e in gate.events("waiting") if e["node_id"] == node_id]
+    assert pids, f"no held process on node {node_id}"
+    cluster.kill(cluster.node(node_id))
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass  # gone with its raylet already
+
+    def gone(pid: int) -> bool:
+        try:
+            return "\nState:\tZ" in Path(f"/proc/{pid}/status").read_text()  # dead, unreaped
+        except FileNotFoundError:
+            return True
+    until(lambda: all(gone(p) for p in pids), "the lost node's held processes gone", run, 60)
+
+
 def final_weights(rec: dict) -> dict:
     path = Path(rec["checkpoints"]["latest"].removeprefix("file://"), "state.pt")
     return torch.load(path, map_location="cpu", weights_only=False)["model"]
@@ -100,7 +123,7 @@ def test_node_loss_resumes_to_identical_weights(cluster, reference, tmp_path, ga
     until(lambda: "checkpoint_e0002_s00000" in committed(rd), "epoch 1's checkpoint committed",
           run)
     (victim,) = gate.events("waiting", rank=1)
-    cluster.kill(cluster.node(victim["node_id"]))  # hard loss: no drain, no notice
+    lose(cluster, victim["node_id"], gate, run)  # hard loss: no drain, no notice
     gate.release()
     cluster.add()                      # what the autoscaler does
     rec = run.result(600)
@@ -191,7 +214,7 @@ def test_node_loss_during_tuning_resumes_trials(cluster, tmp_path, gate):
     assert actor.node_id == held["node_id"]
     (trial_dir,) = (tmp_path / "tune").glob(f"*/trial_{trial_id}")
     assert (trial_dir / "checkpoint_000002").is_dir()  # it has a checkpoint to resume from
-    cluster.kill(cluster.node(actor.node_id))
+    lose(cluster, actor.node_id, gate, run)
     gate.release()
     cluster.add()
     s = run.result(900)
@@ -217,7 +240,7 @@ def test_elastic_run_shrinks_and_grows_back(cluster, tmp_path, gate):
     until(lambda: "checkpoint_e0003_s00000" in committed(rd), "epoch 2's checkpoint committed",
           run)
     (victim,) = gate.events("waiting", rank=1, world=2)
-    cluster.kill(cluster.node(victim["node_id"]))
+    lose(cluster, victim["node_id"], gate, run)
     gate.hold(epoch=5, step=10)  # the shrunk run trains epochs 3 and 4 on the node left
     until(lambda: gate.events("waiting", world=1, epoch=5), "1 worker held at epoch 5", run)
     until(lambda: "checkpoint_e0005_s00000" in committed(rd), "epoch 4's checkpoint committed",
