@@ -72,14 +72,13 @@ class Live:
 
 
 def log_run(record: dict[str, Any], tracking: dict[str, Any], local_dir: str | Path,
-            group: str | None = None, step_key: str = "epoch",
-            history: bool = True) -> str | None:
+            step_key: str = "epoch", history: bool = True) -> str | None:
     """Log a finished run's summary (and its history unless the loop logged it live); returns
     the W&B run directory (or None). Each history entry is one W&B step, numbered by its
     `step_key` value."""
     if tracking.get("backend", "none") == "none":
         return None
-    run = _init(tracking, record["run_name"], local_dir, group, record["config"])
+    run = _init(tracking, record["run_name"], local_dir, None, record["config"])
     for m in record.get("history", []) if history else []:
         run.log(numeric(m), step=int(m[step_key]))
     for k, v in {**record.get("best", {}), **record.get("test", {})}.items():
