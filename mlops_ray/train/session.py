@@ -33,15 +33,15 @@ def quiet_report_lines() -> None:
     report, on a logger named after its file (outside `ray.train`, so RunConfig's
     LoggingConfig misses it): hold it to the run's Train log level (`ray.train_log_level`,
     WARNING by default); our own one line per epoch is the progress."""
+    import contextlib
     import logging
 
     from ray.train.v2._internal.execution import context as train_context
     level = "WARNING"
-    try:
+    # Ray-internal API: if it moves, the documented default (WARNING) stands
+    with contextlib.suppress(Exception):
         config = train_context.get_train_context().train_run_context.get_run_config()
         level = config.logging_config.log_level if config.logging_config else level
-    except Exception:  # noqa: BLE001, S110 - Ray-internal; the default is the documented one
-        pass
     logging.getLogger(train_context.__file__).setLevel(level)
 
 
