@@ -7,6 +7,9 @@ PY := $(VENV)/bin/python
 # the multi-GB CUDA build, or pick a CUDA index for GPUs (TORCH_INDEX=.../whl/cu128).
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
+# XGBoost likewise: the CPU-only wheel (5 MB); GPU users take XGBOOST_SPEC=xgboost==3.0.5 (its
+# manylinux wheel carries the CUDA kernels for scaling=gpu)
+XGBOOST_SPEC ?= xgboost-cpu==3.0.5
 # every dependency at the version the project is tested with (LOCK= installs the open ranges)
 LOCK ?= requirements.lock
 EXPERIMENT ?= adult_mlp
@@ -25,7 +28,7 @@ $(VENV)/.installed: pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(PY) -m pip install -q $(if $(LOCK),-c $(LOCK)) -e ".[test]"
+	$(PY) -m pip install -q $(if $(LOCK),-c $(LOCK)) "$(XGBOOST_SPEC)" -e ".[test]"
 	touch $@
 
 install: $(VENV)/.installed ## create .venv and install the project (pinned CPU torch)
@@ -65,7 +68,7 @@ bench: install ## benchmarks (not part of make test): training overhead vs bare 
 
 lock: ## regenerate requirements.lock from a fresh install of pyproject.toml's ranges
 	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
-	.lock-venv/bin/pip install -q "$(TORCH_SPEC)" && .lock-venv/bin/pip install -q -e ".[test]"
+	.lock-venv/bin/pip install -q "$(TORCH_SPEC)" && .lock-venv/bin/pip install -q "$(XGBOOST_SPEC)" -e ".[test]"
 	{ sed -n '1,3p' requirements.lock; .lock-venv/bin/pip freeze --exclude-editable \
 	  | sed -E 's/^(torch==[^+]*)\+.*/\1/'; } > requirements.lock.tmp
 	mv requirements.lock.tmp requirements.lock && rm -rf .lock-venv

@@ -43,3 +43,15 @@ def compose(config_name: str, overrides: list[str] | None = None) -> dict[str, A
 def job(config_name: str, schema: type[M], overrides: list[str] | None = None) -> M:
     """compose + validate: the job's typed config from command-line style overrides."""
     return validate(compose(config_name, overrides), schema)
+
+
+def group_option(group: str, option: str, field: str | None = None) -> dict[str, Any]:
+    """One option of a config group on its own (`conf/<group>/<option>.yaml`), e.g. a pipeline
+    candidate's model; ConfigError naming `field`, the value and the options there are."""
+    path = CONF_DIR / group / f"{option}.yaml"
+    if not option.replace("_", "").replace("-", "").isalnum() or not path.is_file():
+        options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+        raise ConfigError(f"{field or group}: {option!r} is not an option of conf/{group}/ "
+                          f"(allowed: {', '.join(options)})")
+    from omegaconf import OmegaConf
+    return to_dict(OmegaConf.load(path))

@@ -29,6 +29,9 @@ class SmokeCfg(Strict):
 class PipelineJob(TrainJob, EvaluateSections, PromoteSections):
     run: str | None = None  # type: ignore[assignment]  # optional here: train makes it
     stages: list[Stage] = list(PIPELINE_STAGES)
+    # model groups (conf/model/<name>.yaml) to race through the same gates; the best passing
+    # one (by cv/auc_mean) is promoted. Empty: this job's own model only
+    candidates: list[str] = []
     trigger: str | None = None
     tune: PipelineTuneCfg = PipelineTuneCfg()
     space: dict[str, ParamSpec] = {}
@@ -52,6 +55,13 @@ class PipelineJob(TrainJob, EvaluateSections, PromoteSections):
                      "folder> to start from")
         if "train" in self.stages and self.run:
             p.append(f"run={self.run!r} with a train stage: drop one (run= starts after train)")
+        if len(set(self.candidates)) != len(self.candidates):
+            p.append(f"candidates={self.candidates}: list each model once")
+        if self.candidates and "train" not in self.stages:
+            p.append(f"candidates={self.candidates} race trained models: keep the train stage")
+        if self.candidates and self.tune.enabled:
+            p.append(f"candidates={self.candidates} with tune.enabled=true: the search space "
+                     "is one model's; tune each experiment, or race them untuned")
         if self.tune.enabled:
             if not self.space:
                 p.append("tune.enabled=true needs a search space (conf/space/<experiment>.yaml)")

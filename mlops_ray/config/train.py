@@ -91,6 +91,32 @@ class ModelCfg(Strict):
         return {"_target_": self.target, **(self.model_extra or {})}
 
 
+# mlops_ray.models.trees.TARGET (config does not import the models: torch)
+TREES_TARGET = "mlops_ray.models.trees.Trees"
+
+
+class TreesCfg(Strict):
+    """`model=xgboost` / `model=lightgbm`: the booster's parameters under portable names
+    (train/tasks/trees.py maps them onto the library's). Checkpoints every
+    rounds_per_report x checkpoint.every_n_epochs rounds; early stopping uses
+    train.early_stopping's metric and mode with `early_stopping_rounds` as its patience."""
+    target: str = Field(alias="_target_")
+    library: Literal["xgboost", "lightgbm"]
+    num_boost_round: int = Field(1000, ge=1, le=100_000)
+    learning_rate: float = Field(0.05, gt=0, le=1)
+    max_depth: int = Field(6, ge=-1, le=64)  # lightgbm: -1 = no limit
+    min_child_weight: float = Field(1.0, ge=0)  # xgboost
+    num_leaves: int = Field(31, ge=2, le=131_072)  # lightgbm
+    min_child_samples: int = Field(20, ge=1)  # lightgbm
+    subsample: float = Field(1.0, gt=0, le=1)  # row sampling per round
+    colsample_bytree: float = Field(1.0, gt=0, le=1)  # feature sampling per tree
+    reg_lambda: float = Field(1.0, ge=0)
+    reg_alpha: float = Field(0.0, ge=0)
+    max_bin: int = Field(256, ge=2, le=65_535)
+    early_stopping_rounds: int | None = Field(50, ge=1)
+    rounds_per_report: int = Field(25, ge=1)  # one report (an "epoch" of the run record)
+
+
 class OptimCfg(Strict):
     model_config = ConfigDict(extra="allow", populate_by_name=True, protected_namespaces=())
     target: str = Field(alias="_target_")
@@ -283,6 +309,8 @@ class TrainJob(RunSections):
         if es:
             p += check_metric("train.early_stopping.metric", es.metric)
         fp = self.train.fairness_penalty
+        if self.is_trees():
+            p += self._trees(fp)
         if fp.kind != "none" and fp.weight <= 0:
             p.append(f"train.fairness_penalty.kind='{fp.kind}' needs weight > 0 (got {fp.weight})")
         if fp.kind != "none":
@@ -292,6 +320,36 @@ class TrainJob(RunSections):
                          f"dataset.sensitive={self.dataset.sensitive}")
         problems(p, self._fits(info))
         return self
+
+    def is_trees(self) -> bool:
+        return self.model.target == TREES_TARGET
+
+    def _trees(self, fp: FairnessPenaltyCfg) -> list[str]:
+        """The booster's parameters checked, defaults filled in (they are part of the hash)."""
+        from pydantic import ValidationError
+        try:
+            full = TreesCfg.model_validate(self.model.spec())
+        except ValidationError as e:
+            return [f"model.{'.'.join(map(str, err['loc']))}={err.get('input')!r}: {err['msg']}"
+                    for err in e.errors()]
+        other = ("num_leaves", "min_child_samples") if full.library == "xgboost" \
+            else ("min_child_weight",)  # the other library's knobs: not this model's
+        self.model = ModelCfg.model_validate(
+            {k: v for k, v in full.plain().items() if k not in other})
+        p = []
+        import importlib.util
+        if importlib.util.find_spec(full.library) is None:
+            p.append(f"model.library={full.library}: the {full.library} package is not installed "
+                     "(pip install 'mlops_ray[trees]' for XGBoost with GPU kernels, or "
+                     "xgboost-cpu==3.0.5; LightGBM comes with mlops_ray)")
+        if fp.kind != "none":
+            p.append(f"train.fairness_penalty.kind='{fp.kind}' is not available for "
+                     f"model.library={full.library} (the in-training penalty is the MLP's), but "
+                     "the gates' fairness post-processing (evaluate's mitigation) still applies")
+        if self.scaling.use_gpu and full.library == "lightgbm":
+            p.append("scaling.use_gpu=true with model.library=lightgbm needs a CUDA build of "
+                     "LightGBM; the pip wheel is CPU-only (use model=xgboost on GPUs)")
+        return p
 
     def penalty_attribute(self) -> str | None:
         """The sensitive attribute of the in-training fairness penalty (None: no penalty)."""

@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from mlops_ray.config.base import DbCfg, Strict, problems
+from mlops_ray.config.evaluate import FairnessCfg, GatesCfg, ThresholdCfg
 from mlops_ray.config.train import TRAIN_METRICS, TrainJob
 
 
@@ -64,6 +65,11 @@ class TuneCfg(Strict):
     # drivers on on-demand nodes
     driver_resources: dict[str, float] = {"CPU": 0.01}
     cluster_cpus: int | None = Field(None, ge=1)  # for the fit check on a remote cluster
+    # the promotion gates as Optuna constraints, estimated on each trial's validation rows
+    # (evaluation/feasibility.py); the study's best is its best feasible trial
+    gate_aware: bool = True
+    gate_min_group_rows: int = Field(100, ge=1)  # smaller validation groups: not constrained
+    gate_n_boot: int = Field(100, ge=10)  # bootstrap resamples of the estimated CIs
 
     def backend(self, workers: int) -> str:
         if self.trial_backend == "auto":
@@ -77,6 +83,10 @@ class TuneSections(Strict):
     scheduler: SchedulerCfg = SchedulerCfg()
     tune: TuneCfg = TuneCfg()
     db: DbCfg = DbCfg()
+    # what the evaluation will judge (conf/gates, and the threshold / fairness of _judging.yaml)
+    gates: GatesCfg | None = None
+    threshold: ThresholdCfg = ThresholdCfg()
+    fairness: FairnessCfg = FairnessCfg()
 
 
 TUNE_KEYS = tuple(TuneSections.model_fields)
@@ -126,9 +136,11 @@ class TuneJob(TrainJob, TuneSections):
                      f"worker(s) x {self.scaling.per_worker('CPU')} CPU needs {want:g} CPUs, but "
                      f"the cluster has {cpus} (lower tune.max_concurrent_trials or the workers, "
                      "or set tune.cluster_cpus to the autoscaler's limit)")
-        if self.scheduler.max_t is not None and self.scheduler.max_t > self.train.epochs:
-            p.append(f"scheduler.max_t={self.scheduler.max_t} exceeds train.epochs="
-                     f"{self.train.epochs}")
+        if self.scheduler.max_t is not None and self.scheduler.max_t > self.reports():
+            p.append(f"scheduler.max_t={self.scheduler.max_t} exceeds the reports a trial "
+                     f"makes ({self.reports()}: " + ("model.num_boost_round / "
+                                                      "model.rounds_per_report)" if
+                                                      self.is_trees() else "train.epochs)"))
         problems(p)
         return self
 
@@ -136,5 +148,12 @@ class TuneJob(TrainJob, TuneSections):
         """The train config the trials start from (what `space` keys point into)."""
         return TrainJob.model_construct(**{k: getattr(self, k) for k in TrainJob.model_fields})
 
+    def reports(self) -> int:
+        """How many reports (epochs of the run record) a full trial makes."""
+        if self.is_trees():
+            spec = self.model.spec()
+            return -(-int(spec["num_boost_round"]) // int(spec["rounds_per_report"]))
+        return self.train.epochs
+
     def max_t(self) -> int:
-        return self.scheduler.max_t or self.train.epochs
+        return self.scheduler.max_t or self.reports()

@@ -224,6 +224,11 @@ def _markdown(report: Mapping[str, Any], plots: Mapping[str, Path]) -> str:
         md += ["## Training configuration", "",
                *_table(["key", "value"], [[f"`{k}`", v] for k, v in _flat(report["config"])])]
 
+    if report.get("feature_importance"):
+        md += ["## Feature importance (share of the booster's total gain, top features)", "",
+               *_table(["feature", "share"], [[f"`{k}`", _f(v, 3)] for k, v in
+                                              report["feature_importance"].items()])]
+
     test = report.get("test") or {}
     md += ["## Test metrics", ""]
     if report.get("threshold"):

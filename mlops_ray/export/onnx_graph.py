@@ -20,6 +20,7 @@ import numpy as np
 from mlops_ray.errors import ExportError
 
 OPSET = 20  # Equal on strings needs opset 19; onnxruntime >= 1.17 runs 20
+TREE_OPSET = 15  # the highest onnxmltools' tree converters target
 RESERVED = ("probability", "label")  # output names; the prefixes below name internal tensors
 PREFIXES = ("pre/", "net/", "post/")
 
@@ -39,9 +40,47 @@ def _quiet() -> Iterator[None]:
         logger.setLevel(level)
 
 
+def export_trees(model: Any, n_features: int) -> Any:
+    """A booster (mlops_ray.models.trees.Trees) as features [N, F] float32 -> probability [N],
+    by onnxmltools' converter. Its known gaps (e.g. some base_score and sampling settings)
+    show up as a failed parity check, never as a written bundle."""
+    import onnxmltools
+    from onnx import helper, numpy_helper
+    from onnxmltools.convert.common.data_types import FloatTensorType
+    kinds = [("features", FloatTensorType([None, n_features]))]
+    convert = (onnxmltools.convert_xgboost if model.library == "xgboost"
+               else onnxmltools.convert_lightgbm)
+    try:
+        with _quiet():
+            kwargs = {"zipmap": False} if model.library == "lightgbm" else {}
+            proto = convert(model.booster, initial_types=kinds, target_opset=TREE_OPSET, **kwargs)
+    except Exception as e:  # the converters raise many types; all mean "not exportable"
+        raise ExportError(f"onnxmltools could not convert the {model.library} booster: "
+                          f"{str(e).splitlines()[0]}") from None
+    g = proto.graph
+    probs = next(o.name for o in g.output if o.type.tensor_type.elem_type == 1)  # float
+    # column 1 of [N, 2] class probabilities is the positive class's
+    g.initializer.append(numpy_helper.from_array(np.array([1], dtype=np.int64), "tree_pos"))
+    g.node.append(helper.make_node("Gather", [probs, "tree_pos"], ["tree_p1"], axis=1))
+    g.node.append(helper.make_node("Flatten", ["tree_p1"], ["tree_flat"], axis=0))
+    g.node.append(helper.make_node("Squeeze", ["tree_flat", "tree_zero"], ["probability"]))
+    g.initializer.append(numpy_helper.from_array(np.array([0], dtype=np.int64), "tree_zero"))
+    del g.output[:]
+    g.output.append(helper.make_tensor_value_info("probability", 1, ["batch"]))
+    # the main graph's opset (20) runs these nodes; the tree ensemble keeps its ai.onnx.ml one
+    del proto.opset_import[:]
+    proto.opset_import.extend([helper.make_opsetid("", OPSET),
+                               helper.make_opsetid("ai.onnx.ml", 3)])
+    return proto
+
+
 def export_network(model: Any, n_features: int) -> Any:
     """features [N, F] float32 -> sigmoid(model(features)), as an ONNX ModelProto."""
     import torch
+
+    from mlops_ray.models.trees import Trees
+    if isinstance(model, Trees):
+        return export_trees(model, n_features)
 
     class Head(torch.nn.Module):
         def __init__(self, net: torch.nn.Module):

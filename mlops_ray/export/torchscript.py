@@ -61,6 +61,10 @@ class Folded(torch.nn.Module):
 
 def build(model: torch.nn.Module, pre: Any, threshold: float) -> bytes:
     """The saved TorchScript module (bytes for torch.jit.load)."""
+    from mlops_ray.models.trees import Trees
+    if isinstance(model, Trees):  # a booster is not torch code: tracing would bake in one batch
+        raise ExportError(f"format=torchscript: a {model.library} model is a booster, not a "
+                          "torch network; export it with format=onnx")
     try:
         with warnings.catch_warnings():  # torch.jit's deprecation notes, tracer hints
             warnings.simplefilter("ignore")

@@ -1,4 +1,4 @@
-"""Plain torch.nn.Modules (no Ray, no Hydra), and the allowlist of model builders.
+"""Plain torch.nn.Modules (no Ray, no Hydra; trees wrap their booster as one), and the allowlist of model builders.
 
 A checkpoint or registry version names its model as `{_target_: <builder>, **arguments}`
 (meta.json). Reading one back builds only a builder listed in BUILDERS, with plain JSON values
@@ -9,12 +9,15 @@ from typing import Any
 
 from mlops_ray.models.gpt import GPT, GPTConfig, build_gpt
 from mlops_ray.models.mlp import MLP
+from mlops_ray.models.trees import TARGET as TREES
+from mlops_ray.models.trees import Trees
 
-__all__ = ["BUILDERS", "GPT", "GPTConfig", "MLP", "build_model", "register_builder"]
+__all__ = ["BUILDERS", "GPT", "GPTConfig", "MLP", "Trees", "build_model", "register_builder"]
 
 BUILDERS: dict[str, Callable[..., Any]] = {
     "mlops_ray.models.mlp.MLP": MLP,
     "mlops_ray.models.gpt.build_gpt": build_gpt,
+    TREES: Trees,
 }
 _PLAIN = (str, int, float, bool, type(None))
 

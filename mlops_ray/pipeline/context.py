@@ -25,6 +25,8 @@ class Context:
     run_store: Any = None
     prod: Any = None  # production's version before this pipeline
     already: bool = False  # production already is this run
+    tag: str = ""  # a raced candidate's stages: "train[xgboost]"
+    report: dict[str, Any] | None = None  # the evaluate stage's gate report
 
     @property
     def model(self) -> str:
@@ -33,6 +35,7 @@ class Context:
     @contextmanager
     def stage(self, name: str) -> Iterator[dict[str, Any]]:
         """Run a stage: print its header, time it, record done / skipped / failed."""
+        name += self.tag
         n = self.names.index(name) + 1 if name in self.names else len(self.done) + 1
         self.log(f"== [{n}/{len(self.names)}] {name}")
         entry: dict[str, Any] = {"stage": name, "status": "done", "output": None, "note": ""}

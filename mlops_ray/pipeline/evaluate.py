@@ -214,7 +214,9 @@ def run_evaluation(job: EvaluateJob, log: Any = print, prepared: Prepared | None
         "data": {"dataset": cfg["dataset"]["name"], "rows": rec["dataset"]["splits"],
                  "positive_rate": {"all": rec["dataset"]["positive_rate"],
                                    "test": float(y_test.mean())}, "groups": groups},
-        "config": {k: cfg[k] for k in ("model", "optim", "train", "scaling", "seed")},
+        "config": {k: cfg[k] for k in ("model", "optim", "train", "scaling", "seed")
+                   if k != "optim" or "library" not in cfg["model"]},  # trees have no optim
+        "feature_importance": rec.get("feature_importance"),
         "cv": {"k": job.cv.folds, "folds": folds, "summary": cv_summary,
                "baseline": {"model": "logistic regression, same folds and preprocessing",
                             "folds": base}},

@@ -29,9 +29,13 @@ def run_pipeline(job: PipelineJob, log: Callable[[str], Any] = print,
     from mlops_ray.artifacts.runs import resolve_run
     from mlops_ray.data import prepare
     from mlops_ray.pipeline import stages
+    from mlops_ray.pipeline.race import candidate_job, race, stage_names
     from mlops_ray.registry import open_registry
     from mlops_ray.storage import resolve
-    names = [("tune" if s == "train" and job.tune.enabled else s) for s in job.stages]
+    names = stage_names(job) if job.candidates else [
+        ("tune" if s == "train" and job.tune.enabled else s) for s in job.stages]
+    for c in job.candidates:  # every candidate's model checked before any work
+        candidate_job(job, c)
     reg = open_registry(job)  # a bad database URL fails before any work
     # data validated before Ray starts; every stage reuses it
     prepared = prepared or prepare(job.dataset, job.seed, storage=job.storage)
@@ -39,17 +43,22 @@ def run_pipeline(job: PipelineJob, log: Callable[[str], Any] = print,
     out: dict[str, Any] = {"model": ctx.model, "stages": ctx.done, "run": job.run,
                            "data_version": prepared.version, "trigger": job.trigger}
     try:
-        run_uri = job.run
-        if "train" in job.stages:
-            run_uri = (stages.tune if job.tune.enabled else stages.train)(ctx)
-        if run_uri is None:
-            raise ConfigError("run: stages without train need run=<run folder or tuning folder>")
-        ctx.rec, ctx.run_store = resolve_run(run_uri, job.storage.plain())
-        out["run"] = ctx.rec["run_uri"]
-        ctx.prod = reg.alias_target(ctx.model, "production")
-        ctx.already = ctx.prod is not None and ctx.prod.run_uri == ctx.rec["run_uri"]
-        if "evaluate" in job.stages:
-            out["report"] = stages.evaluate(ctx)
+        if job.candidates:  # train and judge each; the winner's context goes on
+            ctx, out["candidates"] = race(ctx)
+            out["run"], out["report"] = ctx.rec["run_uri"], ctx.report
+        else:
+            run_uri = job.run
+            if "train" in job.stages:
+                run_uri = (stages.tune if job.tune.enabled else stages.train)(ctx)
+            if run_uri is None:
+                raise ConfigError("run: stages without train need run=<run folder or tuning "
+                                  "folder>")
+            ctx.rec, ctx.run_store = resolve_run(run_uri, job.storage.plain())
+            out["run"] = ctx.rec["run_uri"]
+            ctx.prod = reg.alias_target(ctx.model, "production")
+            ctx.already = ctx.prod is not None and ctx.prod.run_uri == ctx.rec["run_uri"]
+            if "evaluate" in job.stages:
+                out["report"] = stages.evaluate(ctx)
         if "promote" in job.stages:
             out["version"] = stages.promote(ctx)
         if "deploy" in job.stages:
@@ -71,6 +80,9 @@ def run_pipeline(job: PipelineJob, log: Callable[[str], Any] = print,
 
 def summary_lines(out: dict[str, Any]) -> list[str]:
     lines = [stage_table(out["stages"]), ""]
+    if out.get("candidates"):
+        from mlops_ray.pipeline.race import race_table
+        lines += [race_table(out["candidates"]), ""]
     rep = out.get("report") or {}
     if rep.get("model_card"):
         lines.append(f"model card {rep['model_card']}")

@@ -71,6 +71,7 @@ def evaluate(ctx: Context) -> dict[str, Any] | None:
             ctx.log(f"   evaluating: {why}")
             report = run_evaluation(ej, log=ctx.log, prepared=ctx.prepared)
         e["output"] = report["report_uri"]
+        ctx.report = report
         ctx.log(verdict_table(report["gates"]))
         if not report["passed"]:
             failed = [g["name"] for g in report["gates"] if not g["passed"]]

@@ -46,16 +46,29 @@ def _progress_callback(task: Task) -> Any:
     return Progress()
 
 
+def trainer_class(kind: str) -> Any:
+    """Ray Train's data-parallel trainer for a task: its backend joins the workers (torch
+    process group, XGBoost's collective, LightGBM's network)."""
+    if kind == "xgboost":
+        from ray.train.xgboost import XGBoostTrainer
+        return XGBoostTrainer
+    if kind == "lightgbm":
+        from ray.train.lightgbm import LightGBMTrainer
+        return LightGBMTrainer
+    from ray.train.torch import TorchTrainer
+    return TorchTrainer
+
+
 def trainer_for(job: RunSections, loop: Callable[[dict[str, Any]], dict[str, Any]],
                 loop_cfg: dict[str, Any], run_name: str, storage: Storage, runs_dir: str,
-                callbacks: list[Any]) -> Any:
-    """A TorchTrainer whose every section comes from the job (Ray's own argument names)."""
+                callbacks: list[Any], kind: str = "torch") -> Any:
+    """A Ray Train trainer (`kind`: trainer_class) whose every section comes from the job
+    (Ray's own argument names)."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-    # the ignores: mypy sees ray.train's Train v1 classes; Ray 2.60 runs Train v2, whose
-    # TorchTrainer takes a loop returning a value and whose RunConfig has logging_config.
-    return TorchTrainer(
-        loop,  # type: ignore[arg-type]
+    # the ignore: mypy sees ray.train's Train v1 RunConfig; Ray 2.60 runs Train v2, whose
+    # RunConfig has logging_config.
+    return trainer_class(kind)(
+        loop,
         train_loop_config=loop_cfg,
         scaling_config=ScalingConfig(**job.scaling.ray_kwargs()),
         run_config=RunConfig(  # type: ignore[call-arg]
@@ -135,11 +148,11 @@ def run_training(job: RunSections, *, prepared: Any = None, log: Any = print) ->
     record = {**base_record(job, run_name, task.dataset, storage), **task.record}
     start_record(record, storage, run_name, cluster, log)
     trainer = trainer_for(job, task.loop, task.loop_config(run_name), run_name, storage, "runs",
-                          [_progress_callback(task)])
+                          [_progress_callback(task)], task.trainer)
     result, node_hours = fit(trainer, job, record, storage, run_name)
     ret = result.return_value or {}
     history = ret.get("history", [])
-    best = best_checkpoint(result, job)
+    best = result.checkpoint if task.best_is_latest else best_checkpoint(result, job)
     record.update(
         status="finished", history=history, restored_from=ret.get("restored_from"),
         stopped_early=ret.get("stopped_early"), world_size=ret.get("world_size"),

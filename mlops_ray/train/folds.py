@@ -23,7 +23,8 @@ def run_fold(job: TrainJob, prepared: Any, train_rows: np.ndarray, held_rows: np
     from mlops_ray.data import Preprocessor
     from mlops_ray.evaluation.metrics import binary_metrics
     from mlops_ray.train.session import LocalSession
-    from mlops_ray.train.tasks.tabular import loop_config, train_loop_per_worker
+    from mlops_ray.train.tasks import tabular_loop
+    from mlops_ray.train.tasks.tabular import loop_config
     seed = job.seed + fold
     fit_rows, es_rows = train_test_split(train_rows, test_size=0.1, random_state=seed,
                                          stratify=prepared.frame.iloc[train_rows][prepared.label])
@@ -45,7 +46,7 @@ def run_fold(job: TrainJob, prepared: Any, train_rows: np.ndarray, held_rows: np
     # no W&B run per fold: the evaluation's report and card are the record of the folds
     lc = lc.model_copy(update={"seed": seed, "step_gate": step_gate, "tracking": None})
     with tempfile.TemporaryDirectory() as d:
-        out = train_loop_per_worker(lc.plain(), LocalSession(d, data))
+        out = tabular_loop(lc.plain(), LocalSession(d, data))
         model, _, _ = ckpt_io.load_model(d)
     p = ckpt_io.predict_proba(model, xh)
     return {"fold": fold, "rows": int(len(held_rows)), "epochs": len(out["history"]),

@@ -51,13 +51,17 @@ class StepGate:
 
     def _shared(self, values: list[int]) -> list[int]:
         """Rank 0's view for every rank: the ranks must agree on every wait (barriers)."""
-        import torch.distributed as dist
-        if self.world == 1 or not (dist.is_available() and dist.is_initialized()):
+        if self.world == 1:
             return values
-        import torch
-        t = torch.tensor(values, dtype=torch.long)
-        dist.broadcast(t, src=0)
-        return [int(x) for x in t.tolist()]
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized():
+            import torch
+            t = torch.tensor(values, dtype=torch.long)
+            dist.broadcast(t, src=0)
+            return [int(x) for x in t.tolist()]
+        # no torch process group (XGBoost, LightGBM workers): Ray Train's own broadcast
+        from ray.train.collective import broadcast_from_rank_zero
+        return [int(x) for x in broadcast_from_rank_zero(values)]
 
     def _spec(self) -> tuple[int, int, int] | None:
         got = self._read() if self.rank == 0 else None

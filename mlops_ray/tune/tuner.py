@@ -35,6 +35,9 @@ def study_name(job: TuneJob, data_version: str) -> str:
             "space": {k: v.plain() for k, v in job.space.items()},
             "search": job.search.plain(), "scheduler": job.scheduler.plain(),
             "tune": {k: getattr(t, k) for k in ("num_samples", "metric", "mode", "trial_backend")},
+            # the constraints steer the sampler: other gates make another study
+            **({"gates": [job.gates.plain(), job.threshold.plain(), job.fairness.plain()]}
+               if t.gate_aware and job.gates else {}),
             **({} if t.include_defaults else {"no_defaults": True}),
             "data_version": data_version}
     return f"{job.name}-tune-{stable_hash(what)}"
@@ -74,7 +77,9 @@ def _trainable(job: TuneJob, prepared: Prepared, data_ref: Any, backend: str,
     from ray import tune
 
     from mlops_ray.train.gate import from_env
+    from mlops_ray.tune.gating import gate_spec, milestones
     gate = from_env()  # read here, on the driver: trials run in other processes
+    judge = {"gate": gate_spec(job, prepared), "gate_at": milestones(job)}
     base = job.train_job().plain()
     pre = prepared.preprocessor
     names, pre_dict = pre.feature_names, pre.to_dict()
@@ -86,23 +91,23 @@ def _trainable(job: TuneJob, prepared: Prepared, data_ref: Any, backend: str,
 
     def function_trial(config: dict[str, Any]) -> None:
         from mlops_ray.train.session import TuneSession
-        from mlops_ray.train.tasks.tabular import train_loop_per_worker
+        from mlops_ray.train.tasks import tabular_loop
         name = f"trial-{tune.get_context().get_trial_id()}"
         lc = loop_config(trial_job(config), names, pre_dict, name, data_ref)
-        train_loop_per_worker(lc.model_copy(update={"step_gate": gate, "tracking": None})
-                              .plain(), TuneSession())
+        tabular_loop(lc.model_copy(update={"step_gate": gate, "tracking": None, **judge})
+                     .plain(), TuneSession())
 
     def train_trial(config: dict[str, Any]) -> None:
         from ray.tune.integration.ray_train import TuneReportCallback
 
-        from mlops_ray.train.tasks.tabular import train_loop_per_worker
+        from mlops_ray.train.tasks import tabular_loop
         tj = trial_job(config)
         # a stable name: a retried or restored trial resumes its own Train checkpoints
         name = f"trial-{tune.get_context().get_trial_id()}"
         lc = loop_config(tj, names, pre_dict, name, data_ref)
-        lc = lc.model_copy(update={"step_gate": gate, "tracking": None})
-        trainer_for(tj, train_loop_per_worker, lc.plain(), name, storage,
-                    f"tune/{study}/trials", [TuneReportCallback()]).fit()
+        lc = lc.model_copy(update={"step_gate": gate, "tracking": None, **judge})
+        trainer_for(tj, tabular_loop, lc.plain(), name, storage, f"tune/{study}/trials",
+                    [TuneReportCallback()], tj.model.spec().get("library", "torch")).fit()
 
     if backend == "function":
         res = job.scaling.resources_per_worker or {"CPU": 1}
@@ -120,7 +125,8 @@ def _tuner(job: TuneJob, trainable: Any, storage: Storage, study: str, url: str
     from optuna.storages import RDBStorage
     from ray import tune
 
-    from mlops_ray.tune.resumable_search import ResumableOptunaSearch
+    from mlops_ray.tune.callbacks import metrics_callback, wandb_callback
+    from mlops_ray.tune.gating import GateAwareOptunaSearch
     t = job.tune
     path = storage.path("tune", study)
     fs = None if storage.is_local else storage.fs
@@ -130,7 +136,7 @@ def _tuner(job: TuneJob, trainable: Any, storage: Storage, study: str, url: str
                                   resume_errored=True, storage_filesystem=fs), True
     space = {k: v.plain() for k, v in job.space.items()}
     first = default_point(job.train_job().plain(), space) if t.include_defaults else None
-    search = ResumableOptunaSearch(space=define_by_run(space), metric=t.metric, mode=t.mode,
+    search = GateAwareOptunaSearch(space=define_by_run(space), metric=t.metric, mode=t.mode,
                                    points_to_evaluate=[first] if first else None,
                                    sampler=_sampler(job), study_name=study,
                                    storage=RDBStorage(pickle_safe_url(url),
@@ -156,7 +162,7 @@ def _trial_rows(result: Any) -> list[dict[str, Any]]:
         return []
     keep = [c for c in df.columns if "/" in c or c in (
         "epoch", "epochs_done", "timestamp", "trial_id", "checkpoint_path", "restored_from_epoch",
-        "early_stopped")]
+        "early_stopped", "feasible", "round", "best_round")]
     return [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
             for r in df[keep].to_dict("records")]
 
@@ -187,10 +193,16 @@ def _summarise(results: Any, job: TuneJob, storage: Storage) -> dict[str, Any]:
             "final_value": scores[-1] if scores else None,
             "checkpoint": ckpt, "error": str(r.error)[:500] if r.error else None, "_rows": rows,
         })
+    from mlops_ray.tune.gating import feasibility
+    gates = feasibility(trials)
     ok = [x for x in trials if x["final_value"] is not None and x["status"] != "ERROR"
           and x["checkpoint"]]
-    best = max(ok, key=lambda x: sign * x["final_value"]) if ok else None
-    return {"trials": trials, "best": best}
+    # gate-aware: the best feasible trial; with none feasible, the best one (the evaluation
+    # will then fail it, saying why) and the summary names the rule that bound
+    pool = [x for x in ok if x["feasible"]] if gates["estimated"] else ok
+    best = max(pool or ok, key=lambda x: sign * x["final_value"]) if ok else None
+    gates["best_is_feasible"] = bool(best and best["feasible"]) if gates["estimated"] else None
+    return {"trials": trials, "best": best, "gates": gates}
 
 
 def _curve(trials: list[dict[str, Any]], metric: str, mode: str) -> list[tuple[int, float]]:
@@ -235,7 +247,11 @@ def run_tuning(job: TuneJob, *, prepared: Prepared | None = None,
     url = db_url(job.db.plain(), storage)
     cluster = ensure_ray(job.ray.plain())
     backend = job.tune.backend(job.scaling.bounds()[1])
-    data_ref = ray.put(arrays(prepared, job.penalty_attribute()))
+    from mlops_ray.tune.gating import sensitive_val
+    data = arrays(prepared, job.penalty_attribute())
+    if job.tune.gate_aware and job.gates is not None:
+        data["s_val"] = sensitive_val(job, prepared)
+    data_ref = ray.put(data)
     trainable = _trainable(job, prepared, data_ref, backend, storage, study)
     tuner, restored = _tuner(job, trainable, storage, study, url)
     log(f"study {study}: {'resuming' if restored else 'starting'} "
@@ -258,6 +274,7 @@ def run_tuning(job: TuneJob, *, prepared: Prepared | None = None,
         "tune_uri": storage.uri_of("tune", study),
         # trials that restarted from their own checkpoint (a lost node, a killed driver)
         "resumed_trials": sum(x["restored_from_epoch"] >= 0 for x in s["trials"]),
+        "gates": {"aware": bool(job.tune.gate_aware and job.gates), **s["gates"]},
         "cost": node_hours.report(job.cost.plain()),
     }
     if best:
@@ -276,12 +293,19 @@ def run_tuning(job: TuneJob, *, prepared: Prepared | None = None,
         storage.write_json(rec, "runs", f"{study}-best", "run.json")
         summary["best"] = {"trial_id": best["trial_id"], "params": best["params"],
                            "value": best["final_value"], "epochs": best["epochs"],
+                           "feasible": best["feasible"], "constraints": best["constraints"],
                            "checkpoint": best["checkpoint"], "run_uri": rec["run_uri"],
                            "test": rec["test"]}
     storage.write_json(summary, "tune", study, "tune.json")
     if storage.is_local:
+        from mlops_ray.tune.gating import gate_spec, plot_pareto
         plot_curves({f"{summary['algorithm']}+{summary['scheduler']}": summary["curve"]},
                     t.metric, storage.path("tune", study, "tune_curve.png"))
+        spec = gate_spec(job, prepared)
+        if spec and plot_pareto(summary["trials"], spec["rules"], t.metric,
+                                storage.path("tune", study, "tune_pareto.png")):
+            summary["gates"]["plot"] = storage.uri_of("tune", study, "tune_pareto.png")
+            storage.write_json(summary, "tune", study, "tune.json")
     return summary
 
 
@@ -301,96 +325,6 @@ def pickle_safe_url(url: str) -> str:
     from urllib.parse import unquote
     os.environ.setdefault("PGPASSWORD", unquote(m["pw"]))
     return m["head"] + "@" + url[m.end():]
-
-
-def wandb_callback(job: TuneJob, storage: Storage, study: str) -> list[Any]:
-    """One W&B run per trial (`trial-<id>`, grouped by the study), logged live by the tuning
-    driver from each trial's reports, finished when the trial ends."""
-    if job.tracking.backend == "none":
-        return []
-    from ray.tune import Callback
-
-    from mlops_ray.tracking import Live, local_dir
-    tracking = {**job.tracking.plain(), "dir": local_dir(job.storage.plain()), "group": study}
-
-    class TrialRuns(Callback):
-        def __init__(self) -> None:
-            self.runs: dict[str, Live] = {}
-
-        def on_trial_result(self, iteration: int, trials: list[Any], trial: Any,
-                            result: dict[str, Any], **info: Any) -> None:
-            if trial.trial_id not in self.runs:
-                self.runs[trial.trial_id] = Live(tracking, f"trial-{trial.trial_id}", 0,
-                                                 dict(trial.config), several=True)
-            self.runs[trial.trial_id].log(result, step=int(result.get("epoch", iteration)))
-
-        def _end(self, trial: Any) -> None:
-            if (run := self.runs.pop(trial.trial_id, None)) is not None:
-                run.finish()
-
-        def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any,
-                              **info: Any) -> None:
-            self._end(trial)
-
-        def on_trial_error(self, iteration: int, trials: list[Any], trial: Any,
-                           **info: Any) -> None:
-            self._end(trial)
-
-        def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
-            for trial in trials:
-                self._end(trial)
-
-    return [TrialRuns()]
-
-
-def metrics_callback(study: str, metric: str, mode: str) -> Any:
-    """A Tune callback publishing trial counts by state and the best value so far as
-    `ray_mlops_tune_trials{study,state}` / `ray_mlops_tune_best{study}` (Ray dashboard,
-    Prometheus)."""
-    from ray import tune
-    from ray.util.metrics import Gauge
-
-    class TuneMetrics(tune.Callback):
-        def __init__(self) -> None:
-            self.trials = Gauge("mlops_tune_trials", "trials of the study by state",
-                                tag_keys=("study", "state"))
-            self.best = Gauge("mlops_tune_best", "best reported value of the tuned metric",
-                              tag_keys=("study",))
-            self.value: float | None = None
-
-        def _publish(self, trials: list[Any]) -> None:
-            counts: dict[str, int] = {}
-            for t in trials:
-                counts[t.status] = counts.get(t.status, 0) + 1
-            for state in ("PENDING", "RUNNING", "PAUSED", "TERMINATED", "ERROR"):
-                self.trials.set(counts.get(state, 0), tags={"study": study, "state": state})
-
-        def on_trial_result(self, iteration: int, trials: list[Any], trial: Any,
-                            result: dict[str, Any], **info: Any) -> None:
-            v = result.get(metric, math.nan)  # absent: NaN, never better
-            better = self.value is None or (v > self.value if mode == "max" else v < self.value) \
-                if isinstance(v, (int, float)) and v == v else False
-            if better:
-                self.value = float(v)
-                self.best.set(self.value, tags={"study": study})
-            self._publish(trials)
-
-        def on_trial_start(self, iteration: int, trials: list[Any], trial: Any,
-                           **info: Any) -> None:
-            self._publish(trials)
-
-        def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any,
-                              **info: Any) -> None:
-            self._publish(trials)
-
-        def on_trial_error(self, iteration: int, trials: list[Any], trial: Any,
-                           **info: Any) -> None:
-            self._publish(trials)
-
-        def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
-            self._publish(trials)  # a completing trial's status changes after its callback
-
-    return TuneMetrics()
 
 
 def _checkpoint(uri: str, storage: Storage) -> Any:
@@ -415,13 +349,24 @@ def summary_lines(s: dict[str, Any]) -> list[str]:
              + (", resumed" if s["resumed"] else "") + ")"]
     for x in sorted(s["trials"], key=lambda x: -(x["final_value"] or -1e9)
                     if s["mode"] == "max" else (x["final_value"] or 1e9)):
-        v = x["final_value"]
+        v, f = x["final_value"], x.get("feasible")
         lines.append(f"  {x['trial_id']:<14} {x['status']:<13} epochs {x['epochs']:>3}  "
-                     f"{s['metric']} {v if v is None else round(v, 4)}")
+                     f"{s['metric']} {v if v is None else round(v, 4)}"
+                     + ("" if f is None else "  feasible" if f else
+                        f"  infeasible ({x['binding']})"))
+    g = s.get("gates") or {}
+    if g.get("aware"):
+        lines.append(f"gates      {g['feasible']} of {g['estimated']} trials estimated feasible "
+                     "on their validation rows"
+                     + (f"; none was: '{g['binding']}' bound most often "
+                        f"({g['binding_counts']}): the best trial will not pass it"
+                        if g["estimated"] and not g["feasible"] else "")
+                     + (f"; plot {g['plot']}" if g.get("plot") else ""))
     if s.get("best"):
         b = s["best"]
         lines += [f"best       {b['trial_id']} {s['metric']}={b['value']:.4f} "
-                  f"test/auc={b['test']['test/auc']:.4f} params {b['params']}",
+                  f"test/auc={b['test']['test/auc']:.4f} params {b['params']}"
+                  + (" (feasible)" if b.get("feasible") else ""),
                   f"best run   {b['run_uri']}/run.json (use: from_tune={s['tune_uri']})"]
     from mlops_ray.cluster.cost import summary_line
     if line := summary_line(s.get("cost")):

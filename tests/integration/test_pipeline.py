@@ -213,3 +213,32 @@ def test_tune_enabled_tunes_then_evaluates_the_best_trial(deployed):
     assert tuned["best"]["checkpoint"].startswith(f"file://{study}/trials/")
     (report,) = deployed["store"].glob("runs/adult_mlp-tune-*-best/eval/gate_report.json")
     assert json.loads(report.read_text())["lineage"]["run"] == tuned["best"]["run_uri"]
+
+
+def test_racing_model_families_promotes_the_best_that_passes_its_gates(ray_2_cpus, tmp_path):
+    """candidates=[mlp,xgboost]: both are trained and judged by the same gates on the same
+    data, each as its own run with its own gate report; the one with the best CV AUC among
+    those that pass is the version promoted, and the record shows every candidate."""
+    from mlops_ray.pipeline.race import race_table
+    from mlops_ray.pipeline.run import run_pipeline
+    common = [*PROFILE, f"storage.uri={tmp_path}", f"ray.address={ray_2_cpus}",
+              "candidates=[mlp,xgboost]", "stages=[train,evaluate,promote]"]
+    logs: list[str] = []
+    out = run_pipeline(pipeline_job(common), log=logs.append)
+    table = out["candidates"]
+    assert [r["candidate"] for r in table] == ["mlp", "xgboost"]
+    assert len({r["run"] for r in table}) == 2 and all(r["report"] for r in table)
+    assert [s["stage"] for s in out["stages"]] == [
+        "train[mlp]", "evaluate[mlp]", "train[xgboost]", "evaluate[xgboost]", "promote"]
+    passed = [r for r in table if r["passed"]]
+    assert passed, race_table(table)
+    win = max(passed, key=lambda r: r["cv/auc_mean"])
+    assert [r["selected"] for r in table] == [r is win for r in table]
+    assert out["run"] == win["run"]
+    reg = open_registry(pipeline_job(common))
+    assert reg.get("adult_mlp@production").run_uri == win["run"]
+    runs = {r["candidate"]: json.loads((tmp_path / "runs" / r["run"].rsplit("/", 1)[-1]
+                                        / "run.json").read_text()) for r in table}
+    assert runs["xgboost"]["config"]["model"]["library"] == "xgboost"
+    assert "hidden" in runs["mlp"]["config"]["model"]
+    assert race_table(table) in "\n".join(logs)

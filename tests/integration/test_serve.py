@@ -188,6 +188,34 @@ def test_protocols_answer_like_the_offline_model(env):
     assert via_proxy["probabilities"] == body["probabilities"]
 
 
+def test_a_served_xgboost_version_answers_like_it_does_offline(env):
+    """A booster behind the same endpoint: its probabilities and labels are the registry
+    version's offline answers (Predictor), over REST and the Open Inference Protocol."""
+    reg, url, recs = env["reg"], env["url"], env["records"][:64]
+    v = make_version(reg, env["prepared"], 0, family="xgboost")
+    reg.set_alias(MODEL, "trees", v.version, expected=None)
+    try:
+        reset(env, "trees")
+
+        def answer():
+            b = post(url + "/predict", {"records": recs}).json()
+            return b if b.get("version") == v.version else None
+        body = wait_until(answer, 60, what="the booster serving")
+        folder = reg.fetch(v.ref)[1]
+        want, want_y = Predictor.load(folder, v.ref).predict(env["rows"].head(64))
+        np.testing.assert_allclose(body["probabilities"], want, rtol=0, atol=1e-6)
+        assert body["labels"] == [int(y) for y in want_y] and 0 < sum(want_y) < 64
+        inputs = [{"name": c, "shape": [len(recs)], "data": [x[c] for x in recs],
+                   "datatype": "BYTES" if any(isinstance(x[c], str) for x in recs) else "FP64"}
+                  for c in recs[0]]
+        r = post(url + f"/v2/models/{MODEL}/infer", {"inputs": inputs})
+        assert r.status_code == 200, r.text
+        out = {o["name"]: o for o in r.json()["outputs"]}
+        np.testing.assert_allclose(out["probability"]["data"], want, rtol=0, atol=1e-6)
+    finally:
+        reset(env)
+
+
 def test_grpc_open_inference_protocol(env):
     import grpc
 

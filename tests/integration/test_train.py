@@ -183,3 +183,42 @@ def test_s3_storage_and_dataset_resume(ray_2_cpus, moto_s3, bucket, tmp_path):
     assert again["resumed"] is True
     assert again["restored_from"] == {"epoch": 2, "step": 0, "jit": False}
     assert again["history"] == first["history"]
+
+
+@pytest.mark.parametrize("library", ["xgboost", "lightgbm"])
+def test_trees_on_two_workers_survive_a_killed_worker_without_redoing_rounds(
+        ray_2_cpus, tmp_path, gate, library):
+    """One distributed booster over two Train workers (XGBoost's collective / LightGBM's
+    network), held 5 rounds into its third report; both worker processes are SIGKILLed after
+    the round-20 checkpoint is committed, and the restarted group continues from round 20:
+    the rounds after it are boosted once, and the kept model is the early-stopped cut."""
+    from mlops_ray.cluster.rehearsal import Background
+    from tests.conftest import committed, kill_pids
+    gate.hold(epoch=2, step=5)
+    cfg = job_cfg("+experiment=adult_mlp", f"model={library}", "model.num_boost_round=60",
+                  "model.rounds_per_report=10", "tracking=none", f"storage.uri={tmp_path}",
+                  "scaling.num_workers=2", "scaling.resources_per_worker.CPU=0.5")
+    run_dir = tmp_path / "runs" / cfg.run_name(dataset_version(load_table("builtin://adult")))
+    bg = Background(lambda: run_training(cfg))
+    try:
+        wait_until(lambda: len(gate.events("waiting")) == 2 or bg.done(), 180,
+                   what="both ranks held at round 25")
+        assert not bg.done(), bg.result(1)
+        wait_until(lambda: "checkpoint_r000020" in committed(run_dir), 60,
+                   what="the round-20 checkpoint committed")
+        kill_pids([e["pid"] for e in gate.events("waiting")])
+    finally:
+        gate.release()
+    rec = bg.result(300)
+    assert rec["status"] == "finished" and rec["world_size"] == 2 and rec["restarts"] == 1
+    assert rec["restored_from"] == {"epoch": 2, "round": 20, "jit": False}
+    assert [m["round"] for m in rec["history"]] == [10, 20, 30, 40, 50, 60]
+    assert rec["config"]["model"]["library"] == library
+    assert rec["best"]["round"] == rec["best"]["best_round"] <= 60
+    assert 0.9 < rec["test"]["test/auc"] <= 1.0
+    top = rec["feature_importance"]  # the top 20 of ~100 inputs, by share of total gain
+    assert len(top) == 20 and 0.5 < sum(top.values()) <= 1 + 1e-9
+    model_dir = Path(rec["checkpoints"]["best"].removeprefix("file://"))
+    meta = json.loads((model_dir / "meta.json").read_text())
+    assert meta["model"]["_target_"] == "mlops_ray.models.trees.Trees"
+    assert meta["round"] == rec["best"]["best_round"]

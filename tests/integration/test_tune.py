@@ -49,8 +49,10 @@ def test_tpe_asha_summary_best_run_and_retrain(ray_2_cpus, tmp_path):
         assert [r["epoch"] for r in wandb_history(run_file)] == list(range(t["epochs"]))
     assert (tmp_path / "tune" / s["study"] / "tune_curve.png").stat().st_size > 1000
     best = on_disk["best"]
-    assert best["value"] == max(t["final_value"] for t in on_disk["trials"]
-                                if t["final_value"] is not None)
+    # gate-aware (the default): the best feasible trial, or the best of all when none is
+    pool = [t for t in on_disk["trials"] if t["feasible"]] or on_disk["trials"]
+    assert best["value"] == max(t["final_value"] for t in pool if t["final_value"] is not None)
+    assert on_disk["gates"]["aware"] and on_disk["gates"]["estimated"] == 6
     rec = json.loads((tmp_path / "runs" / f"{s['study']}-best" / "run.json").read_text())
     assert rec["tune"]["trial_id"] == best["trial_id"] and rec["test"]["test/auc"] > 0.5
     assert rec["dataset"]["version"] and rec["config_hash"]
@@ -75,6 +77,48 @@ def test_tpe_asha_summary_best_run_and_retrain(ray_2_cpus, tmp_path):
         section, name = key.split(".")
         assert getattr(getattr(tuned, section), name) == value
     assert tuned.config_hash() != train.config_hash()
+
+
+def test_gate_aware_study_returns_the_best_trial_the_gates_would_pass(ray_2_cpus, tmp_path):
+    """A known case: a gate caps validation AUC at 0.915, so the high-learning-rate trials (the
+    better AUC) are infeasible and the slow one is the best the gates would pass. Every trial's
+    constraint reaches the Optuna study (set_constraint), tune.json says which trials are
+    feasible and why not, and the Pareto plot is drawn."""
+    import optuna
+
+    from mlops_ray.config.evaluate import GateRule, GatesCfg
+    from mlops_ray.config.tune import ParamSpec
+    job = tune_cfg("+experiment=adult_xgboost", "tracking=none", f"storage.uri={tmp_path}",
+                   "scheduler=fifo", "search=random", "tune.num_samples=4",
+                   "tune.max_concurrent_trials=1", "model.num_boost_round=60",
+                   "model.rounds_per_report=20", "model.learning_rate=0.3")
+    cap = GateRule(name="cap", metric="test/auc", op="<=", threshold=0.915)
+    fair = GateRule(name="eo_sex", metric="fair/eo_diff_sex", op="<=", threshold=0.5,
+                    compare="ci_high")
+    job = job.model_copy(update={
+        "gates": GatesCfg(rules=[cap, fair]),
+        "space": {"model.learning_rate": ParamSpec(type="categorical", choices=[0.3, 0.003])}})
+    s = run_tuning(job)
+    trials = s["trials"]
+    lr = {t["trial_id"]: t["params"]["model.learning_rate"] for t in trials}
+    assert set(lr.values()) == {0.3, 0.003}, "the known case needs both kinds of trial"
+    for t in trials:
+        assert set(t["constraints"]) == {"cap", "eo_sex"}
+        assert t["feasible"] == (lr[t["trial_id"]] == 0.003)
+        assert t["binding"] == (None if t["feasible"] else "cap")
+    best = s["best"]
+    assert best["feasible"] and lr[best["trial_id"]] == 0.003
+    # without the constraint the study's best would have been an infeasible trial
+    assert max(t["final_value"] for t in trials) > best["value"]
+    assert s["gates"]["feasible"] == sum(v == 0.003 for v in lr.values())
+    assert s["gates"]["best_is_feasible"] is True
+    assert (tmp_path / "tune" / s["study"] / "tune_pareto.png").stat().st_size > 1000
+    study = optuna.load_study(study_name=s["study"], storage=f"sqlite:///{tmp_path}/mlops_ray.db")
+    assert sorted(bool(t.constraints["cap"] <= 0) for t in study.trials) == \
+        sorted(bool(t["feasible"]) for t in trials)
+    from mlops_ray.tune.tuner import summary_lines
+    text = "\n".join(summary_lines(s))
+    assert "infeasible (cap)" in text and "trials estimated feasible" in text
 
 
 def _scrape(needle: str) -> str | None:

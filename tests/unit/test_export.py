@@ -103,6 +103,31 @@ def test_bundle_matches_the_served_model_on_held_out_rows(store, adult, tmp_path
     assert bundle.manifest["parity"]["rows"] >= len(held)  # the export checked them as well
 
 
+@pytest.mark.parametrize("family", ["xgboost", "lightgbm"])
+def test_a_tree_version_exports_to_onnx_with_parity_and_refuses_torchscript(
+        tmp_path, adult, family):
+    """A booster's bundle is onnxmltools' tree ensemble behind the same preprocessing graph;
+    it answers like the served booster on held-out rows (missing and unseen values too), and
+    TorchScript, which cannot hold a booster, is a clear error that writes nothing."""
+    prepared, held = adult
+    reg = Registry(f"sqlite:///{tmp_path / 'r.db'}", resolve(str(tmp_path)), Policy.default())
+    v = make_version(reg, prepared, 0, family=family)
+    version, folder = reg.fetch(v.ref)
+    bundle = build_bundle(folder, lineage_of(version), "onnx", check_rows=held)
+    p_served, y_served, records = served_answers(folder, version, held)
+    import onnxruntime as ort
+
+    from mlops_ray.export.onnx_graph import feeds
+    session = ort.InferenceSession(bundle.files[MODEL_FILE["onnx"]],
+                                   providers=["CPUExecutionProvider"])
+    p, y = session.run(["probability", "label"], feeds(session.get_inputs(), records))
+    assert np.max(np.abs(np.asarray(p, np.float64) - p_served)) <= TOLERANCE
+    assert (np.asarray(y) == y_served).all() and 0 < y_served.sum() < len(y_served)
+    assert bundle.manifest["parity"]["rows"] >= len(held)
+    with pytest.raises(ExportError, match=f"a {family} model is a booster.*format=onnx"):
+        build_bundle(folder, lineage_of(version), "torchscript")
+
+
 def test_bundle_is_complete_hashed_and_traceable(store, tmp_path):
     _, _, version, folder = store
     out = tmp_path / "b"

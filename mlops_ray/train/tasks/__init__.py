@@ -21,6 +21,19 @@ class Task:
     record: dict[str, Any] = field(default_factory=dict)  # extra run.json fields
     step_key: str = "epoch"  # what numbers the W&B steps
     live_tracking: bool = False  # the loop logs to W&B itself as it goes (rank 0)
+    trainer: str = "torch"  # Ray Train's trainer: torch | xgboost | lightgbm
+    best_is_latest: bool = False  # the loop's last report is its model (trees: the ES cut)
+
+
+def tabular_loop(config: dict[str, Any], session: Any = None) -> dict[str, Any]:
+    """The per-worker loop of a tabular model: the boosting loop for trees, else the MLP's
+    (Ray Train, Tune trials and CV folds all call this one)."""
+    from mlops_ray.models.trees import is_tree
+    if is_tree(config.get("model")):
+        from mlops_ray.train.tasks import trees
+        return trees.train_loop_per_worker(config, session)
+    from mlops_ray.train.tasks import tabular
+    return tabular.train_loop_per_worker(config, session)
 
 
 def task_for(job: Any, prepared: Any = None) -> Task:
@@ -30,3 +43,10 @@ def task_for(job: Any, prepared: Any = None) -> Task:
         return lm.make(job)
     from mlops_ray.train.tasks import tabular
     return tabular.make(job, prepared)
+
+
+def gate_metrics(gate: dict[str, Any], data: dict[str, Any], p_val: Any) -> dict[str, float]:
+    """The promotion gates estimated on the validation rows, as a tuning trial reports them
+    (`constraint/<rule>`, `feasible`; tune.gate_aware, evaluation/feasibility.py)."""
+    from mlops_ray.evaluation.feasibility import as_metrics, estimate
+    return as_metrics(estimate(data["y_val"], p_val, data["s_val"], **gate))

@@ -1,4 +1,6 @@
-"""The tabular task: an MLP on a prepared table (the default `jobs.train`).
+"""The tabular task: an MLP on a prepared table (the default `jobs.train`), or boosted trees
+(`model=xgboost|lightgbm`: the same data and loop config, trees.py's loop on Ray Train's
+XGBoost / LightGBM trainer).
 
 Driver side (`make`): the data is validated and prepared before Ray starts, its arrays go to
 the object store once, and the run record gets the dataset summary and held-out test metrics of
@@ -20,10 +22,11 @@ from sklearn.metrics import roc_auc_score
 from mlops_ray.artifacts import checkpoint as ckpt_io
 from mlops_ray.config.base import Strict
 from mlops_ray.config.train import EarlyStopCfg, FairnessPenaltyCfg, TrainJob
+from mlops_ray.models.trees import Trees
 from mlops_ray.tracking import Live
 from mlops_ray.train import session as sessions
 from mlops_ray.train.spot import EarlyStopping, Spot, seed_for
-from mlops_ray.train.tasks import Task
+from mlops_ray.train.tasks import Task, gate_metrics
 from mlops_ray.utils import build
 
 
@@ -53,6 +56,10 @@ class TabularLoopCfg(Strict):
     step_gate: str | None = None
     data_ref: Any = None  # the arrays in Ray's object store (None: the session has them)
     tracking: dict[str, Any] | None = None  # W&B, logged live by rank 0 (+ dir, group)
+    # tuning trials (tune.gate_aware): the gates estimated on the validation rows at these
+    # epochs_done values and at the run's end (evaluation/feasibility.py's arguments)
+    gate: dict[str, Any] | None = None
+    gate_at: list[int] = []
 
 
 def loop_config(job: TrainJob, feature_names: list[str], preprocessor: dict[str, Any],
@@ -234,6 +241,12 @@ def train_loop_per_worker(config: dict[str, Any], session: Any = None) -> dict[s
                    "time/samples_per_s": (steps_per_epoch - first) * c.batch_size / seconds}
         stop = stopper.update(metrics)
         metrics["early_stopped"] = int(stop)
+        if c.gate and (stop or epoch + 1 in c.gate_at or epoch == epochs - 1):
+            bare.eval()
+            with torch.no_grad():
+                p_val = torch.sigmoid(bare(x_val).float()).cpu().numpy()
+            bare.train()
+            metrics.update(gate_metrics(c.gate, data, p_val))
         history.append(metrics)
         last = metrics
         session.publish({"samples_per_second": metrics["time/samples_per_s"],
@@ -256,6 +269,16 @@ def train_loop_per_worker(config: dict[str, Any], session: Any = None) -> dict[s
 
 
 # ------------------------------------------------------------------------------- driver side
+def importances(best: Any, top: int = 20) -> dict[str, float]:
+    """A tree checkpoint's features by share of total gain (the top `top`)."""
+    with best.as_directory() as d:
+        model, _, meta = ckpt_io.load_model(d)
+    if not isinstance(model, Trees):
+        return {}
+    imp = model.feature_importances(meta["feature_names"])
+    return dict(sorted(imp.items(), key=lambda kv: -kv[1])[:top])
+
+
 def test_metrics(best: Any, prepared: Any) -> dict[str, float]:
     """Held-out test metrics of a checkpoint (threshold 0.5; evaluation picks it on val)."""
     from mlops_ray.evaluation.metrics import binary_metrics
@@ -267,6 +290,13 @@ def test_metrics(best: Any, prepared: Any) -> dict[str, float]:
 
 
 def progress_line(m: dict[str, Any], checkpoint: bool) -> str | None:
+    if "best_round" in m:  # trees: the last report, the model the run keeps
+        return (f"[mlops_ray] kept: the model's first {m['best_round']} rounds (best on "
+                f"validation), val/auc={m['val/auc']:.4f} val/loss={m['val/loss']:.4f}")
+    if "round" in m and "time/rounds_per_s" in m:  # trees
+        return (f"[mlops_ray] round {m['round']}: val/auc={m['val/auc']:.4f} "
+                f"val/loss={m['val/loss']:.4f} {m['time/rounds_per_s']:.1f} rounds/s"
+                + (" [checkpoint]" if checkpoint else ""))
     if "train/loss" not in m:
         return None
     return (f"[mlops_ray] epoch {m['epoch']}: train/loss={m['train/loss']:.4f} "
@@ -279,7 +309,8 @@ def summary_lines(record: dict[str, Any]) -> list[str]:
     return [
         f"data       {record['dataset']['name']} version {record['dataset']['version']} "
         f"rows {record['dataset']['splits']}",
-        f"best val   auc {best.get('val/auc', float('nan')):.4f} at epoch {best.get('epoch')}",
+        f"best val   auc {best.get('val/auc', float('nan')):.4f} at "
+        + (f"round {best['best_round']}" if "best_round" in best else f"epoch {best.get('epoch')}"),
         f"test       auc {test.get('test/auc', float('nan')):.4f}  accuracy "
         f"{test.get('test/accuracy', float('nan')):.4f}  log_loss "
         f"{test.get('test/log_loss', float('nan')):.4f}",
@@ -299,11 +330,18 @@ def make(job: TrainJob, prepared: Any = None) -> Task:
         ref = ray.put(arrays(prepared, job.penalty_attribute()))
         return loop_config(job, pre.feature_names, pre.to_dict(), run_name, ref).plain()
 
+    from mlops_ray.train.tasks import tabular_loop
+    trees = job.is_trees()
+
     def finish(record: dict[str, Any], best: Any) -> None:
         record["test"] = test_metrics(best, prepared)
+        if trees:
+            record["feature_importance"] = importances(best)
 
-    return Task(name="tabular", loop=train_loop_per_worker, loop_config=loop_cfg,
-                live_tracking=job.tracking.backend != "none",
+    return Task(name="trees" if trees else "tabular", loop=tabular_loop, loop_config=loop_cfg,
+                trainer=job.model.spec()["library"] if trees else "torch", best_is_latest=trees,
+                # the boosting loop logs no W&B itself: the driver logs its history
+                live_tracking=job.tracking.backend != "none" and not trees,
                 data_version=prepared.version,
                 dataset={"name": job.dataset.name, "uri": job.dataset.uri,
                          **prepared.summary()},
