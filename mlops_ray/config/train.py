@@ -97,9 +97,11 @@ TREES_TARGET = "mlops_ray.models.trees.Trees"
 
 class TreesCfg(Strict):
     """`model=xgboost` / `model=lightgbm`: the booster's parameters under portable names
-    (train/tasks/trees.py maps them onto the library's). Checkpoints every
-    rounds_per_report x checkpoint.every_n_epochs rounds; early stopping uses
-    train.early_stopping's metric and mode with `early_stopping_rounds` as its patience."""
+    (train/tasks/trees.py maps them onto the library's). Metrics every rounds_per_report
+    rounds, a checkpoint every checkpoint_every_n_rounds (checkpoint.every_n_epochs is the
+    MLP's). Early stopping waits `early_stopping_rounds` (null: off) on train.early_stopping's
+    metric and mode, or on val/loss when that is null (as in tuning, where ASHA stops the
+    MLP's trials instead)."""
     target: str = Field(alias="_target_")
     library: Literal["xgboost", "lightgbm"]
     num_boost_round: int = Field(1000, ge=1, le=100_000)
@@ -114,7 +116,17 @@ class TreesCfg(Strict):
     reg_alpha: float = Field(0.0, ge=0)
     max_bin: int = Field(256, ge=2, le=65_535)
     early_stopping_rounds: int | None = Field(50, ge=1)
-    rounds_per_report: int = Field(25, ge=1)  # one report (an "epoch" of the run record)
+    # one report (an "epoch" of the run record); Ray Train takes a report per controller poll
+    # (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S): faster reports wait for it
+    rounds_per_report: int = Field(100, ge=1)
+    checkpoint_every_n_rounds: int = Field(200, ge=1)  # a multiple of rounds_per_report
+
+    @model_validator(mode="after")
+    def _every(self) -> TreesCfg:
+        if self.checkpoint_every_n_rounds % self.rounds_per_report:
+            raise ValueError(f"checkpoint_every_n_rounds={self.checkpoint_every_n_rounds} must "
+                             f"be a multiple of rounds_per_report={self.rounds_per_report}")
+        return self
 
 
 class OptimCfg(Strict):
@@ -331,6 +343,7 @@ class TrainJob(RunSections):
             full = TreesCfg.model_validate(self.model.spec())
         except ValidationError as e:
             return [f"model.{'.'.join(map(str, err['loc']))}={err.get('input')!r}: {err['msg']}"
+                    if err["loc"] else f"model: {err['msg'].removeprefix('Value error, ')}"
                     for err in e.errors()]
         other = ("num_leaves", "min_child_samples") if full.library == "xgboost" \
             else ("min_child_weight",)  # the other library's knobs: not this model's

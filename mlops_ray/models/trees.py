@@ -30,21 +30,29 @@ class Trees(torch.nn.Module):
         self.library, self.in_features, self.params = library, in_features, params
         self.register_buffer("raw", torch.zeros(0, dtype=torch.uint8))
         self._booster: Any = None
+        self._stale = False  # `raw` lags the booster (serialised when the state is taken)
 
     # ------------------------------------------------------------------ the booster
     def set_booster(self, booster: Any) -> Trees:
-        data = (bytes(booster.save_raw("ubj")) if self.library == "xgboost"
-                else booster.model_to_string().encode())
-        self.raw = torch.frombuffer(bytearray(data), dtype=torch.uint8).clone()
-        self._booster = booster
+        """Use `booster` (no copy: the bytes are taken by the next state_dict())."""
+        self._booster, self._stale = booster, True
         return self
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        if self._stale:
+            b = self._booster
+            data = (bytes(b.save_raw("ubj")) if self.library == "xgboost"
+                    else b.model_to_string().encode())
+            self.raw = torch.frombuffer(bytearray(data), dtype=torch.uint8).clone()
+            self._stale = False
+        return super().state_dict(*args, **kwargs)
 
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False
                         ) -> Any:
         # the buffer's length is the model's: take it whole instead of copying into a shape
         raw = state_dict["raw"]
         self.raw = raw.detach().clone().to(torch.uint8)
-        self._booster = None
+        self._booster, self._stale = None, False
         return torch.nn.modules.module._IncompatibleKeys([], [])
 
     @property

@@ -196,7 +196,8 @@ def test_trees_on_two_workers_survive_a_killed_worker_without_redoing_rounds(
     from tests.conftest import committed, kill_pids
     gate.hold(epoch=2, step=5)
     cfg = job_cfg("+experiment=adult_mlp", f"model={library}", "model.num_boost_round=60",
-                  "model.rounds_per_report=10", "tracking=none", f"storage.uri={tmp_path}",
+                  "model.rounds_per_report=10", "model.checkpoint_every_n_rounds=10",
+                  "tracking=none", f"storage.uri={tmp_path}",
                   "scaling.num_workers=2", "scaling.resources_per_worker.CPU=0.5")
     run_dir = tmp_path / "runs" / cfg.run_name(dataset_version(load_table("builtin://adult")))
     bg = Background(lambda: run_training(cfg))

@@ -89,7 +89,7 @@ def test_asha_milestones_are_where_a_trial_can_be_stopped():
     from mlops_ray.config.compose import compose
     from mlops_ray.config.tune import TuneJob
     job = validate(compose("tune", ["+experiment=adult_xgboost"]), TuneJob)
-    assert job.max_t() == 40 and milestones(job) == [1, 3, 9, 27]
+    assert job.max_t() == 10 and milestones(job) == [1, 3, 9]
     fifo = validate(compose("tune", ["+experiment=adult_xgboost", "scheduler=fifo"]), TuneJob)
     assert milestones(fifo) == []
 

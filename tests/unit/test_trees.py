@@ -58,6 +58,8 @@ def test_model_group_fills_defaults_and_drops_the_other_librarys_knobs(lib, othe
     ("model.library=catboost", "model.library='catboost': Input should be 'xgboost' or "
                                "'lightgbm'"),
     ("+model.n_estimators=5", "model.n_estimators=5: Extra inputs are not permitted"),
+    ("model.checkpoint_every_n_rounds=30", "model: checkpoint_every_n_rounds=30 must be a multiple of "
+                                           "rounds_per_report=100"),
     ("train.fairness_penalty.kind=dp", "train.fairness_penalty.kind='dp' is not available for "
                                        "model.library=xgboost"),
 ])
@@ -116,6 +118,7 @@ def test_a_killed_run_resumes_without_redoing_rounds_to_the_same_booster(tmp_pat
     """Killed after its second checkpoint (round 20), the rerun restores round 20, boosts only
     rounds 21-60 and ends with the same booster as a run never killed."""
     job = job_of(lib, "model.num_boost_round=60", "model.rounds_per_report=10",
+                 "model.checkpoint_every_n_rounds=10",
                  "model.early_stopping_rounds=null")
     whole = run(job, german, tmp_path / "whole")
     with pytest.raises(Killed):

@@ -101,7 +101,9 @@ def train_loop_per_worker(config: dict[str, Any], session: Any = None) -> dict[s
         es_cfg = None
     key = str((es_cfg or {}).get("metric", "val/auc"))
 
-    spot = Spot(session, c.run_name, every_n_epochs=c.every_n_epochs, every_steps=0,
+    # a checkpoint every checkpoint_every_n_rounds (a multiple of rounds_per_report)
+    every = max(1, int(spec.get("checkpoint_every_n_rounds") or per_report) // per_report)
+    spot = Spot(session, c.run_name, every_n_epochs=every, every_steps=0,
                 preempt_every=c.preemption_check_every_n_steps, grace_s=c.preemption_grace_s,
                 step_log=c.step_log, step_gate=c.step_gate)
     model = Trees(lib, x_tr.shape[1], **{k: v for k, v in spec.items()
@@ -142,7 +144,7 @@ def train_loop_per_worker(config: dict[str, Any], session: Any = None) -> dict[s
         end = stop or done >= total
         if done % per_report and not end:
             if spot.between_steps(len(history), done % per_report, done) == "jit":
-                m = Trees(lib, x_tr.shape[1], **model.params).set_booster(booster)
+                m = model.set_booster(booster)
                 report({**state["last"], **val, "round": done, "preempted": 1}, m, done,
                        True, jit=True)
                 spot.hold()
@@ -155,13 +157,12 @@ def train_loop_per_worker(config: dict[str, Any], session: Any = None) -> dict[s
                    "time/checkpoint_s": spot.ckpt_s,
                    "time/rounds_per_s": (done - state["round0"]) / max(seconds, 1e-9),
                    "early_stopped": int(stop)}
+        model.set_booster(booster)  # serialised only if this report keeps a checkpoint
         if c.gate and (end or len(history) + 1 in c.gate_at):
-            snap = Trees(lib, x_tr.shape[1]).set_booster(booster)
-            metrics.update(gate_metrics(c.gate, data, _proba(snap, x_val)))
+            metrics.update(gate_metrics(c.gate, data, _proba(model, x_val)))
         history.append(metrics)
         state["last"], state["t0"], state["round0"] = metrics, time.perf_counter(), done
         keep, draining = spot.at_epoch_end(len(history), False)
-        model.set_booster(booster)  # a snapshot of its bytes; boosting goes on in `booster`
         report(metrics, model, done, keep or end, jit=draining)
         session.publish({"epoch": len(history)}, c.run_name)
         if draining and not end:
