@@ -3,6 +3,7 @@
     make run                                              # = python -m jobs.pipeline +experiment=adult_mlp
     python -m jobs.pipeline +experiment=adult_mlp stages=[train,evaluate,promote,deploy]
     python -m jobs.pipeline +experiment=adult_mlp tune.enabled=true tune.num_samples=6   # tuning first
+    python -m jobs.pipeline +experiment=adult_mlp candidates=[mlp,xgboost]        # race model families
     python -m jobs.pipeline +experiment=adult_mlp serve.keep_alive=false         # exit after the smoke test
     python -m jobs.pipeline +experiment=adult_mlp ray.address=auto   # deploy onto a running cluster (stays)
     python -m jobs.pipeline +experiment=german_mlp run=outputs/runs/<run> stages=[evaluate,promote]

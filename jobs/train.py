@@ -2,6 +2,7 @@
 
     python -m jobs.train +experiment=adult_mlp                   # local Ray, outputs/ folder
     python -m jobs.train +experiment=german_mlp scaling.num_workers=2
+    python -m jobs.train +experiment=adult_xgboost                # gradient-boosted trees (or model=lightgbm)
     python -m jobs.train +experiment=adult_mlp storage=s3 storage.uri=s3://bucket/prefix
     python -m jobs.train +experiment=adult_mlp ray.address=auto   # join `ray start --head`
     python -m jobs.train +experiment=adult_mlp cluster=remote cluster.address=http://<head>:8265

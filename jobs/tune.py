@@ -1,6 +1,8 @@
 """Tune hyper-parameters with Optuna inside Ray Tune (conf/tune.yaml).
 
     python -m jobs.tune +experiment=adult_mlp                          # TPE + ASHA, parallel trials
+    python -m jobs.tune +experiment=adult_xgboost                      # the gates as Optuna constraints (default)
+    python -m jobs.tune +experiment=adult_xgboost tune.gate_aware=false     # the metric alone
     python -m jobs.tune +experiment=adult_mlp tune.num_samples=64 tune.max_concurrent_trials=8 scaling.num_workers=2
     python -m jobs.tune +experiment=adult_mlp search=random scheduler=fifo   # baselines
     python -m jobs.train +experiment=adult_mlp from_tune=outputs/tune/<study>  # retrain the best

@@ -190,6 +190,11 @@ def _limitations(report: Mapping[str, Any]) -> list[str]:
         out.append(f"Mitigation needs `{mit.get('attribute')}` at prediction time: "
                    f"{mit.get('note', '')}")
     out.append("Group fairness metrics cover one attribute at a time, not intersections.")
+    library = ((report.get("config") or {}).get("model") or {}).get("library")
+    if library:
+        out.append(f"The model is gradient-boosted trees ({library}), trained without an "
+                   "in-training fairness penalty (the mitigation above is post-processing); "
+                   "feature importances are shares of total gain, not causal effects.")
     return out + list(report.get("limitations") or [])
 
 

@@ -400,6 +400,14 @@ def test_model_card_files(tmp_path):
     assert "`adult_mlp-abc`" in md and "**Gate verdict: FAIL**" in md
     html = files["html"].read_text()
     assert "<table>" in html and "data:image/png;base64," in html and "eo_sex" in html
+    assert "Feature importance" not in md and "gradient-boosted" not in md  # an MLP has neither
+    # a booster's card: its importances, and what its training did not do
+    trees = {**report, "config": {"model": {"library": "xgboost", "max_depth": 6}},
+             "feature_importance": {"capital_gain": 0.31, "age": 0.12}}
+    md = write_model_card(trees, tmp_path / "trees")["markdown"].read_text()
+    assert "## Feature importance (share of the booster's total gain" in md
+    assert "| `capital_gain` | 0.310 |" in md
+    assert "gradient-boosted trees (xgboost), trained without an in-training fairness" in md
 
 
 def test_a_stored_report_is_reused_only_for_the_same_evaluation_inputs(tmp_path, monkeypatch):
