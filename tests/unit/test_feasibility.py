@@ -111,3 +111,20 @@ def test_the_searcher_records_constraints_before_telling_the_objective(tmp_path)
     assert [t.constraints for t in trials] == [{"eo_sex": 0.2, "auc": -0.05},
                                                {"eo_sex": -0.1, "auc": -0.05}]
     assert [t.value for t in trials] == [0.9, 0.8]
+
+
+def test_a_study_with_no_feasible_trial_says_which_rule_bound():
+    from mlops_ray.tune.tuner import summary_lines
+    trials = [{"trial_id": f"t{i}", "status": "TERMINATED", "epochs": 3, "final_value": v,
+               "feasible": False, "binding": b} for i, (v, b) in
+              enumerate([(0.93, "eo_race"), (0.92, "eo_race"), (0.91, "eo_sex")])]
+    s = {"study": "s", "algorithm": "tpe", "scheduler": "asha", "n_trials": 3,
+         "total_epochs": 9, "wall_s": 1.0, "resumed": False, "trials": trials,
+         "metric": "val/auc", "mode": "max", "tune_uri": "file:///x", "cost": None,
+         "gates": {"aware": True, "estimated": 3, "feasible": 0, "binding": "eo_race",
+                   "binding_counts": {"eo_race": 2, "eo_sex": 1}}}
+    text = "\n".join(summary_lines(s))
+    assert "0 of 3 trials estimated feasible on their validation rows; none was: 'eo_race' " \
+           "bound most often ({'eo_race': 2, 'eo_sex': 1}): the best trial will not pass it" \
+           in text
+    assert "infeasible (eo_sex)" in text
