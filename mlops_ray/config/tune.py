@@ -69,7 +69,8 @@ class TuneCfg(Strict):
     # (evaluation/feasibility.py); the study's best is its best feasible trial
     gate_aware: bool = True
     gate_min_group_rows: int = Field(100, ge=1)  # smaller validation groups: not constrained
-    gate_n_boot: int = Field(100, ge=10)  # bootstrap resamples of the estimated CIs
+    # bootstrap resamples of the estimated CIs (null: fairness.n_boot, as the evaluation)
+    gate_n_boot: int | None = Field(None, ge=10)
 
     def backend(self, workers: int) -> str:
         if self.trial_backend == "auto":

@@ -40,7 +40,7 @@ def gate_spec(job: Any, prepared: Any) -> dict[str, Any] | None:
             "mitigation": f.mitigation, "constraint": f.constraint,
             "mitigation_attribute": f.mitigation_attribute,
             "min_group_size": max(f.min_group_size, job.tune.gate_min_group_rows),
-            "n_boot": job.tune.gate_n_boot, "seed": job.seed,
+            "n_boot": job.tune.gate_n_boot or f.n_boot, "seed": job.seed,
             "judged_rows": int(len(prepared.splits["test"]))}
 
 

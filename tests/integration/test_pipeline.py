@@ -197,9 +197,12 @@ def test_drift_on_the_endpoint_triggers_retraining_through_the_gates(deployed, t
 
 def test_tune_enabled_tunes_then_evaluates_the_best_trial(deployed):
     """Two trials at once, each a Ray Train run on two workers (2 x 2 x 0.45 CPU), then the
-    best one evaluated."""
+    best one evaluated. On the metric alone: both 2-epoch trials sit within 0.002 of the eo_sex
+    gate, so which one the gate-aware estimate prefers is a coin flip (its selection has its
+    own known-case test, tests/integration/test_tune.py)."""
     from mlops_ray.pipeline.run import run_pipeline
     out = run_pipeline(pipeline_job(deployed["common"], "tune.enabled=true",
+                                    "tune.gate_aware=false",
                                     "tune.max_concurrent_trials=2", "scaling.num_workers=2",
                                     "scaling.resources_per_worker.CPU=0.45",
                                     "promote.model=adult_tuned", "stages=[train,evaluate]"),

@@ -73,10 +73,14 @@ def test_tpe_asha_summary_best_run_and_retrain(ray_2_cpus, tmp_path):
     train = validate(compose("train", [*GERMAN, f"storage.uri={tmp_path}", "train.epochs=2",
                                        f"from_tune={s['tune_uri']}"]), TrainJob)
     tuned = with_tuned_params(train)
+    changed = False
     for key, value in best["params"].items():
         section, name = key.split(".")
+        changed |= getattr(getattr(train, section), name) != value
         assert getattr(getattr(tuned, section), name) == value
-    assert tuned.config_hash() != train.config_hash()
+    # a best trial other than the experiment's own config is another run (gate-aware, the
+    # defaults' trial may well be the best feasible one)
+    assert (tuned.config_hash() != train.config_hash()) == changed
 
 
 def test_gate_aware_study_returns_the_best_trial_the_gates_would_pass(ray_2_cpus, tmp_path):
