@@ -70,9 +70,12 @@ def estimate(y: np.ndarray, p: np.ndarray, sensitive: pd.DataFrame,
                 sensitive[attr].iloc[fit], constraint=constraint, seed=seed)
             decision = rule_mod.from_fairlearn(fitted.optimizer, thr, attr, constraint)
             pred[judge] = rule_mod.labels(decision, p[judge], sensitive[attr].iloc[judge].tolist())
-    thr = float(np.mean(thresholds))  # for the threshold-free metrics' report only
-    metrics = {f"test/{k}": v for k, v in binary_metrics(y, p, thr).items()}
-    metrics["test/accuracy"] = float((pred == y).mean())
+    metrics = {f"test/{k}": v for k, v in binary_metrics(y, p).items()}
+    # thresholded metrics from the cross-fitted labels (as the gates judge the deployed rule)
+    from sklearn.metrics import f1_score
+    metrics.update({"test/accuracy": float((pred == y).mean()),
+                    "test/f1": float(f1_score(y, pred, zero_division=0)),
+                    "test/threshold": float(np.mean(thresholds))})
     ci = stats.bootstrap_ci(stats.roc_auc, y, p, n=n_boot, seed=seed, strata=y)
     cis = {"test/auc": (ci["ci_low"], ci["ci_high"])}
     fair = fairness.fairness_report(y, pred, sensitive, min_group_size=min_group_size,
