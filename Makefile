@@ -18,7 +18,7 @@ PYTEST_ARGS ?=
 ARGS ?=
 UNIT := not ray and not slow and not server and not s3 and not multinode and not gpu
 
-.PHONY: help install run train tune serve test test-unit test-multinode lint typecheck bench lock clean
+.PHONY: help install run train tune serve test test-unit test-multinode lint typecheck dashboards bench lock clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-11s %s\n", $$1, $$2}'
@@ -59,9 +59,15 @@ lint: install ## ruff, the layering as import-linter contracts (pyproject.toml),
 	$(PY) -m ruff check mlops_ray jobs tests bench tools
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/bandit -q -r mlops_ray jobs -b bandit-baseline.json
+	$(PY) tools/gen_observability.py --check
 
 typecheck: install ## mypy on mlops_ray/ and jobs/
 	$(PY) -m mypy mlops_ray jobs
+
+dashboards: install ## regenerate the KubeRay monitoring manifests from mlops_ray/observability/; check and unit-test the alert rules (promtool)
+	$(PY) tools/gen_observability.py
+	promtool check rules mlops_ray/observability/alerts.yml
+	promtool test rules mlops_ray/observability/alerts_test.yml
 
 bench: install ## benchmarks (not part of make test): training overhead vs bare PyTorch
 	$(PY) bench/train_overhead.py

@@ -72,6 +72,10 @@ class Storage:
         sel = pafs.FileSelector(self.path(*parts), allow_not_found=True)
         return sorted(i.base_name for i in self.fs.get_file_info(sel))
 
+    def sub(self, *parts: str) -> Storage:
+        """The same filesystem, rooted at a folder below this root."""
+        return Storage(self.uri_of(*parts), self.fs, self.path(*parts))
+
     def ray_args(self, *parts: str) -> dict[str, Any]:
         """`storage_path`/`storage_filesystem` for ray.train/ray.tune RunConfig."""
         if self.is_local:
@@ -105,3 +109,11 @@ def resolve(uri: str, endpoint_url: str | None = None, region: str | None = None
 
 def from_cfg(storage_cfg: dict[str, Any]) -> Storage:
     return resolve(storage_cfg["uri"], storage_cfg.get("endpoint_url"), storage_cfg.get("region"))
+
+
+def prediction_log(storage_cfg: dict[str, Any], uri: str | None) -> Storage:
+    """Where the prediction and label logs live: `serve.prediction_log.uri`, else
+    `<storage.uri>/prediction_log` (the same credentials and endpoint either way)."""
+    if uri:
+        return resolve(uri, storage_cfg.get("endpoint_url"), storage_cfg.get("region"))
+    return from_cfg(storage_cfg).sub("prediction_log")

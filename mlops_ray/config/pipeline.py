@@ -98,22 +98,45 @@ class PipelineJob(TrainJob, EvaluateSections, PromoteSections):
 
 
 class MonitorCfg(Strict):
-    new_data: str = Field(min_length=1)
+    # the retraining data: null assembles it from the prediction log's labelled traffic plus
+    # the original training data (mlops_ray/pipeline/traffic.py); a path/URI names a table
+    new_data: str | None = Field(None, min_length=1)
     interval_s: float = Field(30, gt=0)
     once: bool = False
     max_drifted_features: int = Field(1, ge=0)
     min_live_auc: float | None = Field(None, gt=0, le=1)
     min_labelled_rows: int = Field(200, ge=1)
+    # the gates (test/* and fair/* rules) judged on labelled traffic of the production version:
+    # one that would fail triggers a retraining
+    live_gates: bool = True
+    # retraining from the log: original rows sampled per labelled traffic row (all at most)
+    original_ratio: float = Field(1.0, ge=0)
+    # point in time of the log (ISO 8601, UTC if no zone): predictions and labels known by
+    # then; null: the time of each check
+    cutoff: str | None = None
     canary_max_prediction_shift: float = Field(1.0, ge=0, le=1)
 
     @model_validator(mode="after")
     def _some_trigger(self) -> MonitorCfg:
-        if not self.max_drifted_features and self.min_live_auc is None:
-            raise ValueError("monitor: nothing to watch (set max_drifted_features >= 1 or "
-                             "min_live_auc)")
+        if not self.max_drifted_features and self.min_live_auc is None and not self.live_gates:
+            raise ValueError("monitor: nothing to watch (set max_drifted_features >= 1, "
+                             "min_live_auc or live_gates=true)")
+        if self.cutoff is not None:
+            from datetime import datetime
+            try:
+                datetime.fromisoformat(self.cutoff)
+            except ValueError:
+                raise ValueError(f"monitor.cutoff={self.cutoff!r}: not an ISO 8601 time "
+                                 "(e.g. 2026-11-30T12:00:00+00:00)") from None
         return self
 
 
 class MonitorJob(PipelineJob):
     """jobs.monitor: the pipeline it runs when the production deployment drifts."""
     monitor: MonitorCfg
+
+
+class LabelsJob(PipelineJob):
+    """jobs.labels: import a file of late labels into the label log."""
+    file: str = Field(min_length=1)  # csv or parquet: request_id, label, time[, row]
+    source: str | None = None  # recorded with each label (default: the file name)

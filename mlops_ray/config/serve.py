@@ -66,6 +66,29 @@ class FeedbackCfg(Strict):
     burst: int = Field(40, ge=1)
 
 
+class PredictionLogCfg(Strict):
+    """Every answered record appended to Parquet on the configured storage, off the request
+    path (serving/predlog.py). A crashed replica loses what it had not flushed: at most
+    flush_interval_s of its answers, or flush_rows rows, whichever comes first."""
+    enabled: bool = True
+    uri: str | None = None  # null: <storage.uri>/prediction_log; else a path or s3:// URI
+    sample_rate: float = Field(1.0, ge=0, le=1)  # share of answered requests logged
+    flush_interval_s: float = Field(2.0, gt=0, le=3600)
+    flush_rows: int = Field(5000, ge=1)  # a buffer this full is written at once
+    max_buffer_rows: int = Field(100000, ge=1)  # rows waiting (writes failing): more are dropped
+    # sensitive attributes (the signature's role=sensitive inputs) are left out unless true:
+    # live fairness and retraining from the log need them (docs/monitoring.md: who can read it)
+    log_sensitive: bool = False
+    exclude: list[str] = []  # more input fields never logged
+
+    @model_validator(mode="after")
+    def _bounds(self) -> PredictionLogCfg:
+        if self.max_buffer_rows < self.flush_rows:
+            raise ValueError(f"serve.prediction_log.max_buffer_rows={self.max_buffer_rows} is "
+                             f"below flush_rows={self.flush_rows}")
+        return self
+
+
 class LiveCfg(Strict):
     # how often each ingress replica pushes its statistics, drift rows and answers to the app's
     # hub (serving/hub.py), which rollouts, action=status and /admin/* read
@@ -128,6 +151,7 @@ class ServeCfg(Strict):
     drift: DriftCfg = DriftCfg()
     feedback: FeedbackCfg = FeedbackCfg()
     live: LiveCfg = LiveCfg()
+    prediction_log: PredictionLogCfg = PredictionLogCfg()
     rollout: RolloutCfg = RolloutCfg()
     grpc: GrpcCfg = GrpcCfg()
 

@@ -58,6 +58,9 @@ class DatasetCfg(Strict):
     max_missing: float = Field(0.1, ge=0, le=1)  # default per-column limit
     min_rows: int = Field(100, ge=1)
     split: SplitCfg = SplitCfg()
+    # where the rows came from when a job assembled the table (jobs.monitor: prediction-log
+    # parts, label parts, cutoff, mixing rule); copied into the version's lineage.json
+    sources: dict[str, Any] = {}
 
     @model_validator(mode="after")
     def _columns(self) -> DatasetCfg:

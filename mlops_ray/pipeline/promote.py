@@ -79,6 +79,8 @@ def version_files(job: PromoteJob, rec: dict[str, Any], report: dict[str, Any],
     needs_sensitive = bool(mitigation.get("requires_sensitive_at_prediction"))
     lineage = {**report["lineage"], "run_name": rec["run_name"],
                "dataset_uri": cfg["dataset"]["uri"]}
+    if cfg["dataset"].get("sources"):  # e.g. the prediction-log parts a retraining used
+        lineage["data_sources"] = cfg["dataset"]["sources"]
 
     def dumps(obj: Any) -> bytes:
         return json.dumps(obj, indent=1, sort_keys=True, default=float).encode()

@@ -33,9 +33,8 @@ class ModelServer:
 
     def __init__(self, artifact_uri: str, content_hash: str, ref: str,
                  storage_cfg: dict[str, Any], batching: dict[str, Any]):
-        from ray.util import metrics
-
         from mlops_ray.artifacts.predictor import Predictor
+        from mlops_ray.metrics import metric
         self.p = Predictor.load(fetch(artifact_uri, content_hash, storage_cfg), ref)
         self.ref = ref
         # @serve.batch adds these setters at runtime; its typing omits them
@@ -44,9 +43,7 @@ class ModelServer:
         self.predict_batch.set_batch_wait_timeout_s(  # type: ignore[attr-defined]
             float(batching["batch_wait_timeout_s"]))
         self.chaos_error_rate = 0.0
-        self.batch_rows = metrics.Histogram(
-            "mlops_serve_batch_rows", description="rows per model batch",
-            boundaries=[1, 2, 4, 8, 16, 32, 64, 128, 256, 512], tag_keys=("version",))
+        self.batch_rows = metric("mlops_serve_batch_rows")
 
     def reconfigure(self, cfg: dict[str, Any]) -> None:
         # fault injection for rollout drills: a share of requests fails on this version
@@ -74,6 +71,11 @@ class ModelServer:
 class Ingress(GrpcRoutes):
     """The ingress deployment: the core (core.py) with its gRPC face (grpc.py) and its REST
     routes, declared here and handled in rest.py."""
+
+    async def __del__(self) -> None:
+        # Serve calls this once the replica has drained (a scale-down, a redeploy, serve
+        # shutdown): the prediction log's buffer is written before the process goes
+        await self.drain()
 
     @api.get("/health")
     @api.get("/v2/health/live")

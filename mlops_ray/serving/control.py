@@ -34,6 +34,7 @@ def ingress_config(sj: ServeJob) -> dict[str, Any]:
     return {"model_name": sj.model, "mode": s.ingress_mode, "storage": sj.storage.plain(),
             "cache": s.cache.plain(), "limits": s.limits.plain(), "drift": s.drift.plain(),
             "feedback": s.feedback.plain(), "api_keys": api_keys(s.auth),
+            "prediction_log": s.prediction_log.plain(),
             "admin_keys_env": s.auth.admin_keys_env,
             "feedback_keys_env": s.auth.feedback_keys_env,
             # a replica off loopback refuses to start open (a Serve config on a cluster too)

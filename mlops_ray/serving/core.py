@@ -15,7 +15,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from mlops_ray.config.base import StorageCfg, Strict
-from mlops_ray.config.serve import CacheCfg, DriftCfg, FeedbackCfg, LimitsCfg
+from mlops_ray.config.serve import CacheCfg, DriftCfg, FeedbackCfg, LimitsCfg, PredictionLogCfg
 from mlops_ray.errors import RequestInvalid
 from mlops_ray.serving.auth import HEALTH, env_keys, key_ok
 from mlops_ray.serving.cache import TTLCache, key_of
@@ -35,6 +35,7 @@ class IngressCfg(Strict):
     limits: LimitsCfg = LimitsCfg()
     drift: DriftCfg = DriftCfg()
     feedback: FeedbackCfg = FeedbackCfg()
+    prediction_log: PredictionLogCfg = PredictionLogCfg(enabled=False)
     api_keys: list[str] = []
     api_keys_env: str | None = None  # a Serve config file names the variable, never the keys
     admin_keys_env: str | None = None
@@ -70,6 +71,11 @@ class IngressCore:
         self.shadow = {"compared": 0, "label_disagreements": 0, "abs_diff_sum": 0.0}
         self.hub: Any = None
         self._push_task: asyncio.Task | None = None
+        self.predlog = None
+        if c.prediction_log.enabled:  # every answered record, written off the request path
+            from mlops_ray.serving.predlog import PredictionLogger
+            self.predlog = PredictionLogger(c.prediction_log.plain(), c.storage.plain(),
+                                            self.name, self.replica)
 
     # --- routing state (user_config) -------------------------------------------------------
     def reconfigure(self, routing: dict[str, Any]) -> None:
@@ -121,6 +127,13 @@ class IngressCore:
     def _ensure_push(self) -> None:
         if self._push_task is None:  # started inside Serve's event loop
             self._push_task = asyncio.get_running_loop().create_task(self._push_loop())
+            if self.predlog is not None:
+                self.predlog.start()
+
+    async def drain(self) -> None:
+        """The replica is stopping (Serve drained its requests): write the log's buffer."""
+        if self.predlog is not None:
+            await self.predlog.close()
 
     async def stats(self) -> dict[str, Any]:
         """The app's statistics over all its replicas (this one's pushed first)."""
@@ -140,6 +153,8 @@ class IngressCore:
         out = await self._hub().feedback.remote(raw)
         if "accepted" not in out:
             raise RequestInvalid(out["problems"], out["status"])
+        if self.predlog is not None:  # the label log: what retraining joins by request id
+            self.predlog.feedback(raw["request_id"], raw["labels"])
         return int(out["accepted"])
 
     # --- requests ------------------------------------------------------------------------------
@@ -243,11 +258,15 @@ class IngressCore:
             rows = self.outbox["rows"].setdefault(ref, [])
             if len(rows) < int(self.cfg.drift.window):  # more would not fit the window anyway
                 rows.extend(records)
+        ms = (time.perf_counter() - t0) * 1000
         self.metrics.requests.inc(tags={**tags, "endpoint": endpoint})
-        self.metrics.latency.observe((time.perf_counter() - t0) * 1000, tags=tags)
+        self.metrics.latency.observe(ms, tags=tags)
         for p in result["probabilities"]:
             self.metrics.prob.observe(p, tags=tags)
         rid = uuid.uuid4().hex
+        if self.predlog is not None:
+            self.predlog.prediction(rid, ref, self.router.sigs[ref], arm.spec["role"], endpoint,
+                                    records, result, ms)
         if len(self.outbox["answers"]) < int(self.cfg.feedback.max_pending):
             self.outbox["answers"].append((rid, pending_entry(ref, self.router.sigs[ref],
                                                               records, result)))

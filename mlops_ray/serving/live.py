@@ -51,27 +51,13 @@ class ServeMetrics:
     """`ray_mlops_serve_*` on Ray's metrics endpoint (the dashboard, Prometheus)."""
 
     def __init__(self, model: str) -> None:
-        from ray.util import metrics
+        from mlops_ray.metrics import metric
         self.model = model
-        tags = ("model", "version")
-        self.requests = metrics.Counter("mlops_serve_requests", "requests answered",
-                                        tag_keys=(*tags, "endpoint"))
-        self.errors = metrics.Counter("mlops_serve_errors", "failed requests",
-                                      tag_keys=(*tags, "kind"))
-        self.latency = metrics.Histogram("mlops_serve_latency_ms", "request latency (ms)",
-                                         boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000],
-                                         tag_keys=tags)
-        self.cache = metrics.Counter("mlops_serve_cache", "cache lookups",
-                                     tag_keys=("model", "result"))
-        self.prob = metrics.Histogram("mlops_serve_probability", "predicted probabilities",
-                                      boundaries=[round(0.1 * i, 1) for i in range(1, 10)],
-                                      tag_keys=tags)
-        self.drift = metrics.Gauge("mlops_serve_drift", "per-feature drift (PSI or JS)",
-                                   tag_keys=(*tags, "feature"))
-        self.alert = metrics.Gauge("mlops_serve_drift_alert", "1 while a feature drifts",
-                                   tag_keys=(*tags, "feature"))
-        self.live_auc = metrics.Gauge("mlops_serve_live_auc", "AUC on labelled feedback",
-                                      tag_keys=tags)
+        self.requests, self.errors = metric("mlops_serve_requests"), metric("mlops_serve_errors")
+        self.latency, self.cache = metric("mlops_serve_latency_ms"), metric("mlops_serve_cache")
+        self.prob, self.drift = metric("mlops_serve_probability"), metric("mlops_serve_drift")
+        self.alert, self.live_auc = metric("mlops_serve_drift_alert"), \
+            metric("mlops_serve_live_auc")
 
     def error(self, kind: str, version: str = "-") -> None:
         self.errors.inc(tags={"model": self.model, "version": version, "kind": kind})

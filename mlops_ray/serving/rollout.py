@@ -183,6 +183,7 @@ def step_canary(sj: ServeJob, reg: Registry, to: str, stable: dict[str, Any],
         set_routing(sj, routing)
         audit(reg, sj, "traffic", spec["version"], strategy="canary", alias=to,
               arms={stable["ref"]: 100 - step, spec["ref"]: step})
+        _canary_metric(sj, spec, step)
         log(f"canary {spec['ref']} at {step}%: baking {r.bake_s} s")
         # a step ends after bake_s *and* min_requests canary requests: a canary is never
         # passed for want of traffic; none within max_bake_s rolls it back (inconclusive)
@@ -205,8 +206,19 @@ def step_canary(sj: ServeJob, reg: Registry, to: str, stable: dict[str, Any],
     audit(reg, sj, "traffic", spec["version"], strategy="canary", alias=to,
           arms={spec["ref"]: 100}, completed=True)
     cleanup(sj, final)
+    _canary_metric(sj, spec, 100, "promoted")
     log(f"canary {spec['ref']} completed: 100% of traffic")
     return final
+
+
+def _canary_metric(sj: ServeJob, spec: dict[str, Any], percent: float,
+                   outcome: str | None = None) -> None:
+    """`ray_mlops_rollout_*` (dashboard: canary state; alert: a rollback)."""
+    from mlops_ray.metrics import metric
+    metric("mlops_rollout_canary_percent").set(
+        percent, tags={"model": sj.model, "version": str(spec["version"])})
+    if outcome:
+        metric("mlops_rollout_events").inc(tags={"model": sj.model, "outcome": outcome})
 
 
 def _abort(sj: ServeJob, reg: Registry, to: str, stable: dict[str, Any],
@@ -215,6 +227,7 @@ def _abort(sj: ServeJob, reg: Registry, to: str, stable: dict[str, Any],
     back = {"arms": [arm(stable, 100, "stable")], "mode": "weighted", "previous": None}
     set_routing(sj, back)
     cleanup(sj, back)
+    _canary_metric(sj, spec, 0, "rolled_back")
     answered = canary_stats["requests"] - canary_stats["errors"]
     audit(reg, sj, "rollback", stable["version"], reason=f"canary {spec['ref']}: {why}",
           automatic=True, canary_requests=canary_stats["requests"], canary_answered=answered)

@@ -17,15 +17,7 @@ from typing import Any
 
 import torch
 
-# what each published gauge means (Ray exports them as ray_mlops_train_<name>)
-GAUGES = {
-    "samples_per_second": "training samples per second in the last epoch",
-    "epoch_seconds": "wall time of the last epoch",
-    "checkpoint_seconds": "wall time of the last checkpoint save and upload",
-    "epoch": "epochs completed",
-    "preemptions_survived": "restarts from a just-in-time (preemption) checkpoint",
-    "restarts": "restarts of the worker group (failures and preemptions)",
-}
+# the gauges rank 0 publishes (ray_mlops_train_<name>) are in mlops_ray/metrics.py's catalog
 
 
 def quiet_report_lines() -> None:
@@ -93,15 +85,9 @@ class TrainSession:
         """Gauges on the Ray dashboard / Prometheus (rank 0 only): `ray_mlops_train_*`."""
         if self.rank != 0:
             return
-        if not hasattr(self, "_gauges"):
-            from ray.util.metrics import Gauge
-            self._gauges: dict[str, Any] = {}
-            self._Gauge = Gauge
+        from mlops_ray.metrics import metric
         for name, v in values.items():
-            if name not in self._gauges:
-                self._gauges[name] = self._Gauge(f"mlops_train_{name}", tag_keys=("run",),
-                                                 description=GAUGES[name])
-            self._gauges[name].set(float(v), tags={"run": run})
+            metric(f"mlops_train_{name}").set(float(v), tags={"run": run})
 
 
 class TuneSession(TrainSession):

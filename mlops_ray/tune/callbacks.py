@@ -54,14 +54,13 @@ def metrics_callback(study: str, metric: str, mode: str) -> Any:
     `ray_mlops_tune_trials{study,state}` / `ray_mlops_tune_best{study}` (Ray dashboard,
     Prometheus)."""
     from ray import tune
-    from ray.util.metrics import Gauge
+
+    from mlops_ray.metrics import metric as ray_metric
 
     class TuneMetrics(tune.Callback):
         def __init__(self) -> None:
-            self.trials = Gauge("mlops_tune_trials", "trials of the study by state",
-                                tag_keys=("study", "state"))
-            self.best = Gauge("mlops_tune_best", "best reported value of the tuned metric",
-                              tag_keys=("study",))
+            self.trials = ray_metric("mlops_tune_trials")
+            self.best = ray_metric("mlops_tune_best")
             self.value: float | None = None
 
         def _publish(self, trials: list[Any]) -> None:
