@@ -50,11 +50,32 @@ def ensure_ray(ray_cfg: dict[str, Any]) -> dict[str, Any]:
         if address == "local":
             # ray.init is typed BaseContext; a local init returns a RayContext
             claim_address_file(ctx.address_info["gcs_address"])  # type: ignore[attr-defined]
+            if kw.get("include_dashboard"):
+                _install_dashboard(ctx.address_info["session_dir"])  # type: ignore[attr-defined]
         dash = getattr(ctx, "dashboard_url", None)
         _FACTS["dashboard_url"] = f"http://{dash}" if dash else None
     return {"dashboard_url": _FACTS.get("dashboard_url"),
             "address": ray.get_runtime_context().gcs_address,
             "resources": ray.cluster_resources()}
+
+
+def _install_dashboard(session_dir: str) -> None:
+    """The project's Grafana dashboard next to Ray's own in this session's folder, once Ray's
+    dashboard has written them (it recreates the folder as it starts): in a background thread,
+    so no job waits for it."""
+    import threading
+    import time
+
+    def copy() -> None:
+        from mlops_ray.observability import install_dashboard
+        marker = Path(session_dir) / "metrics" / "grafana" / "dashboards" / \
+            "default_grafana_dashboard.json"
+        deadline = time.monotonic() + 60
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        with contextlib.suppress(OSError):
+            install_dashboard(session_dir)
+    threading.Thread(target=copy, name="mlops-dashboard", daemon=True).start()
 
 
 # Lines Ray's processes print that are known to be harmless and that no Ray setting turns off

@@ -28,6 +28,22 @@ class PredictDriftCfg(Strict):
     p_value: float = Field(0.01, gt=0, lt=1)
 
 
+class PredictLogCfg(Strict):
+    """Every scored row also written to the online prediction log, in its schema (arm and
+    endpoint "batch"), to compare offline with online answers and join late labels the same way
+    (predict/predlog.py). Off by default: the output's predictions/ already holds every
+    prediction; the log is for the comparison."""
+    enabled: bool = False
+    uri: str | None = None  # null: <storage.uri>/prediction_log (where serving logs by default)
+    log_sensitive: bool = False  # true: the signature's role=sensitive inputs too (as serving)
+    exclude: list[str] = []  # more input fields never logged
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, v: str | None) -> str | None:
+        return None if v is None else storage_uri(v)
+
+
 class PredictCfg(Strict):
     batch_size: int = Field(4096, ge=1)  # rows per map_batches call
     concurrency: int | list[int] = 2  # scoring actors: N, or [min, max] (autoscaling pool)
@@ -37,6 +53,7 @@ class PredictCfg(Strict):
     rows_per_file: int = Field(1_000_000, ge=1)  # rows a write task gathers per output part
     object_store_mb: int | None = Field(None, ge=16)  # Ray Data's budget for blocks in flight
     drift: PredictDriftCfg = PredictDriftCfg()
+    prediction_log: PredictLogCfg = PredictLogCfg()
 
     @field_validator("concurrency")
     @classmethod

@@ -5,7 +5,9 @@ checked against its signature. Then one streaming pipeline: read tasks (row grou
 -> `map_batches` over an actor pool of `Scorer`s (each loads the version once) -> a datasink
 whose write tasks stream Parquet parts into a staging folder and return the drift counts of
 what they wrote. The driver adds the counts up, writes the drift report, and commits (see
-`mlops_ray.predict.output`). No process ever holds more than a few blocks of the input.
+`mlops_ray.predict.output`). No process ever holds more than a few blocks of the input. With
+`predict.prediction_log.enabled`, every scored row also goes to the online prediction log, in
+its schema (`mlops_ray.predict.predlog`), staged and committed with the output.
 """
 from __future__ import annotations
 
@@ -22,12 +24,14 @@ from typing import Any
 import pyarrow as pa
 
 from mlops_ray.config.batch import PredictJob
+from mlops_ray.data import traffic
 from mlops_ray.errors import ConfigError, MlopsError
 from mlops_ray.predict.drift import drift_columns, drift_table, merge
 from mlops_ray.predict.inputs import ReadUnit, TableInput
 from mlops_ray.predict.output import PREDICTIONS, REPORT, SUCCESS, Output, merge_worker
+from mlops_ray.predict.predlog import BatchLog, job_key, logged_fields
 from mlops_ray.predict.scorer import Scorer
-from mlops_ray.storage import Storage, resolve
+from mlops_ray.storage import Storage, prediction_log, resolve
 
 
 def _read(inp: TableInput, unit: ReadUnit, columns: list[str], numeric: list[str],
@@ -133,6 +137,23 @@ def run(job: PredictJob, log: Callable[[str], None] = print) -> dict[str, Any]:
     numeric = [i["name"] for i in signature["inputs"] if i["kind"] == "numeric"]
     drift_num, drift_cat = drift_columns(reference, set(features))
     units = inp.units()
+    run_id = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
+    plog = p.prediction_log
+    blog, log_kwargs = None, {}
+    if plog.enabled:
+        fields, log_numeric = logged_fields(signature, columns, plog.log_sensitive,
+                                            plog.exclude)
+        log_kwargs = {"log_fields": fields, "log_numeric": log_numeric}
+        infos = inp.storage.fs.get_file_info([f.path for f in inp.files])
+        key = job_key(version.ref, version.content_hash, inp.storage.uri, id_column, [
+            (f.name, i.size, None if i.mtime is None else i.mtime.isoformat())
+            for f, i in zip(inp.files, infos, strict=True)])
+        log_store = prediction_log(st.plain(), plog.uri)
+        if _inside(log_store, out) or _inside(out, log_store):
+            raise ConfigError(f"predict.prediction_log at '{log_store.uri}' overlaps "
+                              f"output='{job.output}': log somewhere else")
+        blog = BatchLog(log_store, version.model, version.version, datetime.now(timezone.utc),
+                        key, run_id, id_column)
 
     from mlops_ray.runtime import ensure_ray
     ensure_ray(job.ray.plain())
@@ -145,7 +166,7 @@ def run(job: PredictJob, log: Callable[[str], None] = print) -> dict[str, Any]:
         ctx.execution_options.resource_limits = ray.data.ExecutionResources.for_limits(
             object_store_memory=p.object_store_mb * (1 << 20))
     source_cls, sink_cls = _ray_data_classes()
-    output = Output(out, f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}")
+    output = Output(out, run_id, blog)
     sink = sink_cls(output, p.rows_per_file)
     conc = p.concurrency
     try:
@@ -159,7 +180,7 @@ def run(job: PredictJob, log: Callable[[str], None] = print) -> dict[str, Any]:
                 "ref": version.ref, "artifact_uri": version.artifact_uri,
                 "content_hash": version.content_hash, "storage": reg.storage,
                 "features": features, "drift_numeric": drift_num,
-                "drift_categorical": drift_cat, "id_column": id_column})
+                "drift_categorical": drift_cat, "id_column": id_column, **log_kwargs})
         ds.write_datasink(sink)
         returns = sink.returns or []
         counts: dict[str, Any] | None = None
@@ -183,6 +204,11 @@ def run(job: PredictJob, log: Callable[[str], None] = print) -> dict[str, Any]:
                     "drift_report": REPORT, "alerts": report["alerts"],
                     "workers": [{"id": k, **v} for k, v in sorted(workers.items())],
                     "wall_s": round(time.monotonic() - t0, 2)}
+        if blog is not None:  # latency_ms is null: a batch has no per-request latency
+            manifest["prediction_log"] = {
+                "uri": blog.storage.uri_of(traffic.PREDICTIONS), "ts": blog.ts.isoformat(),
+                "job_key": blog.key, "rows": sum(r["rows"] for r in returns if r["log_file"]),
+                "parts": sorted(r["log_file"] for r in returns if r["log_file"])}
         output.commit(report, manifest)
     except BaseException as e:
         output.cleanup()
@@ -209,6 +235,10 @@ def _summary(manifest: dict[str, Any], report: dict[str, Any], out: Storage,
         f"predictions {out.uri_of(PREDICTIONS)} ({len(manifest['files'])} file(s))\n"
         f"drift       {out.uri_of(REPORT)}: "
         f"{', '.join(report['alerts']) or 'no'} alert(s)\n{format_table(report['features'])}")
+    plog = manifest.get("prediction_log")
+    if plog:
+        log(f"logged      {plog['rows']} rows to {plog['uri']} ({len(plog['parts'])} part(s); "
+            f"{len(plog['replaced'])} of an earlier run of this job replaced)")
     if w:
         log(f"workers     {len(w)} scoring actor(s); peak RSS "
             f"{max(x['peak_rss'] for x in w) / mib:.0f} MiB (after loading the model "

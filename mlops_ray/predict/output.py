@@ -10,6 +10,14 @@ old `_SUCCESS` first, replaces `predictions/` and the report, then writes the ne
 that fails before the commit leaves the previous output as it was (complete or not) and removes
 its staging folder; one killed during the commit leaves no `_SUCCESS`. Trust the folder only when
 `_SUCCESS` is there (on S3 the moves are copies, not renames).
+
+With `predict.prediction_log.enabled`, each write task also stages a part of prediction-log rows
+(`_temporary/<run id>/prediction_log/predictions/model=.../date=.../part-<writer>-000000.parquet`,
+predict/predlog.py). The commit places them in the log first (a failure there leaves the previous
+output as it was), then commits the output as above, removes the log parts of earlier runs of
+the same job, and writes `_SUCCESS` last; should any of it fail, the parts placed are removed
+again. Only a process killed during the commit can leave some of its rows in the log (and no
+`_SUCCESS`): the next run of the same job replaces them.
 """
 from __future__ import annotations
 
@@ -22,6 +30,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from mlops_ray.predict.drift import merge
+from mlops_ray.predict.predlog import FEATURES, STAGED, BatchLog
 from mlops_ray.predict.scorer import STATS
 from mlops_ray.storage import Storage
 
@@ -49,8 +58,8 @@ def merge_worker(a: dict[str, dict], w: dict[str, Any]) -> None:
 
 
 class Output:
-    def __init__(self, storage: Storage, run_id: str):
-        self.storage, self.run_id = storage, run_id
+    def __init__(self, storage: Storage, run_id: str, log: BatchLog | None = None):
+        self.storage, self.run_id, self.log = storage, run_id, log
 
     @property
     def staging(self) -> str:
@@ -58,18 +67,31 @@ class Output:
 
     def write_part(self, blocks: Iterable[pa.Table], task_index: int) -> dict[str, Any]:
         """Stream blocks into one Parquet part (a row group per block); the STATS column is
-        taken out and added up. Returns {file, rows, counts, workers}."""
+        taken out and added up; with the log on, FEATURES goes into a staged log part instead.
+        Returns {file, rows, counts, workers, log_file}."""
         fs = self.storage.fs
         name = f"part-{task_index:05d}.parquet"
         writer: pq.ParquetWriter | None = None
         stream = None
+        log_part = self.log.part(task_index) if self.log is not None else None
+        log_out: list[Any] = [None, None]  # its writer and stream, opened with the first rows
         counts: dict[str, Any] | None = None
         workers: dict[str, dict] = {}
         pending: list[pa.Table] = []
+        pending_log: list[pa.Table] = []
         pending_rows = rows = 0
 
         def flush(writer: Any, stream: Any) -> tuple[Any, Any]:
-            nonlocal pending, pending_rows, rows
+            nonlocal pending, pending_log, pending_rows, rows
+            if log_part is not None:
+                if log_out[0] is None:
+                    path = f"{self.staging}/{STAGED}/{log_part}"
+                    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+                    log_out[1] = fs.open_output_stream(path)
+                    log_out[0] = pq.ParquetWriter(log_out[1], pending_log[0].schema,
+                                                  compression="zstd")
+                log_out[0].write_table(pa.concat_tables(pending_log))
+                pending_log = []
             t = pa.concat_tables(pending, promote_options="permissive")
             if writer is None:
                 fs.create_dir(self.staging + f"/{PREDICTIONS}", recursive=True)
@@ -88,6 +110,9 @@ class Output:
                     st = json.loads(s)
                     merge_worker(workers, st.pop("worker"))
                     counts = merge(counts, st)
+                if self.log is not None:
+                    pending_log.append(self.log.rows(block))
+                    block = block.drop_columns([FEATURES])
                 pending.append(block.drop_columns([STATS]))
                 pending_rows += block.num_rows
                 if pending_rows >= ROW_GROUP_ROWS:
@@ -95,14 +120,31 @@ class Output:
             if pending:
                 writer, stream = flush(writer, stream)
         finally:
-            if writer is not None:
-                writer.close()
-            if stream is not None:
-                stream.close()
+            for w, s in ((writer, stream), log_out):
+                if w is not None:
+                    w.close()
+                if s is not None:
+                    s.close()
         return {"file": name if writer is not None else None, "rows": rows, "counts": counts,
-                "workers": workers}
+                "workers": workers, "log_file": log_part if log_out[0] is not None else None}
 
     def commit(self, report: dict[str, Any], manifest: dict[str, Any]) -> None:
+        """Move everything into place; with the log on, `manifest["prediction_log"]["parts"]`
+        names the staged log parts, and gets the earlier runs' parts it replaced."""
+        fs = self.storage.fs
+        logged = manifest.get("prediction_log")
+        placed: list[str] = []
+        if self.log is not None and logged is not None:
+            placed = self.log.publish(fs, f"{self.staging}/{STAGED}", logged["parts"])
+        try:
+            self._commit_output(report, manifest, logged)
+        except BaseException:
+            if self.log is not None:
+                self.log.remove(placed)  # a failed job leaves none of its rows in the log
+            raise
+
+    def _commit_output(self, report: dict[str, Any], manifest: dict[str, Any],
+                       logged: dict[str, Any] | None) -> None:
         fs, st = self.storage.fs, self.storage
         staged = self.staging + f"/{PREDICTIONS}"
         if _exists(fs, staged) == pafs.FileType.NotFound:  # no rows: still a (empty) folder
@@ -117,6 +159,8 @@ class Output:
             for part in st.ls(STAGING, self.run_id, PREDICTIONS):
                 fs.move(f"{staged}/{part}", st.path(PREDICTIONS, part))
         st.write_json(report, REPORT)
+        if self.log is not None and logged is not None:
+            logged["replaced"] = self.log.replace_earlier()
         st.write_json(manifest, SUCCESS)
         self.cleanup()
 

@@ -4,7 +4,8 @@ registry version is fetched, verified and loaded once per actor, then called on 
 A batch comes in as an Arrow table of input columns (+ row ids) and goes out as the prediction
 columns plus STATS, a string column that is null except on the batch's first row, which holds
 that batch's drift counts and the worker's memory as JSON. Rows may be re-sliced downstream;
-each batch's stats stay on exactly one row, so the sink adds them up exactly once.
+each batch's stats stay on exactly one row, so the sink adds them up exactly once. With the
+prediction log on, a FEATURES column carries each row's logged inputs as JSON (predict/predlog.py).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import pyarrow as pa
 
 from mlops_ray.predict.drift import batch_counts
 from mlops_ray.predict.inputs import SOURCE_FILE, SOURCE_ROW
+from mlops_ray.predict.predlog import FEATURES, features_json
 from mlops_ray.storage import Storage
 
 STATS = "__batch_stats"
@@ -55,7 +57,8 @@ def _constant(value: str, n: int) -> pa.DictionaryArray:
 class Scorer:
     def __init__(self, ref: str, artifact_uri: str, content_hash: str, storage: Storage,
                  features: list[str], drift_numeric: list[str], drift_categorical: list[str],
-                 id_column: str | None):
+                 id_column: str | None, log_fields: list[str] | None = None,
+                 log_numeric: list[str] | None = None):
         from mlops_ray.artifacts.predictor import Predictor
         from mlops_ray.registry.artifact import fetch
         folder = fetch(artifact_uri, content_hash, storage)
@@ -66,6 +69,7 @@ class Scorer:
                 shutil.rmtree(folder, ignore_errors=True)
         self.ref, self.content_hash = ref, content_hash
         self.features, self.id_column = features, id_column
+        self.log_fields, self.log_numeric = log_fields, log_numeric or []  # None: log off
         self.drift_numeric, self.drift_categorical = drift_numeric, drift_categorical
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self.loaded = memory()
@@ -81,6 +85,8 @@ class Scorer:
         stats["worker"] = {"id": self.worker, "rss_after_load": self.loaded["rss"],
                            "peak_rss": peak_rss(), "anon_after_load": self.loaded.get("anon"),
                            "anon": now.get("anon"), "shmem": now.get("shmem")}
+        logged = {} if self.log_fields is None else {
+            FEATURES: features_json(batch, self.log_fields, self.log_numeric)}
         ids = ({self.id_column: batch.column(self.id_column)} if self.id_column else
                {SOURCE_FILE: batch.column(SOURCE_FILE), SOURCE_ROW: batch.column(SOURCE_ROW)})
         return pa.table({
@@ -91,4 +97,5 @@ class Scorer:
             "content_hash": _constant(self.content_hash, n),
             STATS: pa.array([json.dumps(stats)] + [None] * (n - 1), pa.string())
             if n else pa.array([], pa.string()),
+            **logged,
         })

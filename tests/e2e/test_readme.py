@@ -16,7 +16,7 @@ from mlops_ray.config import train_job_schema, validate
 from mlops_ray.config.batch import ExportJob, PredictJob
 from mlops_ray.config.compose import compose
 from mlops_ray.config.evaluate import EvaluateJob, PromoteJob
-from mlops_ray.config.pipeline import MonitorJob, PipelineJob
+from mlops_ray.config.pipeline import LabelsJob, MonitorJob, PipelineJob
 from mlops_ray.config.serve import ServeJob
 from mlops_ray.config.tune import TuneJob
 from mlops_ray.errors import ConfigError
@@ -28,7 +28,7 @@ HYDRA_JOBS = {"train": ("train", None), "tune": ("tune", TuneJob),
               "evaluate": ("evaluate", EvaluateJob), "promote": ("promote", PromoteJob),
               "pipeline": ("pipeline", PipelineJob), "monitor": ("monitor", MonitorJob),
               "serve": ("serve", ServeJob), "export": ("export", ExportJob),
-              "predict": ("predict", PredictJob)}
+              "predict": ("predict", PredictJob), "labels": ("labels", LabelsJob)}
 
 
 GUIDES = sorted(str(p.relative_to(REPO)) for p in (REPO / "docs").glob("*.md"))
@@ -106,8 +106,6 @@ def accept(doc: str, command: str, job: str, args: list[str]) -> None:
     if job in HYDRA_JOBS:
         name, schema = HYDRA_JOBS[job]
         overrides = [a for a in args if not a.startswith("--")]
-        if job == "monitor" and not any(a.startswith("monitor.new_data=") for a in overrides):
-            overrides.append("monitor.new_data=x.parquet")  # shown as `...` in the README
         composed = compose(name, overrides)
         validate(composed, schema or train_job_schema(composed))
     elif job == "registry":

@@ -1,7 +1,8 @@
 """jobs.pipeline and jobs.monitor on the shared local cluster: the whole way from data to a
 served model; a rerun skips every finished stage; a weak candidate is stopped by the gates
-before promotion (the job exits 5); a shifted feature replayed against the endpoint makes the
-monitor retrain on the new data, and the gates' decision is audited; `tune.enabled=true`.
+before promotion (the job exits 5); shifted traffic with late labels replayed against the
+endpoint makes the monitor retrain from the prediction log, and the gates' decision is
+audited; `tune.enabled=true`.
 
 The pipeline runs in this process with the CI profile (every stage real, on less) and the tests
 read its record (pipeline.json); the refused candidate's exit code is the one jobs.pipeline ends
@@ -9,7 +10,9 @@ with (tests/e2e run the entry point itself)."""
 from __future__ import annotations
 
 import json
+from datetime import datetime
 
+import pandas as pd
 import pytest
 import requests
 
@@ -34,7 +37,9 @@ def deployed(ray_2_cpus, tmp_path_factory):
     store = tmp_path_factory.mktemp("pipeline")
     port = free_port()
     common = [*PROFILE, f"storage.uri={store}", f"ray.address={ray_2_cpus}",
-              f"serve.port={port}"]
+              f"serve.port={port}",
+              # the prediction log keeps sensitive attributes: live fairness and retraining
+              "serve.prediction_log.log_sensitive=true"]
     logs: list[str] = []
     first = run_pipeline(pipeline_job(common), log=logs.append)
     try:
@@ -146,53 +151,86 @@ def test_a_failed_gate_stops_the_pipeline_before_promotion(deployed, capsys):
     assert r.status_code == 422  # still served, still validating
 
 
-def test_drift_on_the_endpoint_triggers_retraining_through_the_gates(deployed, tmp_path):
+def test_shifted_traffic_with_late_labels_retrains_from_the_log(deployed):
+    """Serve -> shifted traffic (older, longer hours, and far more positives than in training)
+    -> its labels come back later through /feedback -> the monitor sees the drift and a gate
+    that would fail on the labelled traffic (calibration) -> it assembles the retraining data
+    from the prediction log (no file named) -> the pipeline's gates and canary -> production
+    moves. Each step is in the audit chain; the new version's lineage names the log parts."""
+    from pathlib import Path
+
+    from mlops_ray.data import traffic
     from mlops_ray.pipeline.monitor import monitor
+    from mlops_ray.storage import resolve
     df = load_table("builtin://adult")
     df["age"] = (df["age"] + 20).clip(upper=95)
     df["hours_per_week"] = (df["hours_per_week"] + 15).clip(upper=99)
-    new_data = tmp_path / "adult_shifted.parquet"
-    df.to_parquet(new_data)
+    pos = df[df["income"] == 1].sample(480, random_state=1)
+    shifted = pd.concat([pos, df[df["income"] == 0].sample(320, random_state=1)]).sample(
+        frac=1, random_state=2)  # 60% positive; the model learnt about 24%
     url, reg = deployed["url"], deployed["reg"]
+    prod = reg.aliases("adult_mlp")["production"]
     before = requests.get(url + "/admin/drift", timeout=30).json()
-    assert not any(r.get("alert") for r in before["adult_mlp:1"])
-    # live traffic with the shift, until the ingress's drift check flags it
-    records = json.loads(df.drop(columns=["income", "uci_split"]).sample(400, random_state=0)
-                         .to_json(orient="records"))
+    assert not any(r.get("alert") for r in before[f"adult_mlp:{prod}"])
+    records = json.loads(shifted.drop(columns=["income", "uci_split"]).to_json(orient="records"))
+    outcomes = shifted["income"].astype(int).tolist()
+    answered = []
     for i in range(0, len(records), 50):
-        assert requests.post(url + "/predict", json={"records": records[i:i + 50]},
-                             timeout=30).status_code == 200
+        r = requests.post(url + "/predict", json={"records": records[i:i + 50]}, timeout=30)
+        assert r.status_code == 200, r.text
+        answered.append((r.json()["request_id"], outcomes[i:i + 50]))
+    for rid, labels in answered:  # the outcomes come back later
+        fb = requests.post(url + "/feedback", json={"request_id": rid, "labels": labels},
+                           timeout=30)
+        assert fb.status_code == 200, fb.text
+    log_store = resolve(str(deployed["store"] / "prediction_log"))
+
+    def labelled_rows() -> int:
+        preds, _ = traffic.read(log_store, traffic.PREDICTIONS, "adult_mlp")
+        labs, _ = traffic.read(log_store, traffic.LABELS, "adult_mlp")
+        return len(traffic.labelled(preds[preds["request_id"].isin([a for a, _ in answered])],
+                                    labs, traffic.now()))
+    wait_until(lambda: labelled_rows() == 800, 60, what="the 800 answers and labels in the log")
 
     def alerts():
         return {r["feature"] for r in requests.get(url + "/admin/drift", timeout=30)
-                .json()["adult_mlp:1"] if r.get("alert")}
+                .json()[f"adult_mlp:{prod}"] if r.get("alert")}
     wait_until(lambda: "age" in alerts(), 60, what="an age drift alert")
     logs: list[str] = []
-    code = monitor(job("monitor", MonitorJob, [*deployed["common"], f"monitor.new_data={new_data}",
-                                               "monitor.once=true"]), log=logs.append)
+    code = monitor(job("monitor", MonitorJob, [*deployed["common"], "monitor.once=true",
+                                               "monitor.original_ratio=100"]),
+                   log=logs.append)
     text = "\n".join(logs)
-    # 0: promoted, 5: refused by the gates; not 10: a model retrained for drift answers the
-    # drifted traffic differently, which must not roll its canary back (canary_max_prediction_shift)
-    assert code in (0, 5), text[-4000:]
-    assert "drift in age" in text and "retraining on" in text
+    assert code == 0, text[-4000:]
+    assert "drift in age" in text and "live gate calibrated would fail" in text, text[-4000:]
+    assert "retraining on the prediction log" in text
     audit = reg.audit_log("adult_mlp")
-    trig = [h for h in audit if h["action"] == "retrain_triggered"]
-    done = [h for h in audit if h["action"] == "retrain_finished"]
-    assert trig and "drift in age" in trig[-1]["reason"] and trig[-1]["version"] == 1
-    assert json.loads(trig[-1]["details"])["new_data"] == str(new_data)
-    if code == 0:  # better than the champion on the new data: promoted by canary
-        assert done[-1]["verdict"] == "promoted"
-        assert reg.aliases("adult_mlp")["production"] == 2
-        moved = [h for h in audit if h["action"] == "alias" and h["alias"] == "production"]
-        assert "jobs.monitor: drift in age" in moved[-1]["reason"]
-        assert any(h["action"] == "traffic" and "canary" in (h["details"] or "")
-                   for h in audit)
-        answer = requests.post(url + "/predict", json={"records": records[:2]}, timeout=30)
-        assert answer.json()["version"] == 2
-    else:  # refused: production and traffic unchanged, the failed gates on record
-        assert done[-1]["verdict"] == "refused" and json.loads(done[-1]["details"])[
-            "failed_gates"]
-        assert reg.aliases("adult_mlp")["production"] == 1
+    trig = [h for h in audit if h["action"] == "retrain_triggered"][-1]
+    done = [h for h in audit if h["action"] == "retrain_finished"][-1]
+    details = json.loads(trig["details"])
+    assert trig["version"] == prod and "live gate calibrated" in trig["reason"]
+    assert details["sources"]["rows"]["traffic"] >= 800
+    assert details["live_gates"]["rows"] >= 800
+    assert done["verdict"] == "promoted"
+    new = reg.aliases("adult_mlp")["production"]
+    assert new != prod
+    moved = [h for h in audit if h["action"] == "alias" and h["alias"] == "production"]
+    assert "jobs.monitor: drift in age" in moved[-1]["reason"]
+    assert any(h["action"] == "traffic" and "canary" in (h["details"] or "") for h in audit)
+    answer = requests.post(url + "/predict", json={"records": records[:2]}, timeout=30)
+    assert answer.json()["version"] == new
+    # lineage: the version names the log parts (and label parts) it learnt from
+    _, folder = reg.fetch(f"adult_mlp:{new}")
+    lineage = json.loads((Path(folder) / "lineage.json").read_text())["data_sources"]
+    cut = datetime.fromisoformat(lineage["cutoff"])
+    parts = lineage["prediction_parts"]
+    assert set(parts) <= set(traffic.parts(log_store, traffic.PREDICTIONS, "adult_mlp", cut))
+    import pyarrow.parquet as pq
+    ids = set().union(*(pq.read_table(log_store.path(p), columns=["request_id"])
+                        .column(0).to_pylist() for p in parts))
+    assert {a for a, _ in answered} <= ids  # every answer it learnt from is in a named part
+    assert lineage["label_parts"] and lineage["log"] == log_store.uri
+    assert lineage["rows"]["traffic"] >= 800 and lineage["table"].endswith(".parquet")
 
 
 def test_tune_enabled_tunes_then_evaluates_the_best_trial(deployed):

@@ -1,7 +1,8 @@
 """Batch scoring (`jobs.predict`) with Ray Data on the shared local cluster: predictions equal
 the Predictor that Serve replicas run, row ids line up, CSV with an id column and a drift alert,
 S3 in and out (moto), errors that name the column, a failed job that leaves the previous output
-complete, and a 50x Adult file scored by workers whose memory stays far below the table's.
+complete, batch rows in the online prediction log (#18), and a 50x Adult file scored by workers
+whose memory stays far below the table's.
 
 Registry versions are small models fitted in-process on Adult (tests/serving.py)."""
 from __future__ import annotations
@@ -17,7 +18,7 @@ import pytest
 from mlops_ray.artifacts.predictor import Predictor
 from mlops_ray.config.batch import PredictJob
 from mlops_ray.config.compose import job
-from mlops_ray.data import prepare
+from mlops_ray.data import prepare, traffic
 from mlops_ray.data.io import BUILTIN
 from mlops_ray.errors import DataValidationError
 from mlops_ray.predict.job import run
@@ -139,6 +140,76 @@ def test_missing_column_is_named_before_anything_runs(env, tmp_path):
 
     r = run_job(["jobs.predict", *job_args(env, src.with_name("nope.parquet"), out)], timeout=120)
     assert r.returncode == 2 and "no such file or folder" in r.stderr
+
+
+def test_prediction_log_holds_every_scored_row_and_joins_labels(env, tmp_path):
+    """predict.prediction_log on: one log row per input row in the online log's schema, the
+    job's probabilities and labels, the inputs round-trip (sensitive ones only when allowed); a
+    rerun replaces the earlier run's rows, a failed run adds none; labels join as online."""
+    rows = env["rows"].iloc[:3000].reset_index(drop=True)
+    src = tmp_path / "rows.csv"
+    rows.to_csv(src, index=False)
+    log = resolve(str(tmp_path / "log"))
+    on = ["predict.prediction_log.enabled=true", f"predict.prediction_log.uri={log.uri}",
+          "predict.batch_size=700"]
+
+    def score(*extra: str) -> tuple[dict, pd.DataFrame]:
+        m = run(make_job(env, src, tmp_path / "scored", *on, *extra), log=lambda _: None)
+        got, parts = traffic.read(log, traffic.PREDICTIONS, MODEL)
+        assert parts == m["prediction_log"]["parts"]
+        for p in parts:  # exactly the online log's schema, no cast needed
+            assert pq.read_schema(log.path(p)).remove_metadata() == traffic.PREDICTION_SCHEMA
+        return m, got
+
+    first, got = score()
+    assert first["prediction_log"]["rows"] == len(got) == len(rows)
+    assert list(got.columns) == traffic.PREDICTION_SCHEMA.names
+    assert set(got["arm"]) == set(got["endpoint"]) == {"batch"} and set(got["row"]) == {0}
+    assert set(got["version"]) == {env["v"].version} and set(got["model"]) == {MODEL}
+    assert got["latency_ms"].isna().all() and got["ts"].nunique() == 1
+    assert sorted(got["request_id"]) == sorted(f"rows.csv:{i}" for i in range(len(rows)))
+    out = pd.read_parquet(tmp_path / "scored" / "predictions")
+    out.index = "rows.csv:" + out["source_row"].astype(str)
+    got = got.set_index("request_id").loc[out.index]
+    np.testing.assert_array_equal(got["probability"].to_numpy(), out["probability"].to_numpy())
+    np.testing.assert_array_equal(got["label"].to_numpy(), out["label"].to_numpy())
+    # the inputs as the online validator passes them on: numbers as float, categories as
+    # strings, missing as null; the sensitive attributes (sex, race) left out by default
+    sig = env["predictor"].signature["inputs"]
+    want = rows.set_index("rows.csv:" + rows.index.astype(str)).loc[out.index]
+
+    def records(fields: list[dict]) -> list[dict]:
+        return [{f["name"]: None if pd.isna(r[f["name"]]) else float(r[f["name"]])
+                 if f["kind"] == "numeric" else str(r[f["name"]]) for f in fields}
+                for r in want.to_dict("records")]
+
+    plain = [f for f in sig if f.get("role") != "sensitive"]
+    assert len(plain) < len(sig) and {f["name"] for f in sig} - {f["name"] for f in plain} \
+        == {"sex", "race"}
+    assert [json.loads(f) for f in got["features"]] == records(plain)
+
+    second, got = score("predict.prediction_log.log_sensitive=true")
+    assert len(got) == len(rows) and second["prediction_log"]["replaced"] == \
+        first["prediction_log"]["parts"]  # the same job again: its rows once, not twice
+    got = got.set_index("request_id").loc[out.index]
+    assert [json.loads(f) for f in got["features"]] == records(sig)  # sensitive ones allowed
+
+    before = {p: p.read_bytes() for p in (tmp_path / "log").rglob("*") if p.is_file()}
+    bad = rows.astype({"hours_per_week": object})
+    bad.loc[2500, "hours_per_week"] = "forty"
+    bad.to_csv(src, index=False)
+    with pytest.raises(DataValidationError):
+        score()
+    assert {p: p.read_bytes() for p in (tmp_path / "log").rglob("*") if p.is_file()} == before
+
+    t = traffic.now()
+    labels = traffic.label_table([{"request_id": f"rows.csv:{i}", "labels": [int(y)],
+                                   "label_ts": t, "source": "test"}
+                                  for i, y in enumerate(rows[env["predictor"].signature["label"]])])
+    joined = traffic.labelled(got.reset_index(), labels.to_pandas(), t)
+    assert len(joined) == len(rows)
+    assert (joined["outcome"].to_numpy() == rows[env["predictor"].signature["label"]].to_numpy()[
+        joined["request_id"].str.split(":").str[1].astype(int)]).all()
 
 
 @pytest.mark.s3

@@ -267,3 +267,59 @@ def test_label_import_validates_first_and_is_idempotent(tmp_path):
     assert len(traffic.parts(store, traffic.LABELS, "m")) == 2  # adult_traffic's + this file's
     labels, _ = traffic.read(store, traffic.LABELS, "m")
     assert (labels["source"] == "good.csv").sum() == 3
+
+
+def test_batch_rows_take_the_log_schema_and_a_rerun_replaces_earlier_parts(tmp_path):
+    """jobs.predict's log rows (predict/predlog.py): the online writer's stripping, numbers as
+    float and categories as strings like the validator's, row ids as request_id; parts placed
+    whole, and a later run of the same job replaces the parts of earlier ones (not others')."""
+    import json
+
+    import pyarrow as pa
+
+    from mlops_ray.predict import predlog
+    sig = {"inputs": [{"name": "age", "kind": "numeric"}, {"name": "job", "kind": "categorical"},
+                      {"name": "zip", "kind": "categorical"},
+                      {"name": "sex", "kind": "categorical", "role": "sensitive"},
+                      {"name": "race", "kind": "categorical", "role": "sensitive"}]}
+    cols = ["age", "job", "zip", "sex", "id"]  # no race in this input; id is not an input
+    assert predlog.logged_fields(sig, cols, False, ["zip"]) == (["age", "job"], ["age"])
+    assert predlog.logged_fields(sig, cols, True, []) == (["age", "job", "zip", "sex"], ["age"])
+
+    block = pa.table({"age": pa.array([30, None, 41], pa.int64()),
+                      "job": ["x", None, "y"], "zip": pa.array([5054.0, 7.5, None]),
+                      "id": [10, 11, 12]})
+    feats = predlog.features_json(block, ["age", "job", "zip"], ["age"]).to_pylist()
+    assert [json.loads(f) for f in feats] == [{"age": 30.0, "job": "x", "zip": "5054"},
+                                              {"age": None, "job": None, "zip": "7.5"},
+                                              {"age": 41.0, "job": "y", "zip": None}]
+    assert predlog.request_ids(block, "id").to_pylist() == ["10", "11", "12"]
+    src = pa.table({"source_file": ["a.csv", "a.csv"], "source_row": [0, 1]})
+    assert predlog.request_ids(src, None).to_pylist() == ["a.csv:0", "a.csv:1"]
+
+    store = resolve(str(tmp_path / "log"))
+    staging = tmp_path / "staging"
+    key = predlog.job_key("m:1", "h", "file:///in", "id", [("a.parquet", 10, None)])
+    assert key != predlog.job_key("m:1", "h", "file:///in", "id", [("a.parquet", 11, None)])
+    placed = {}
+    for run in ("20261130T120000-aaaaaaaa", "20261130T130000-bbbbbbbb"):
+        log = predlog.BatchLog(store, "m", 1, T0, key, run, "id")
+        rows = log.rows(block.append_column(predlog.FEATURES, pa.array(feats)).append_column(
+            "probability", pa.array([0.2, 0.6, 0.9])).append_column(
+            "label", pa.array([0, 1, 1])))
+        assert rows.schema == traffic.PREDICTION_SCHEMA and rows["arm"][0].as_py() == "batch"
+        rel = log.part(0)
+        (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+        (staging / rel).write_bytes(traffic.parquet_bytes(rows))
+        placed[run] = log.publish(store.fs, str(staging), [rel])
+        replaced = log.replace_earlier()
+    other = predlog.BatchLog(store, "m", 1, T0, "0" * 12, "20261130T110000-cccccccc", "id")
+    write(store, traffic.PREDICTIONS, traffic.prediction_table([pred("online", 0)]))
+    store.write_bytes(traffic.parquet_bytes(rows), other.part(0))  # another job's batch
+    assert replaced == placed["20261130T120000-aaaaaaaa"]
+    assert rel.startswith(f"predictions/model=m/date=2026-11-30/part-batch-{key}-20261130T13")
+    got, names = traffic.read(store, traffic.PREDICTIONS, "m")
+    assert sorted(names) == sorted([rel, other.part(0), "predictions/model=m/date=2026-11-30/"
+                                    "part-w-000000.parquet"])
+    assert got["latency_ms"].isna().sum() == 6 and len(got) == 7
+    assert predlog.superseded(names, key, "20261201T000000-dddddddd") == [rel]
