@@ -238,7 +238,7 @@ def _summary(manifest: dict[str, Any], report: dict[str, Any], out: Storage,
     plog = manifest.get("prediction_log")
     if plog:
         log(f"logged      {plog['rows']} rows to {plog['uri']} ({len(plog['parts'])} part(s); "
-            f"{len(plog['replaced'])} of an earlier run of this job replaced)")
+            f"replaced {len(plog['replaced'])} part(s) of earlier runs of this job)")
     if w:
         log(f"workers     {len(w)} scoring actor(s); peak RSS "
             f"{max(x['peak_rss'] for x in w) / mib:.0f} MiB (after loading the model "
