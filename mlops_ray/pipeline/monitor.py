@@ -76,6 +76,14 @@ def monitor(job: MonitorJob, log: Callable[[str], Any] = print) -> int:
         if live.get("gates"):
             log(f"{ref}: live gates on {live['rows']} labelled rows: " + ", ".join(
                 f"{g['name']} {'pass' if g['passed'] else 'FAIL'}" for g in live["gates"]))
+        failing = [g for g in live.get("gates", []) if not g["passed"]]
+        if failing and job.serve.drift.webhook_url:  # the alert, where drift alerts go too
+            from mlops_ray.serving.live import _post
+            _post(job.serve.drift.webhook_url, {
+                "alert": "live_gate", "model": model, "version": ref,
+                "rows": live["rows"], "failed": [{k: g[k] for k in ("name", "metric", "value",
+                                                                     "threshold", "detail")}
+                                                 for g in failing]})
         if not reasons:
             log(f"{ref}: no drift past the thresholds ({evidence['rows_seen']} live rows per "
                 "feature in the window) and no live gate failing")

@@ -196,11 +196,20 @@ def test_shifted_traffic_with_late_labels_retrains_from_the_log(deployed):
         return {r["feature"] for r in requests.get(url + "/admin/drift", timeout=30)
                 .json()[f"adult_mlp:{prod}"] if r.get("alert")}
     wait_until(lambda: "age" in alerts(), 60, what="an age drift alert")
+    from tests.integration.test_serve import Webhook
+    hook = Webhook()
     logs: list[str] = []
-    code = monitor(job("monitor", MonitorJob, [*deployed["common"], "monitor.once=true",
-                                               "monitor.original_ratio=100"]),
-                   log=logs.append)
+    try:
+        code = monitor(job("monitor", MonitorJob, [*deployed["common"], "monitor.once=true",
+                                                   "monitor.original_ratio=100",
+                                                   f"serve.drift.webhook_url={hook.url}"]),
+                       log=logs.append)
+    finally:
+        hook.server.shutdown()
     text = "\n".join(logs)
+    (alert,) = [a for a in hook.received if a["alert"] == "live_gate"]  # the alert, once
+    assert alert["version"] == f"adult_mlp:{prod}" and alert["rows"] >= 800
+    assert "calibrated" in [g["name"] for g in alert["failed"]]
     assert code == 0, text[-4000:]
     assert "drift in age" in text and "live gate calibrated would fail" in text, text[-4000:]
     assert "retraining on the prediction log" in text
