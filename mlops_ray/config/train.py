@@ -265,7 +265,12 @@ class RunSections(Strict):
 
     def config_hash(self) -> str:
         """12 hex of what the run computes (data, model, optim, scaling, train, seed)."""
-        return stable_hash({k: v for k, v in self.plain().items() if k not in NOT_HASHED})
+        cfg = {k: v for k, v in self.plain().items() if k not in NOT_HASHED}
+        if isinstance(cfg.get("dataset"), dict) and not cfg["dataset"].get("sources"):
+            # a table named by the user (no assembled sources): hashed as before the field
+            # existed, so earlier runs keep their names and resume
+            cfg["dataset"] = {k: v for k, v in cfg["dataset"].items() if k != "sources"}
+        return stable_hash(cfg)
 
     def run_name(self, data_version: str) -> str:
         """<name>-<hash of config hash and dataset version>: new data never resumes old
