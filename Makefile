@@ -18,7 +18,7 @@ PYTEST_ARGS ?=
 ARGS ?=
 UNIT := not ray and not slow and not server and not s3 and not multinode and not gpu
 
-.PHONY: help install run train tune serve test test-unit test-multinode lint typecheck dashboards bench lock clean
+.PHONY: help install run stop train tune serve test test-unit test-multinode lint typecheck dashboards bench lock clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-11s %s\n", $$1, $$2}'
@@ -33,8 +33,11 @@ $(VENV)/.installed: pyproject.toml $(LOCK)
 
 install: $(VENV)/.installed ## create .venv and install the project (pinned CPU torch)
 
-run: install ## the whole pipeline on the default experiment: train, gates, registry, canary on Serve, smoke test; serves until Ctrl-C
+run: install ## the whole pipeline on the default experiment: train, gates, registry, canary on Serve, smoke test; the model stays served on this checkout's warm Ray
 	$(PY) -m jobs.pipeline +experiment=$(EXPERIMENT) $(ARGS)
+
+stop: ## stop this checkout's warm local Ray (and what it serves); other Ray clusters are left alone
+	$(PY) -m mlops_ray.cluster.warm stop
 
 train: install ## train the default experiment (Adult MLP) on a local Ray cluster
 	$(PY) -m jobs.train +experiment=$(EXPERIMENT) $(ARGS)
@@ -42,7 +45,7 @@ train: install ## train the default experiment (Adult MLP) on a local Ray cluste
 tune: install ## tune the default experiment (Optuna TPE + ASHA on Ray Tune)
 	$(PY) -m jobs.tune +experiment=$(EXPERIMENT)
 
-serve: install ## serve the experiment's production version on 127.0.0.1:8000 (after jobs.promote)
+serve: install ## serve the experiment's production version on 127.0.0.1:8000 (after jobs.promote; stays until make stop)
 	$(PY) -m jobs.serve ref=$(EXPERIMENT)
 
 test: install ## every tier: unit, Ray integration, e2e (subprocess jobs), then multi-node (~20 + ~4.5 min on 2 cores)

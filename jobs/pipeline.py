@@ -4,13 +4,14 @@
     python -m jobs.pipeline +experiment=adult_mlp stages=[train,evaluate,promote,deploy]
     python -m jobs.pipeline +experiment=adult_mlp tune.enabled=true tune.num_samples=6   # tuning first
     python -m jobs.pipeline +experiment=adult_mlp candidates=[mlp,xgboost]        # race model families
-    python -m jobs.pipeline +experiment=adult_mlp serve.keep_alive=false         # exit after the smoke test
+    python -m jobs.pipeline +experiment=adult_mlp ray.address=local  # a throwaway Ray: serves until Ctrl-C
     python -m jobs.pipeline +experiment=adult_mlp ray.address=auto   # deploy onto a running cluster (stays)
     python -m jobs.pipeline +experiment=german_mlp run=outputs/runs/<run> stages=[evaluate,promote]
 
 Rerunning the same command skips every stage whose output exists for the same inputs and resumes
-the one that was interrupted. On a local Ray the model stays served until Ctrl-C (unless
-serve.keep_alive=false). Exit 5: the gates refused the candidate (production unchanged);
+the one that was interrupted. The model stays served on this checkout's warm Ray after the job
+ends (`make stop` ends both); on a throwaway Ray (ray.address=local) until Ctrl-C, unless
+serve.keep_alive=false. Exit 5: the gates refused the candidate (production unchanged);
 10: deployment, canary or smoke test failed (production rolled back).
 """
 from __future__ import annotations
@@ -36,7 +37,9 @@ def main(cfg: DictConfig) -> None:
         from mlops_ray.pipeline.run import run_pipeline, summary_lines
         out = run_pipeline(job)
         log("\n".join(summary_lines(out)))
-        if "deploy" in job.stages and job.serve.keep_alive and not job.ray.address:
+        if "deploy" in job.stages and job.ray.address is None:
+            log("serving on this checkout's warm Ray after this job ends (make stop: stop it)")
+        elif "deploy" in job.stages and job.serve.keep_alive and job.ray.address == "local":
             from mlops_ray.runtime import serve_until_stopped
             serve_until_stopped(log)
 

@@ -1,6 +1,7 @@
 """Serve a registry version on Ray Serve, and act on the app that serves it (conf/serve.yaml).
 
-    python -m jobs.serve ref=adult_mlp                 # adult_mlp@production on 127.0.0.1:8000 until Ctrl-C
+    python -m jobs.serve ref=adult_mlp                 # adult_mlp@production on 127.0.0.1:8000 (stays; make stop)
+    python -m jobs.serve ref=adult_mlp ray.address=local   # on a throwaway Ray, until Ctrl-C
     python -m jobs.serve ref=adult_mlp action=rollout to=canary strategy=canary   # 10% -> 50% -> 100%
     python -m jobs.serve ref=adult_mlp action=rollout to=challenger strategy=shadow   # or ab, bluegreen
     python -m jobs.serve ref=adult_mlp action=status   # routing, per-version stats, cache, live AUC
@@ -8,8 +9,9 @@
     python -m jobs.serve ref=adult_mlp action=rollback # traffic back to the previous stable version
     python -m jobs.serve ref=adult_mlp action=export out=serve_config.yaml   # `serve deploy` / RayService
 
-`ref` is name@alias, name:VERSION, or a bare name (= @production). Actions other than `serve`
-join the running cluster (ray.address, default auto). Exit codes: 0 ok, 2 bad config, 6 unknown
+`ref` is name@alias, name:VERSION, or a bare name (= @production). By default the app runs on
+this checkout's warm Ray and stays after this process ends; other actions act on it there
+(ray.address names another cluster). Exit codes: 0 ok, 2 bad config, 6 unknown
 model/version/alias, 7 denied, 10 a deployment failed or a canary was rolled back.
 """
 from __future__ import annotations
@@ -40,11 +42,16 @@ def main(cfg: DictConfig) -> None:
         from mlops_ray.config.compose import validated
         from mlops_ray.config.serve import ServeJob
         job = validated(cfg, ServeJob)
-        if job.action != "serve" and not job.ray.address:
-            job.ray.address = "auto"  # talk to the cluster that serves the app
-        if job.serve.detach and not job.ray.address:
-            raise ConfigError("serve.detach=true needs ray.address (a cluster that outlives "
-                              "this process); a local Ray started here stops when it exits")
+        if job.action not in ("serve", "export") and job.ray.address is None:
+            from mlops_ray.cluster import warm
+            if not warm.running():  # nothing to act on: never start a cluster for that
+                raise ConfigError(f"action={job.action}: this checkout's warm Ray is not "
+                                  "running (serve the model first, or name the cluster with "
+                                  "ray.address)")
+        if job.serve.detach and job.ray.address == "local":
+            raise ConfigError("serve.detach=true with ray.address=local: a Ray started in this "
+                              "process stops when it exits (leave ray.address unset: the warm "
+                              "Ray keeps the app)")
         from mlops_ray.registry import open_registry
         reg = open_registry(job)
         if job.action == "export":  # no Ray needed: resolve the ref, write the Serve config
@@ -68,7 +75,9 @@ def act(job: ServeJob, reg: Registry) -> None:
                 + (f"proxy      {job.endpoint()}/predict (Serve's HTTP proxy, one hop more)\n"
                    if url != job.endpoint() else "")
                 + f"dashboard  {facts['dashboard_url'] or '(see the cluster)'}")
-            if job.serve.detach:
+            if job.serve.detach or job.ray.address != "local":
+                if job.ray.address is None:
+                    log("the app stays on this checkout's warm Ray (make stop: stop it)")
                 return
             serve_until_stopped(log, announce=False)
         except KeyboardInterrupt:  # Ctrl-C while the app was still starting

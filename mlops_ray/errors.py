@@ -143,6 +143,12 @@ class ExportError(MlopsError):
     exit_code = 12
 
 
+class ClusterError(MlopsError):
+    """The warm local Ray could not be started (`ray start --head` failed)."""
+
+    exit_code = 13
+
+
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
     """Turn typed errors into one message on stderr and the error's exit code (no traceback)."""

@@ -17,43 +17,61 @@ _FACTS: dict[str, Any] = {}  # of the ray.init this process made
 
 
 def ensure_ray(ray_cfg: dict[str, Any]) -> dict[str, Any]:
-    """ray.init once per process from the `ray` config section; returns cluster facts."""
+    """ray.init once per process from the `ray` config section; returns cluster facts.
+
+    `ray.address`: null (default) attaches to this checkout's warm local Ray, starting it first
+    if none runs (mlops_ray/cluster/warm.py); `local` starts a throwaway Ray inside this process;
+    `auto` or host:port joins a running cluster. Inside a Ray job, RAY_ADDRESS wins."""
     for k, v in ray_cfg.get("env_vars", {}).items():
         os.environ.setdefault(k, str(v))  # before ray.init so the raylet and workers inherit it
     import ray
     if not ray.is_initialized():
-        # Inside a Ray job (or with RAY_ADDRESS exported) join that cluster; otherwise "local"
-        # always starts a new one (None could join any cluster found on this machine).
-        address = ray_cfg.get("address") or os.environ.get("RAY_ADDRESS") or "local"
-        kw: dict[str, Any] = {"address": address, "log_to_driver": True,
-                              "configure_logging": True, "logging_level": "WARNING"}
-        if "RAY_AUTH_MODE" not in os.environ and (address == "local" or (
+        address = ray_cfg.get("address") or os.environ.get("RAY_ADDRESS") or "warm"
+        kw: dict[str, Any] = {"log_to_driver": True, "configure_logging": True,
+                              "logging_level": "WARNING"}
+        if address == "warm":
+            from mlops_ray.cluster import warm
+            state = warm.ensure(ray_cfg, log=lambda m: print(m, file=sys.stderr))
+            # its own token, whatever token another cluster's clients hold in this environment
+            os.environ.pop("RAY_AUTH_TOKEN", None)
+            os.environ.update(warm.client_env())
+            _FACTS["dashboard_url"] = state["dashboard_url"]
+            _install_dashboard(f"{state['temp_dir']}/session_latest")
+            address = state["address"]
+            kw["runtime_env"] = {"worker_process_setup_hook": "mlops_ray.runtime.pin_address"}
+        elif "RAY_AUTH_MODE" not in os.environ and (address == "local" or (
                 os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
                 or (Path.home() / ".ray" / "auth_token").exists())):
             # Ray 2.60: a client process must opt in; a local cluster has token auth by default
             # and says so in a warning on every start: choose it explicitly instead (the same
-            # setting, no warning; RAY_AUTH_MODE=disabled still opts out). Ray caches its config
-            # at import, so refresh it the way Ray's own auto-enable does
+            # setting, no warning; RAY_AUTH_MODE=disabled still opts out)
+            os.environ["RAY_AUTH_MODE"] = "token"
+        if "RAY_AUTH_MODE" in os.environ:
+            # Ray caches its config at import: refresh it the way Ray's own auto-enable does
             from ray._private.authentication.authentication_token_setup import (
                 _enable_token_auth,
             )
-            _enable_token_auth()
-        if address == "local":  # a local cluster we start
+            if os.environ["RAY_AUTH_MODE"] == "token":
+                _enable_token_auth()
+        if address == "local":  # a throwaway cluster inside this process
             # every worker of this job talks to this cluster only (see pin_address)
             kw["runtime_env"] = {"worker_process_setup_hook": "mlops_ray.runtime.pin_address"}
             kw.update(num_cpus=ray_cfg.get("num_cpus"), num_gpus=ray_cfg.get("num_gpus"),
                       include_dashboard=ray_cfg.get("include_dashboard", True),
                       dashboard_host=ray_cfg.get("dashboard_host", "127.0.0.1"),
                       _node_ip_address="127.0.0.1")  # a laptop cluster listens on loopback only
-        ctx = ray.init(**kw)
+        ctx = ray.init(address=address, **kw)
         _drop_known_harmless_lines()
         if address == "local":
             # ray.init is typed BaseContext; a local init returns a RayContext
             claim_address_file(ctx.address_info["gcs_address"])  # type: ignore[attr-defined]
             if kw.get("include_dashboard"):
                 _install_dashboard(ctx.address_info["session_dir"])  # type: ignore[attr-defined]
-        dash = getattr(ctx, "dashboard_url", None)
-        _FACTS["dashboard_url"] = f"http://{dash}" if dash else None
+            dash = getattr(ctx, "dashboard_url", None)
+            _FACTS["dashboard_url"] = f"http://{dash}" if dash else None
+        elif "dashboard_url" not in _FACTS:
+            dash = getattr(ctx, "dashboard_url", None)
+            _FACTS["dashboard_url"] = f"http://{dash}" if dash else None
     return {"dashboard_url": _FACTS.get("dashboard_url"),
             "address": ray.get_runtime_context().gcs_address,
             "resources": ray.cluster_resources()}

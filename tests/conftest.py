@@ -16,6 +16,7 @@ import secrets
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -36,6 +37,10 @@ os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.2"
 os.environ["AWS_ACCESS_KEY_ID"] = "AKIATESTSESSION"
 os.environ["AWS_SECRET_ACCESS_KEY"] = f"moto-secret-{secrets.token_hex(12)}"
 os.environ["AWS_DEFAULT_REGION"] = "us-east-1"
+# Jobs without ray.address attach to "this checkout's warm Ray" (mlops_ray/cluster/warm.py): in
+# tests that is a folder of the session's own, never a developer's running cluster; a test that
+# runs jobs on it takes the `warm_ray` fixture (its own folder, stopped after the test)
+os.environ["MLOPS_RAY_WARM_DIR"] = str(Path(tempfile.mkdtemp(prefix="mlops-warm-")))
 # admin and feedback keys a Serve test names by variable (replicas read them at start)
 os.environ["MLOPS_TEST_ADMIN_KEYS"] = "adm-1"
 os.environ["MLOPS_TEST_FEEDBACK_KEYS"] = "fb-1"
@@ -105,6 +110,26 @@ def _tier_guard(request, monkeypatch):
     if not before and ray is not None and ray.is_initialized():
         ray.shutdown()
         pytest.fail(f"{request.node.nodeid} started Ray without the `ray` marker")
+
+
+@pytest.fixture
+def warm_ray(tmp_path, monkeypatch):
+    """A warm-Ray folder of this test's own (subprocess jobs inherit it through the
+    environment); whatever warm Ray the test's jobs started there is stopped afterwards, by its
+    processes' pids."""
+    folder = tmp_path / "warm"
+    monkeypatch.setenv("MLOPS_RAY_WARM_DIR", str(folder))
+    yield folder
+    from mlops_ray.cluster import warm
+    warm.stop(folder, quiet=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_warm_ray_left():
+    """The session's default warm folder: stopped at the end if a job started one there."""
+    yield
+    from mlops_ray.cluster import warm
+    warm.stop(Path(os.environ["MLOPS_RAY_WARM_DIR"]), quiet=True)
 
 
 def wait_until(predicate, timeout: float, interval: float = 0.2, what: str = "condition"):

@@ -91,7 +91,9 @@ class TrackingCfg(Strict):
 
 
 class RayCfg(Strict):
-    address: str | None = None  # None: start a local Ray; "auto" or host:port: connect
+    # None: this checkout's warm local Ray (started by the first job, attached to by the next;
+    # `make stop`); "local": a throwaway Ray inside this process; "auto" or host:port: connect
+    address: str | None = None
     num_cpus: int | None = Field(None, ge=1)  # local cluster only
     num_gpus: int | None = Field(None, ge=0)
     include_dashboard: bool = True

@@ -135,7 +135,7 @@ class ServeCfg(Strict):
     port: int = Field(8000, ge=1, le=65535)
     route_prefix: str = "/"
     detach: bool = False
-    keep_alive: bool = True  # jobs.pipeline on a local Ray: serve until Ctrl-C (false: exit)
+    keep_alive: bool = True  # jobs.pipeline on ray.address=local: serve until Ctrl-C (false: exit)
     ready_timeout_s: float = Field(180, gt=0)
     ingress_mode: Literal["inline", "handle"] = "inline"
     # a local Ray started by this job: ingress replicas answer on their own port too (Serve's

@@ -62,6 +62,11 @@ def monitor(job: MonitorJob, log: Callable[[str], Any] = print) -> int:
     reg = open_registry(job)
     model = job.model_name
     sj = job.serve_job()
+    if job.ray.address is None:
+        from mlops_ray.cluster import warm
+        if not warm.running():
+            raise ConfigError("monitor: this checkout's warm Ray is not running, so nothing is "
+                              "served to watch (make run, or name the cluster with ray.address)")
     control.start(sj)  # joins the cluster that serves the app
     handled: set[tuple[int, str]] = set()  # (production version, data version) already tried
     code = 0

@@ -62,13 +62,14 @@ def start(sj: ServeJob) -> dict[str, Any]:
     from mlops_ray.runtime import ensure_ray
     from mlops_ray.serving.auth import check_bind
     check_bind(sj.serve.host, sj.serve.auth)  # off loopback: keys, or an explicit opt-out
-    if sj.serve.direct_ingress and not sj.ray.address:
-        # read by the Serve controller and replicas of the local Ray started below; a replica
-        # that stops keeps answering this long for load balancers to notice (Ray: 30 s): no
-        # load balancer runs on a local cluster
+    local = sj.ray.address in (None, "local")  # the warm Ray has these from its start
+    if sj.serve.direct_ingress and local:
+        # read by the Serve controller and replicas of a throwaway local Ray; a replica that
+        # stops keeps answering this long for load balancers to notice (Ray: 30 s): no load
+        # balancer runs on a local cluster
         os.environ.setdefault("RAY_SERVE_ENABLE_DIRECT_INGRESS", "1")
         os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "5")
-    elif not sj.ray.address:
+    elif sj.ray.address == "local":
         os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "0"  # the proxy only, as configured
     facts = ensure_ray(sj.ray.plain())
     s = sj.serve
@@ -78,7 +79,26 @@ def start(sj: ServeJob) -> dict[str, Any]:
         kw["grpc_options"] = {"port": s.grpc.port,
                               "grpc_servicer_functions": s.grpc.servicer_functions}
     serve.start(**kw)
+    _same_proxy(sj)
     return facts
+
+
+def _same_proxy(sj: ServeJob) -> None:
+    """Serve's HTTP proxy keeps the host and port it was first started with on a cluster (a
+    warm Ray serving since an earlier job): say so rather than answer somewhere else."""
+    import ray
+    from ray.serve.context import _get_global_client
+    try:
+        client: Any = _get_global_client()
+        http: Any = ray.get(client._controller.get_http_config.remote(), timeout=30)
+    except Exception:  # noqa: BLE001 - an older Serve: nothing to compare
+        return
+    if (http.host, int(http.port)) != (sj.serve.host, sj.serve.port):
+        import sys
+        print(f"warning: serve.host/serve.port={sj.serve.host}:{sj.serve.port}, but Serve on "
+              f"this cluster already listens on {http.host}:{http.port}: its proxy answers "
+              "there (each app's own replica port too); `make stop` the warm Ray to start "
+              "Serve anew", file=sys.stderr)
 
 
 def direct_endpoints(sj: ServeJob, timeout: float = 30, replicas: int = 1) -> list[str]:

@@ -66,8 +66,9 @@ def weights_hash(state: dict) -> str:
 
 
 def test_make_train_job_standalone_gives_the_parents_weights(ray_2_cpus, tmp_path):
-    """`make train`'s job on its own local Ray (Ray's own auth defaults) while another Ray
-    cluster (the test session's) runs on this machine and is its default: Adult to held-out
+    """`make train`'s job on a throwaway Ray of its own (`ray.address=local`; Ray's own auth
+    defaults) while another Ray cluster (the test session's) runs on this machine and is its
+    default: Adult to held-out
     test AUC >= 0.90, the very weights (and run name) the code before the restructuring
     trained, nothing of it attached to the other cluster, and a quiet console."""
     import torch
@@ -76,8 +77,8 @@ def test_make_train_job_standalone_gives_the_parents_weights(ray_2_cpus, tmp_pat
     from tests.conftest import read_ray_address_file
     assert read_ray_address_file() == ray_2_cpus  # the other cluster is this machine's default
     out = run_job(["jobs.train", "+experiment=adult_mlp", f"storage.uri={tmp_path}",
-                   "tracking=none"], timeout=600, RAY_AUTH_MODE=None, RAY_AUTH_TOKEN=None,
-                  RAY_ADDRESS=None)
+                   "tracking=none", "ray.address=local"], timeout=600, RAY_AUTH_MODE=None,
+                  RAY_AUTH_TOKEN=None, RAY_ADDRESS=None)
     assert out.returncode == 0, out.stderr[-3000:]
     console = out.stdout + out.stderr
     for noise in ("Found multiple active Ray instances",  # a helper looking for its cluster
@@ -111,7 +112,8 @@ def test_make_train_job_standalone_gives_the_parents_weights(ray_2_cpus, tmp_pat
 
 
 def test_serve_cli_answers_then_stops_on_ctrl_c(tmp_path):
-    """`python -m jobs.serve ref=adult_mlp` as the README runs it (its own local Ray)."""
+    """`python -m jobs.serve ref=adult_mlp ray.address=local`: a throwaway Ray of its own, served
+    until Ctrl-C."""
     import json
     import signal
     import subprocess
@@ -135,7 +137,7 @@ def test_serve_cli_answers_then_stops_on_ctrl_c(tmp_path):
     log = open(tmp_path / "serve.log", "w")  # a file, not a pipe: Ray's logs would fill a pipe
     proc = subprocess.Popen([sys.executable, "-m", "jobs.serve", "ref=adult_mlp",
                              f"storage.uri={tmp_path}", f"serve.port={port}", "ray.num_cpus=2",
-                             "ray.include_dashboard=false"], cwd=REPO,
+                             "ray.include_dashboard=false", "ray.address=local"], cwd=REPO,
                             env=job_env(RAY_AUTH_MODE=None, RAY_AUTH_TOKEN=None),
                             stdout=log, stderr=subprocess.STDOUT, text=True)
     try:

@@ -1,22 +1,20 @@
 """docs/own-dataset.md, run as a new user would: its commands in order, in an empty folder, each
-`python -m jobs.*` its own process (starting its own local Ray), with fewer epochs, folds and
-bootstrap resamples appended. German Credit as a CSV by config alone: trained, judged by the
-baseline gates, registered under the run's name, served with its judged rule."""
+`python -m jobs.*` its own process (the first starts the checkout's warm Ray, the others attach
+to it), with fewer epochs, folds and bootstrap resamples appended. German Credit as a CSV by
+config alone: trained, judged by the baseline gates, registered under the run's name, served
+with its judged rule; `make stop` ends it."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
-import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import requests
 
-from tests.conftest import REPO, free_port, job_env, wait_until
+from tests.conftest import REPO, free_port, job_env
 
 pytestmark = pytest.mark.slow
 
@@ -39,12 +37,12 @@ def walkthrough() -> list[str]:
     return cmds
 
 
-def test_the_own_dataset_walkthrough_runs(tmp_path):
+def test_the_own_dataset_walkthrough_runs(tmp_path, warm_ray):
     cmds = walkthrough()
     assert [c.split()[2] if c.startswith("python -m") else "python -c" for c in cmds] == [
         "python -c", "jobs.train", "jobs.evaluate", "jobs.promote", "jobs.serve"]
     env = job_env(MLOPS_RAY_STEP_GATE=None, RAY_ADDRESS=None)
-    # an own Ray per job, as a new user's: not the test session's cluster
+    # the warm Ray of the test's own folder, as a new user's: not the test session's cluster
     env.pop("RAY_AUTH_TOKEN", None)
     env.pop("RAY_AUTH_MODE", None)
     run_dir = None
@@ -69,36 +67,28 @@ def test_the_own_dataset_walkthrough_runs(tmp_path):
     assert report["passed"] and report["rule"]["postprocessor"]["attribute"] == "sex"
     # the model is the run's name; served with the rule the gates judged, at the URL it prints
     port = free_port()
-    serve = argv(cmds[4]) + [f"serve.port={port}"]
-    log = open(tmp_path / "serve.log", "w")
-    proc = subprocess.Popen(serve, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    try:
-        def printed():
-            found = re.search(r"^endpoint +(http://\S+/predict)", (tmp_path / "serve.log")
-                              .read_text(), re.M)
-            return found.group(1) if found else None
-        url = wait_until(lambda: printed() or proc.poll() is not None, 300,
-                         what="jobs.serve printing its endpoint")
-        assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-        import pandas as pd
-        row = pd.read_csv(tmp_path / "german.csv").head(1)
-        body = {"records": json.loads(row.to_json(orient="records"))}
-        r = requests.post(url, json=body, timeout=30)  # a whole row of the file: named, refused
-        assert r.status_code == 422 and "unknown field(s) ['good_credit', 'personal_status_sex']" \
-            in r.json()["error"], r.text
-        body = {"records": json.loads(row.drop(columns=["good_credit", "personal_status_sex"])
-                                      .to_json(orient="records"))}
-        r = requests.post(url, json=body, timeout=30)
-        assert r.status_code == 200, r.text
-        assert r.json()["model"] == "credit" and r.json()["version"] == 1
-        no_sex = {"records": [{k: v for k, v in body["records"][0].items() if k != "sex"}]}
-        assert requests.post(url, json=no_sex, timeout=10).status_code == 422
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C, as a user stops it
-        try:
-            proc.wait(120)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 0, Path(tmp_path / "serve.log").read_text()[-3000:]
+    serve = subprocess.run(argv(cmds[4]) + [f"serve.port={port}"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert serve.returncode == 0, serve.stdout[-3000:] + serve.stderr[-3000:]
+    # it deployed onto the warm Ray and returned: the app stays until `make stop`
+    url = re.search(r"^endpoint +(http://\S+/predict)", serve.stdout, re.M).group(1)
+    assert "the app stays on this checkout's warm Ray" in serve.stdout
+    import pandas as pd
+    row = pd.read_csv(tmp_path / "german.csv").head(1)
+    body = {"records": json.loads(row.to_json(orient="records"))}
+    r = requests.post(url, json=body, timeout=30)  # a whole row of the file: named, refused
+    assert r.status_code == 422 and "unknown field(s) ['good_credit', 'personal_status_sex']" \
+        in r.json()["error"], r.text
+    body = {"records": json.loads(row.drop(columns=["good_credit", "personal_status_sex"])
+                                  .to_json(orient="records"))}
+    r = requests.post(url, json=body, timeout=30)
+    assert r.status_code == 200, r.text
+    assert r.json()["model"] == "credit" and r.json()["version"] == 1
+    no_sex = {"records": [{k: v for k, v in body["records"][0].items() if k != "sex"}]}
+    assert requests.post(url, json=no_sex, timeout=10).status_code == 422
+    # `make stop`: the warm Ray and the app on it end
+    stop = subprocess.run([sys.executable, "-m", "mlops_ray.cluster.warm", "stop"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert stop.returncode == 0 and "stopped the warm Ray" in stop.stdout, stop.stderr
+    with pytest.raises(requests.ConnectionError):
+        requests.post(url, json=body, timeout=10)
