@@ -144,23 +144,31 @@ def _start(folder: Path, ray_cfg: dict[str, Any], log: Any) -> dict[str, Any]:
 
 
 def _pids(tmp: str) -> list[int]:
-    """The processes of the cluster whose Ray temp dir is `tmp` (every Ray process names its
-    session folder below it on its command line). Linux /proc; psutil elsewhere."""
+    """The processes of the cluster whose Ray temp dir is `tmp`: those naming it on their command
+    line (GCS, raylet, dashboard, agents) and their descendants (workers, Serve's proxy and
+    replicas, whose titles Ray rewrites). /proc on Linux, psutil elsewhere (macOS)."""
     mine = os.getpid()
-    found = []
-    try:
+    if not Path("/proc/self/stat").exists():
         import psutil
-        for p in psutil.process_iter(["pid", "cmdline"]):
-            if p.info["pid"] != mine and any(tmp in a for a in p.info["cmdline"] or []):
-                found.append(p.info["pid"])
-        return found
-    except ImportError:
-        pass
+        tops = [p for p in psutil.process_iter(["pid", "cmdline"])
+                if p.info["pid"] != mine and any(tmp in a for a in p.info["cmdline"] or [])]
+        return sorted({p.pid for p in tops} | {c.pid for p in tops
+                                                for c in p.children(recursive=True)})
+    parent: dict[int, int] = {}
+    roots = set()
     for d in Path("/proc").glob("[0-9]*"):
-        with contextlib.suppress(OSError):
-            if int(d.name) != mine and tmp.encode() in (d / "cmdline").read_bytes():
-                found.append(int(d.name))
-    return found
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            pid = int(d.name)
+            stat = (d / "stat").read_text()
+            parent[pid] = int(stat.rsplit(")", 1)[1].split()[1])
+            if pid != mine and tmp.encode() in (d / "cmdline").read_bytes():
+                roots.add(pid)
+    found, grew = set(roots), True
+    while grew:
+        kids = {p for p, pp in parent.items() if pp in found and p != mine} - found
+        found |= kids
+        grew = bool(kids)
+    return sorted(found)
 
 
 def stop(folder: Path | None = None, quiet: bool = False, grace_s: float = 10) -> list[int]:
