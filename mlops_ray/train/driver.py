@@ -121,6 +121,18 @@ def fit(trainer: Any, job: RunSections, record: dict[str, Any], storage: Storage
     return result, node_hours
 
 
+def startup_phases(data_s: float, ray_s: float, t_fit: float, loop: dict[str, Any]
+                   ) -> dict[str, float | None]:
+    """Where a run's fixed cost went (seconds): loading and validating the data, starting or
+    attaching to Ray, from fit() to the train function running on rank 0 (Train's controller,
+    placement group and worker group), and from there to the first optimizer step (data to
+    the worker, model, DDP). Of the last attempt when the run restarted."""
+    entered, first = loop.get("t_entered"), loop.get("t_first_step")
+    return {"data_s": round(data_s, 3), "ray_s": round(ray_s, 3),
+            "to_workers_s": round(entered - t_fit, 3) if entered else None,
+            "to_first_step_s": round(first - entered, 3) if entered and first else None}
+
+
 def base_record(job: RunSections, run_name: str, dataset: dict[str, Any], storage: Storage,
                 runs_dir: str = "runs") -> dict[str, Any]:
     """What every run record starts with: names, config and its hash, data, code, versions."""
@@ -144,13 +156,18 @@ def run_training(job: RunSections, *, prepared: Any = None, log: Any = print) ->
     storage = from_cfg(job.storage.plain())
     task = task_for(job, prepared)
     run_name = job.run_name(task.data_version)
+    t_data = time.perf_counter()
     cluster = ensure_ray(job.ray.plain())
+    t_ray = time.perf_counter()
     record = {**base_record(job, run_name, task.dataset, storage), **task.record}
     start_record(record, storage, run_name, cluster, log)
     trainer = trainer_for(job, task.loop, task.loop_config(run_name), run_name, storage, "runs",
                           [_progress_callback(task)], task.trainer)
+    t_fit = time.time()
     result, node_hours = fit(trainer, job, record, storage, run_name)
     ret = result.return_value or {}
+    record["startup"] = startup_phases(t_data - t_start, t_ray - t_data, t_fit,
+                                       ret.get("startup") or {})
     history = ret.get("history", [])
     best = result.checkpoint if task.best_is_latest else best_checkpoint(result, job)
     record.update(
@@ -199,5 +216,9 @@ def summary_lines(record: dict[str, Any]) -> list[str]:
             if record.get("task") != "lm" else ""))
     if line := cost_line(record.get("cost")):
         lines.append(line)
+    if st := record.get("startup"):
+        lines.append("startup    " + ", ".join(
+            f"{k.removesuffix('_s').replace('_', ' ')} {v:.1f} s" for k, v in st.items()
+            if v is not None))
     lines.append(f"wall time  {record.get('wall_s')} s")
     return lines

@@ -121,9 +121,11 @@ def _fairness_penalty(p: torch.Tensor, y: torch.Tensor, g: torch.Tensor, kind: s
 
 def train_loop_per_worker(config: dict[str, Any], session: Any = None) -> dict[str, Any]:
     """One rank of a run. `session`: where it runs (default: a Ray Train worker)."""
+    t_entered = time.time()  # the worker group is up (the run record's startup phases)
     session = session or sessions.TrainSession()
     c = TabularLoopCfg.model_validate(config)
     rank, world = session.rank, session.world
+    t_first_step: float | None = None
     torch.set_num_threads(c.torch_threads)
     device = session.device(c.use_gpu)
     if device.type == "cuda":
@@ -215,6 +217,8 @@ def train_loop_per_worker(config: dict[str, Any], session: Any = None) -> dict[s
             loss.backward()
             opt.step()
             loss_sum += loss.item()
+            if t_first_step is None:
+                t_first_step = time.time()
             spot.log("step", epoch, step + 1)
             if step + 1 == steps_per_epoch:
                 break  # the epoch end below reports (and checks for a drain)
@@ -265,7 +269,8 @@ def train_loop_per_worker(config: dict[str, Any], session: Any = None) -> dict[s
     live.finish()
     return {"history": history, "restored_from": restored_from, "stopped_early": stop,
             "preemptions_survived": spot.survived, "restarts": spot.restarts,
-            "rank": rank, "world_size": world}
+            "rank": rank, "world_size": world,
+            "startup": {"t_entered": t_entered, "t_first_step": t_first_step}}
 
 
 # ------------------------------------------------------------------------------- driver side
