@@ -81,6 +81,8 @@ def act(job: ServeJob, reg: Registry) -> None:
                 return
             serve_until_stopped(log, announce=False)
         except KeyboardInterrupt:  # Ctrl-C while the app was still starting
+            if job.ray.address != "local":
+                raise  # other apps may run on a warm or shared cluster: leave Serve be
             stop_serving(log)
     elif job.action == "rollout":
         rollout.rollout(job, reg, job.to or "canary", job.strategy or job.serve.rollout.strategy)
