@@ -37,7 +37,7 @@ run: install ## the whole pipeline on the default experiment: train, gates, regi
 	$(PY) -m jobs.pipeline +experiment=$(EXPERIMENT) $(ARGS)
 
 stop: ## stop this checkout's warm local Ray (and what it serves); other Ray clusters are left alone
-	$(PY) -m mlops_ray.cluster.warm stop
+	$(PY) -m mlops_ray.warm stop
 
 train: install ## train the default experiment (Adult MLP) on a local Ray cluster
 	$(PY) -m jobs.train +experiment=$(EXPERIMENT) $(ARGS)

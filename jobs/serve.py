@@ -43,7 +43,7 @@ def main(cfg: DictConfig) -> None:
         from mlops_ray.config.serve import ServeJob
         job = validated(cfg, ServeJob)
         if job.action not in ("serve", "export") and job.ray.address is None:
-            from mlops_ray.cluster import warm
+            from mlops_ray import warm
             if not warm.running():  # nothing to act on: never start a cluster for that
                 raise ConfigError(f"action={job.action}: this checkout's warm Ray is not "
                                   "running (serve the model first, or name the cluster with "

@@ -20,7 +20,7 @@ def ensure_ray(ray_cfg: dict[str, Any]) -> dict[str, Any]:
     """ray.init once per process from the `ray` config section; returns cluster facts.
 
     `ray.address`: null (default) attaches to this checkout's warm local Ray, starting it first
-    if none runs (mlops_ray/cluster/warm.py); `local` starts a throwaway Ray inside this process;
+    if none runs (mlops_ray/warm.py); `local` starts a throwaway Ray inside this process;
     `auto` or host:port joins a running cluster. Inside a Ray job, RAY_ADDRESS wins."""
     for k, v in ray_cfg.get("env_vars", {}).items():
         os.environ.setdefault(k, str(v))  # before ray.init so the raylet and workers inherit it
@@ -30,7 +30,7 @@ def ensure_ray(ray_cfg: dict[str, Any]) -> dict[str, Any]:
         kw: dict[str, Any] = {"log_to_driver": True, "configure_logging": True,
                               "logging_level": "WARNING"}
         if address == "warm":
-            from mlops_ray.cluster import warm
+            from mlops_ray import warm
             state = warm.ensure(ray_cfg, log=lambda m: print(m, file=sys.stderr))
             # its own token, whatever token another cluster's clients hold in this environment
             os.environ.pop("RAY_AUTH_TOKEN", None)

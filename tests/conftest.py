@@ -37,7 +37,7 @@ os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.2"
 os.environ["AWS_ACCESS_KEY_ID"] = "AKIATESTSESSION"
 os.environ["AWS_SECRET_ACCESS_KEY"] = f"moto-secret-{secrets.token_hex(12)}"
 os.environ["AWS_DEFAULT_REGION"] = "us-east-1"
-# Jobs without ray.address attach to "this checkout's warm Ray" (mlops_ray/cluster/warm.py): in
+# Jobs without ray.address attach to "this checkout's warm Ray" (mlops_ray/warm.py): in
 # tests that is a folder of the session's own, never a developer's running cluster; a test that
 # runs jobs on it takes the `warm_ray` fixture (its own folder, stopped after the test)
 os.environ["MLOPS_RAY_WARM_DIR"] = str(Path(tempfile.mkdtemp(prefix="mlops-warm-")))
@@ -120,7 +120,7 @@ def warm_ray(tmp_path, monkeypatch):
     folder = tmp_path / "warm"
     monkeypatch.setenv("MLOPS_RAY_WARM_DIR", str(folder))
     yield folder
-    from mlops_ray.cluster import warm
+    from mlops_ray import warm
     warm.stop(folder, quiet=True)
 
 
@@ -128,7 +128,7 @@ def warm_ray(tmp_path, monkeypatch):
 def _no_warm_ray_left():
     """The session's default warm folder: stopped at the end if a job started one there."""
     yield
-    from mlops_ray.cluster import warm
+    from mlops_ray import warm
     warm.stop(Path(os.environ["MLOPS_RAY_WARM_DIR"]), quiet=True)
 
 

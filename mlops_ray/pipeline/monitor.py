@@ -63,7 +63,7 @@ def monitor(job: MonitorJob, log: Callable[[str], Any] = print) -> int:
     model = job.model_name
     sj = job.serve_job()
     if job.ray.address is None:
-        from mlops_ray.cluster import warm
+        from mlops_ray import warm
         if not warm.running():
             raise ConfigError("monitor: this checkout's warm Ray is not running, so nothing is "
                               "served to watch (make run, or name the cluster with ray.address)")

@@ -87,7 +87,7 @@ def test_the_own_dataset_walkthrough_runs(tmp_path, warm_ray):
     no_sex = {"records": [{k: v for k, v in body["records"][0].items() if k != "sex"}]}
     assert requests.post(url, json=no_sex, timeout=10).status_code == 422
     # `make stop`: the warm Ray and the app on it end
-    stop = subprocess.run([sys.executable, "-m", "mlops_ray.cluster.warm", "stop"], cwd=tmp_path,
+    stop = subprocess.run([sys.executable, "-m", "mlops_ray.warm", "stop"], cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=120)
     assert stop.returncode == 0 and "stopped the warm Ray" in stop.stdout, stop.stderr
     with pytest.raises(requests.ConnectionError):

@@ -47,7 +47,7 @@ def test_make_run_killed_during_evaluation_resumes_there_and_serves(tmp_path, wa
     first = log.read_text()
     assert "== [2/5] evaluate" in first and "== [3/5] promote" not in first
 
-    from mlops_ray.cluster import warm
+    from mlops_ray import warm
     state = warm.read_state(warm_ray)
     assert state and warm.running(warm_ray)  # the killed run's Ray is still up
     proc, log = make_run(tmp_path, "second.log", f"serve.port={port}", MLOPS_RAY_STEP_GATE=None)

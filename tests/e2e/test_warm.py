@@ -25,7 +25,7 @@ def test_jobs_attach_to_the_warm_ray_and_checkouts_do_not_share_one(ray_2_cpus, 
                                                                       warm_ray):
     import ray
 
-    from mlops_ray.cluster import warm
+    from mlops_ray import warm
     first = train(tmp_path / "a")
     assert first.returncode == 0, first.stderr[-3000:]
     assert "starting the warm local Ray of this checkout" in first.stderr
@@ -44,7 +44,7 @@ def test_jobs_attach_to_the_warm_ray_and_checkouts_do_not_share_one(ray_2_cpus, 
 
     # another checkout: its own folder, token, ports and Ray temp dir
     other = tmp_path / "other-checkout"
-    started = subprocess.run([sys.executable, "-m", "mlops_ray.cluster.warm", "start"], cwd=REPO,
+    started = subprocess.run([sys.executable, "-m", "mlops_ray.warm", "start"], cwd=REPO,
                              env=job_env(MLOPS_RAY_WARM_DIR=str(other), RAY_AUTH_TOKEN=None),
                              capture_output=True, text=True, timeout=300)
     try:

@@ -10,7 +10,7 @@ Ray temp dir (`/tmp/ray-mlops-<hash of the folder>`), and a job attaches only to
 its own state file, with its own token (another cluster would refuse it). `ray.address=local`
 gives a job its own throwaway Ray instead; `ray.address=auto|host:port` joins another cluster.
 
-    python -m mlops_ray.cluster.warm status|start|stop
+    python -m mlops_ray.warm status|start|stop
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from typing import Any
 
 from mlops_ray.errors import ClusterError
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 
 
 def state_dir() -> Path:
@@ -207,7 +207,7 @@ def main(argv: list[str]) -> int:
         print(json.dumps({"running": up, **(read_state() or {})}, indent=1))
         return 0 if up else 1
     else:
-        print("usage: python -m mlops_ray.cluster.warm status|start|stop", file=sys.stderr)
+        print("usage: python -m mlops_ray.warm status|start|stop", file=sys.stderr)
         return 2
     return 0
 
