@@ -22,7 +22,7 @@ import secrets
 import shutil
 import signal
 import socket
-import subprocess
+import subprocess  # nosec B404 - `ray start` from this venv, an argument list, no shell
 import sys
 import time
 from pathlib import Path
@@ -129,8 +129,8 @@ def _start(folder: Path, ray_cfg: dict[str, Any], log: Any) -> dict[str, Any]:
     if log:
         log(f"starting the warm local Ray of this checkout ({folder}); `make stop` ends it")
     # its own session: a Ctrl-C or kill of this job's process group leaves the cluster running
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180, check=False,
-                         start_new_session=True, cwd=str(folder))
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True,  # nosec B603
+                         timeout=180, check=False, start_new_session=True, cwd=str(folder))
     if out.returncode != 0:
         raise ClusterError(f"`ray start --head` failed ({out.returncode}):\n"
                            f"{(out.stdout + out.stderr)[-3000:]}")
