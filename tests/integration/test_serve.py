@@ -341,10 +341,12 @@ def _openapi_checks(url: str) -> None:
     records = doc["components"]["schemas"]["PredictRequest"]["properties"]["records"]
     assert records["minItems"] == 1 and records["maxItems"] == 1000
     st = Path(sys.executable).with_name("st")
+    # one worker: CPython 3.11.7's ast.parse is not thread-safe (SystemError "AST constructor
+    # recursion depth mismatch" inside Hypothesis, seen once in CI with 2 workers; fixed in 3.11.8)
     out = subprocess.run(
         [str(st), "--config-file", str(Path(__file__).parents[1] / "schemathesis.toml"), "run",
          url + "/openapi.json", "--url", url, "--checks", "all", "--max-examples", "25",
-         "--seed", "7", "--workers", "2", "--request-timeout", "30",
+         "--seed", "7", "--workers", "1", "--request-timeout", "30",
          "--suppress-health-check", "all", "--no-color"],
         capture_output=True, text=True, timeout=900)
     report = out.stdout[-6000:] + out.stderr[-2000:]
