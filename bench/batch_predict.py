@@ -1,8 +1,8 @@
-"""Batch scoring: `jobs.predict` (Ray Data, its own local Ray) against the same rows scored in one
-plain process by the Predictor that Serve replicas and the scoring actors use, in one run.
+"""Batch scoring: `jobs.predict` (Ray Data) against the same rows scored in one plain process by
+the Predictor that Serve replicas and the scoring actors use; medians of `--runs` runs.
 
     python bench/batch_predict.py                 # Adult x20 (976,840 rows), job's defaults
-    python bench/batch_predict.py --replicas 50 --concurrency 2 --batch-size 8192 --json
+    python bench/batch_predict.py --arms warm --runs 5 --json out.json
 
 The registry version is the default experiment's network (MLP 256-256 on Adult's 108 inputs,
 weights at their seed-0 initialisation: throughput does not depend on them), registered without
@@ -12,25 +12,18 @@ Ray. Adult is written `--replicas` times into one Parquet file, a row group per 
   (a+) the same loop also doing what each scoring actor does besides predicting: the drift
        counts of the batch (`mlops_ray.predict.drift.batch_counts`)
   (b)  `python -m jobs.predict ...` as a subprocess: the whole process (imports, registry,
-       input check, Ray start, scoring, Parquet output, drift report, commit, Ray shutdown)
+       input check, Ray start or attach, scoring, Parquet output, drift report, commit)
   (b') the same run, its Ray Data execution alone (read -> score -> write, as Ray Data logs it)
-  (c)  the same job on one batch of rows: what a run costs whatever its size; (b')-(c') is
-       the steady state once the scoring actors are up
-Ratios are rows/s over (a)'s. Both must produce the same probabilities for every row (max |diff|
-<= 1e-6, every row once, else exit 1): the job's output is read back and lined up by
-source_row. Peak RSS is per process: the baseline's, and the largest scoring actor's as the job
-reports it (object-store pages it touched included). Example output (2-core dev machine):
-
-    rows 976,840 (Adult x20, 20 row groups); job: predict.batch_size=4096 predict.concurrency=2
-    variant                                       rows      s    rows/s  ratio  peak RSS
-    (a)  Predictor, one process, no Ray        976,840    5.2   187,897   1.00   529 MiB
-    (a+) (a) + drift counts per batch          976,840    6.5   151,183   0.80   529 MiB
-    (b)  jobs.predict, whole process           976,840   19.6    49,830   0.27   698 MiB
-    (b') jobs.predict, Ray Data execution      976,840    9.5   103,260   0.55   698 MiB
-    (b'-c') (b') minus a one-batch run         972,744    4.3   227,277   1.21         -
-    jobs.predict's own wall time (from run(), Ray start included): 13.71 s
-    fixed cost (c), 4,096 rows: 15.1 s whole process, 5.2 s Ray Data execution
-    probabilities: 976,840 rows, max |diff| 5.96e-08 (b vs a)
+  (c)  the same job on one batch of rows, once: what a run costs whatever its size; (b')-(c')
+       is the steady state once the scoring actors are up
+Arms of the job (`--arms`): `local` runs it with `ray.address=local` (a throwaway Ray inside the
+job); `warm` on the warm local Ray of a temporary MLOPS_RAY_WARM_DIR: the first job starts it
+(reported alone, "cold"), the next `--runs` attach; the cluster is stopped at the end.
+Every figure is the median of `--runs` runs (each in its own process), with the spread
+(min-max); ratios are rows/s over (a)'s median. Every job run must produce the same
+probabilities as (a) for every row (max |diff| <= 1e-6, every row once, else exit 1): its
+output is read back and lined up by source_row. Peak RSS is per process: the baseline's, and
+the largest scoring actor's as the job reports it (object-store pages it touched included).
 """
 from __future__ import annotations
 
@@ -40,6 +33,8 @@ import json
 import os
 import re
 import resource
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -172,9 +167,15 @@ def run_job(data: Path, out: Path, work: Path, overrides: list[str], env: dict
     return wall, execution_s(stdout + stderr), json.loads((out / "_SUCCESS").read_text())
 
 
+def med(vals: list[float]) -> tuple[float, float, float]:
+    return statistics.median(vals), min(vals), max(vals)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--replicas", type=int, default=20, help="copies of Adult (48,842 rows)")
+    ap.add_argument("--runs", type=int, default=3, help="runs per arm (medians and spreads)")
+    ap.add_argument("--arms", default="local,warm", help="job arms, of local,warm")
     ap.add_argument("--concurrency", default=None,
                     help="predict.concurrency for the job: N or MIN,MAX (default: the config's)")
     ap.add_argument("--batch-size", type=int, default=None,
@@ -184,8 +185,9 @@ def main() -> None:
                     help="more overrides for the job (repeatable), e.g. "
                          "ray.include_dashboard=false")
     ap.add_argument("--no-fixed-cost", action="store_true",
-                    help="skip the one-batch job run (c) and the steady-state row (b'-c')")
-    ap.add_argument("--json", action="store_true", help="print the results as JSON instead")
+                    help="skip the one-batch job runs (c) and the steady-state rows (b'-c')")
+    ap.add_argument("--json", nargs="?", const="-", default=None, metavar="FILE",
+                    help="print the results as JSON instead (or write them to FILE as well)")
     ap.add_argument("--baseline-only", nargs=4, metavar=("FOLDER", "DATA", "BATCH", "NPY"),
                     help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -199,13 +201,19 @@ def main() -> None:
     import pyarrow.parquet as pq
 
     from mlops_ray.config.compose import compose
-    cfg = compose("predict", [])["predict"]
+    # the job's defaults (the required keys given placeholders: only `predict` is read here)
+    cfg = compose("predict", [f"ref={MODEL}", "input=-", "output=-"])["predict"]
     batch = a.batch_size or int(cfg["batch_size"])
     conc = a.concurrency or cfg["concurrency"]
     conc = ",".join(map(str, conc)) if isinstance(conc, list) else str(conc)
     overrides = [f"predict.batch_size={batch}",
                  f"predict.concurrency={f'[{conc}]' if ',' in conc else conc}", *a.set]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
+    for k in ("RAY_ADDRESS", "MLOPS_RAY_WARM_DIR"):
+        env.pop(k, None)
+    arms = a.arms.split(",") if a.arms else []
+    jobs: dict[str, list[dict]] = {}  # arm -> runs {wall_s, exec_s, manifest, diff, complete}
+    fixed: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="bench-predict-") as d:
         work = Path(d)
         folder = make_registry(work)
@@ -213,69 +221,116 @@ def main() -> None:
         data.parent.mkdir()
         rows = write_input(data, a.replicas)
         groups = pq.ParquetFile(data).metadata.num_row_groups
+        small = work / "small" / "one_batch.parquet"
+        small.parent.mkdir()
+        first = next(pq.ParquetFile(data).iter_batches(batch_size=batch))
+        pq.write_table(pa.Table.from_batches([first]), small)
 
-        # (a) in a child process of its own, so its peak RSS is the scoring loop's alone
+        # (a) each in a child process of its own, so its peak RSS is the scoring loop's alone
         npy = work / "baseline.npy"
-        _, out, _ = run_child([sys.executable, __file__, "--baseline-only", folder, str(data),
-                               str(batch), str(npy)], env, work / "baseline")
-        base = json.loads(out.strip().splitlines()[-1])
-        # (b), then (c): the same job on one batch of rows, what it costs whatever the size
-        b_wall, b_exec, manifest = run_job(data, work / "scored", work, overrides, env)
+        bases = []
+        for _ in range(a.runs):
+            _, out, _ = run_child([sys.executable, __file__, "--baseline-only", folder,
+                                   str(data), str(batch), str(npy)], env, work / "baseline")
+            bases.append(json.loads(out.strip().splitlines()[-1]))
         want = np.load(npy)
-        got_rows, got = job_probabilities(work / "scored")
-        if not a.no_fixed_cost:
-            small = work / "small" / "one_batch.parquet"
-            small.parent.mkdir()
-            first = next(pq.ParquetFile(data).iter_batches(batch_size=batch))
-            pq.write_table(pa.Table.from_batches([first]), small)
-            c_wall, c_exec, c_manifest = run_job(small, work / "scored-small", work, overrides,
-                                                 env)
-    complete = manifest["rows_scored"] == rows == len(want) == len(got) and bool(
-        (got_rows == np.arange(rows)).all())
-    diff = float(np.abs(got - want).max()) if complete and rows else float("nan")
-    actor_rss = max((w["peak_rss"] for w in manifest["workers"]), default=None)
+        n_run = 0
 
-    res = [("(a)  Predictor, one process, no Ray", base["rows"], base["predict_s"],
-            base["peak_rss"]),
-           ("(a+) (a) + drift counts per batch", base["rows"], base["with_drift_s"],
-            base["peak_rss"]),
-           ("(b)  jobs.predict, whole process", rows, b_wall, actor_rss)]
-    if b_exec is not None:
-        res.append(("(b') jobs.predict, Ray Data execution", rows, b_exec, actor_rss))
-    fixed = None
-    if not a.no_fixed_cost:
-        n = c_manifest["rows_scored"]
-        fixed = {"rows": n, "wall_s": c_wall, "execution_s": c_exec}
-        if b_exec is not None and c_exec is not None:  # process walls vary with Ray's start
-            res.append(("(b'-c') (b') minus a one-batch run", rows - n, b_exec - c_exec, None))
-    base_rate = base["rows"] / base["predict_s"]
-    results = [{"variant": v, "rows": r, "s": t, "rows_per_s": r / t if t > 0 else None,
-                "ratio": r / t / base_rate if t > 0 else None, "peak_rss": m}
-               for v, r, t, m in res]
-    ok = complete and diff <= TOLERANCE
-    check = (f"probabilities: {len(got):,} rows, max |diff| {diff:.3g} (b vs a)" if complete else
-             f"probabilities: job wrote {len(got):,} rows ({manifest['rows_scored']:,} reported), "
-             f"baseline {len(want):,}, input {rows:,}: not the same rows")
+        def one(arm_env: dict, extra: list[str], src: Path = data) -> dict:
+            nonlocal n_run
+            n_run += 1
+            out = work / f"scored-{n_run}"
+            wall, ex, manifest = run_job(src, out, work, [*overrides, *extra], arm_env)
+            r = {"wall_s": wall, "exec_s": ex, "manifest": manifest}
+            if src == data:
+                got_rows, got = job_probabilities(out)
+                r["complete"] = manifest["rows_scored"] == rows == len(want) == len(got) and \
+                    bool((got_rows == np.arange(rows)).all())
+                r["diff"] = float(np.abs(got - want).max()) if r["complete"] else float("nan")
+            shutil.rmtree(out, ignore_errors=True)
+            return r
+
+        if "local" in arms:
+            jobs["local"] = [one(env, ["ray.address=local"]) for _ in range(a.runs)]
+            if not a.no_fixed_cost:
+                fixed["local"] = one(env, ["ray.address=local"], small)
+        if "warm" in arms:
+            from mlops_ray import warm
+            wdir = Path(tempfile.mkdtemp(prefix="bench-warm-"))
+            wenv = {**env, "MLOPS_RAY_WARM_DIR": str(wdir)}
+            try:
+                jobs["warm cold"] = [one(wenv, [])]
+                jobs["warm"] = [one(wenv, []) for _ in range(a.runs)]
+                if not a.no_fixed_cost:
+                    fixed["warm"] = one(wenv, [], small)
+            finally:
+                warm.stop(wdir, quiet=True)
+                shutil.rmtree(wdir, ignore_errors=True)
+    report(a, rows, groups, overrides, bases, jobs, fixed)
+
+
+def report(a: argparse.Namespace, rows: int, groups: int, overrides: list[str],
+           bases: list[dict], jobs: dict[str, list[dict]], fixed: dict[str, dict]) -> None:
+    names = {"local": "jobs.predict ray.address=local (own Ray)",
+             "warm cold": "jobs.predict, warm cluster, 1st run (starts it)",
+             "warm": "jobs.predict, warm cluster, attached"}
+    base_rows = bases[0]["rows"]
+    base_rate = base_rows / med([b["predict_s"] for b in bases])[0]
+    table = [("(a)  Predictor, one process, no Ray", base_rows,
+              med([b["predict_s"] for b in bases]), max(b["peak_rss"] for b in bases)),
+             ("(a+) (a) + drift counts per batch", base_rows,
+              med([b["with_drift_s"] for b in bases]), max(b["peak_rss"] for b in bases))]
+    for arm, runs in jobs.items():
+        rss = max((w["peak_rss"] for r in runs for w in r["manifest"]["workers"]), default=None)
+        table.append((f"(b)  {names[arm]}, whole process", rows,
+                      med([r["wall_s"] for r in runs]), rss))
+        ex = [r["exec_s"] for r in runs if r["exec_s"] is not None]
+        if ex:
+            table.append(("(b')   its Ray Data execution", rows, med(ex), None))
+        f = fixed.get(arm)
+        if ex and f and f["exec_s"] is not None:
+            n = f["manifest"]["rows_scored"]
+            table.append((f"(b'-c') minus a {n:,}-row run", rows - n,
+                          tuple(x - f["exec_s"] for x in med(ex)), None))
+    results = [{"variant": v, "rows": r, "s": s[0], "s_min": s[1], "s_max": s[2],
+                "rows_per_s": r / s[0] if s[0] > 0 else None,
+                "ratio": r / s[0] / base_rate if s[0] > 0 else None, "peak_rss": m}
+               for v, r, s, m in table]
+    every = [r for runs in jobs.values() for r in runs]
+    ok = all(r["complete"] and r["diff"] <= TOLERANCE for r in every)
+    diff = max((r["diff"] for r in every), default=float("nan"))
+    check = (f"probabilities: {len(every)} job runs x {rows:,} rows, max |diff| {diff:.3g} "
+             f"(b vs a)" if all(r["complete"] for r in every) else
+             "probabilities: a job run did not write every input row once")
+    fixed_out = {arm: {"rows": f["manifest"]["rows_scored"], "wall_s": f["wall_s"],
+                       "execution_s": f["exec_s"]} for arm, f in fixed.items()}
+    own = {arm: med([r["manifest"]["wall_s"] for r in runs]) for arm, runs in jobs.items()}
     if a.json:
-        print(json.dumps({"rows": rows, "replicas": a.replicas, "row_groups": groups,
-                          "batch_size": batch, "overrides": overrides, "results": results,
-                          "fixed_cost": fixed, "job_own_wall_s": manifest["wall_s"],
-                          "max_abs_diff": diff if complete else None, "ok": ok}, indent=1))
-    else:
+        doc = {"rows": rows, "replicas": a.replicas, "row_groups": groups, "runs": a.runs,
+               "overrides": overrides, "results": results, "fixed_cost": fixed_out,
+               "job_own_wall_s": own, "max_abs_diff": diff, "ok": ok}
+        if a.json == "-":
+            print(json.dumps(doc, indent=1))
+        else:
+            Path(a.json).write_text(json.dumps(doc, indent=1))
+    if a.json != "-":
         mib = 1 << 20
         print(f"rows {rows:,} (Adult x{a.replicas}, {groups} row groups); job: "
-              f"{' '.join(overrides)}")
-        print(f"{'variant':<40} {'rows':>9} {'s':>6} {'rows/s':>9} {'ratio':>6} {'peak RSS':>9}")
+              f"{' '.join(overrides)}; median (min-max) of {a.runs} runs")
+        print(f"{'variant':<66} {'rows':>9} {'s':>15} {'rows/s':>9} {'ratio':>5} "
+              f"{'peak RSS':>9}")
         for r in results:
             rss = f"{r['peak_rss'] / mib:.0f} MiB" if r["peak_rss"] else "-"
-            rate = f"{r['rows_per_s']:>9,.0f} {r['ratio']:>6.2f}" if r["rows_per_s"] else \
-                f"{'-':>9} {'-':>6}"
-            print(f"{r['variant']:<40} {r['rows']:>9,} {r['s']:>6.1f} {rate} {rss:>9}")
-        print(f"jobs.predict's own wall time (from run(), Ray start included): "
-              f"{manifest['wall_s']} s")
-        if fixed:
-            ex = f"{fixed['execution_s']:.1f}" if fixed["execution_s"] is not None else "?"
-            print(f"fixed cost (c), {fixed['rows']:,} rows: {fixed['wall_s']:.1f} s whole "
+            rate = f"{r['rows_per_s']:>9,.0f} {r['ratio']:>5.2f}" if r["rows_per_s"] else \
+                f"{'-':>9} {'-':>5}"
+            span = f"{r['s']:.1f} ({r['s_min']:.1f}-{r['s_max']:.1f})"
+            print(f"{r['variant']:<66} {r['rows']:>9,} {span:>15} {rate} {rss:>9}")
+        for arm, o in own.items():
+            print(f"{names[arm]}: the job's own wall time (from run()): {o[0]:.2f} s "
+                  f"({o[1]:.2f}-{o[2]:.2f})")
+        for arm, f in fixed_out.items():
+            ex = f"{f['execution_s']:.1f}" if f["execution_s"] is not None else "?"
+            print(f"fixed cost (c), {names[arm]}, {f['rows']:,} rows: {f['wall_s']:.1f} s whole "
                   f"process, {ex} s Ray Data execution")
         print(check)
     if not ok:

@@ -1,19 +1,30 @@
 """Training overhead of jobs.train (Ray Train V2) against a bare PyTorch loop, in one run.
 
     python bench/train_overhead.py            # Adult, MLP 256-256, batch 512, 10 epochs, 1 thread
+    python bench/train_overhead.py --arms warm --env RAY_worker_maximum_startup_concurrency=4
 
-Prints, for (a) the bare loop, (b) `python -m jobs.train` on its own local Ray and (c) the same
-attached to an already running `ray start --head`: steady-state samples/s (epochs 2..N, counted
-between consecutive reports, so reporting and per-epoch checkpointing are included), the ratio
-to (a), whole-process wall time and its ratio to (a)'s process.
+Every arm runs `--runs` times (default 3) and reports the median and the spread (min-max) of
+steady-state samples/s (epochs 2..N, counted between consecutive reports, so reporting and
+per-epoch checkpointing are included), whole-process wall time, their ratios to the bare
+loop's medians, and the run record's `startup` phases (data, Ray, fit() -> train function on
+rank 0, -> first optimizer step). Arms:
+  bare   the same data, model, optimiser, schedule and thread count in one process, no Ray
+  local  `python -m jobs.train ray.address=local`: a throwaway Ray inside the job ("before")
+  warm   `python -m jobs.train` on the warm local Ray of a temporary MLOPS_RAY_WARM_DIR: the
+         first job starts it (reported alone, "cold"), then `--runs` jobs attach ("after");
+         the cluster is stopped at the end. After each attached run the State API of the warm
+         cluster splits fit() -> train function into controller / placement group / worker
+         group (Ray's task events and placement-group stats).
+Each job trains from scratch (a fresh storage.uri per run). `--env K=V` goes into the jobs'
+environment (and so into the warm cluster's raylet, which the first job starts).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import secrets
-import socket
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -22,6 +33,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+PHASES = ("data_s", "ray_s", "to_workers_s", "to_first_step_s")
+SPLIT = ("controller_s", "placement_group_s", "worker_actors_s", "train_setup_s")
 
 
 def bare(epochs: int, batch: int) -> dict:
@@ -68,60 +81,145 @@ def timed(cmd: list[str], env: dict) -> tuple[float, subprocess.CompletedProcess
     return time.perf_counter() - t, out
 
 
-def ray_steady(store: str, batch: int) -> float:
-    (rec,) = [json.loads(p.read_text()) for p in Path(store).glob("runs/*/run.json")]
+def job_run(job: list[str], env: dict, batch: int) -> dict:
+    """One jobs.train process on a fresh storage.uri: wall, steady samples/s, startup."""
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as d:
+        wall, _ = timed([*job, f"storage.uri={d}"], env)
+        (rec,) = [json.loads(p.read_text()) for p in Path(d).glob("runs/*/run.json")]
+    if rec.get("restored_from"):
+        sys.exit("a bench run resumed instead of training from scratch")
     at = [m["time/at"] for m in rec["history"]]
     steps = rec["dataset"]["splits"]["train"] // batch
-    return steps * batch * (len(at) - 2) / (at[-1] - at[1])
+    return {"samples_per_s": steps * batch * (len(at) - 2) / (at[-1] - at[1]), "wall_s": wall,
+            **(rec.get("startup") or {})}
+
+
+def split_fit_start(folder: Path, to_workers_s: float | None) -> dict:
+    """fit() -> train function, split by the warm cluster's State API for its newest Train run:
+    controller (fit() until TrainController.__init__ returned), placement group (its
+    creation latency), worker actors (placement group created -> the last RayTrainWorker's
+    __init__ returned: their processes start and import), train setup (-> run_train_fn runs:
+    Train's context, data set-up, torch process group)."""
+    from mlops_ray import warm
+    os.environ.update(warm.client_env(folder))
+    from ray._private.authentication.authentication_token_setup import _enable_token_auth
+    _enable_token_auth()
+    from ray.util.state import list_placement_groups, list_tasks
+    url = warm.read_state(folder)["dashboard_url"]
+    kw = {"address": url, "raise_on_missing_output": False, "limit": 10_000}
+
+    def events(t: dict) -> dict:
+        return {e["state"]: e["created_ms"] / 1000 for e in t.get("events") or []}
+    ctl = list_tasks(filters=[("name", "=", "TrainController.__init__")], detail=True, **kw)
+    job_id = max(ctl, key=lambda t: t["creation_time_ms"])["job_id"]
+    tasks = list_tasks(filters=[("job_id", "=", job_id)], detail=True, **kw)
+    by_name: dict[str, list[dict]] = {}
+    for t in tasks:
+        by_name.setdefault(t["name"], []).append(events(t))
+    (pg,) = [p["stats"] for p in list_placement_groups(detail=True, **kw)
+             if p["creator_job_id"] == job_id] or [None]
+    ctl_done = by_name["TrainController.__init__"][0]["FINISHED"]
+    entered = min(e["RUNNING"] for e in by_name["RayTrainWorker.run_train_fn"])
+    workers_up = max(e["FINISHED"] for e in by_name["RayTrainWorker.__init__"])
+    pg_asked = int(pg["creation_request_received_ns"]) / 1e9
+    pg_done = pg_asked + int(pg["end_to_end_creation_latency_us"]) / 1e6
+    t_fit = entered - to_workers_s if to_workers_s is not None else \
+        by_name["TrainController.__init__"][0]["PENDING_ARGS_AVAIL"]
+    return {"controller_s": pg_asked - t_fit, "placement_group_s": pg_done - pg_asked,
+            "worker_actors_s": workers_up - pg_done, "train_setup_s": entered - workers_up,
+            "controller_init_s": ctl_done - t_fit}
+
+
+def summary(rows: list[dict], key: str) -> tuple[float, float, float] | None:
+    vals = [r[key] for r in rows if r.get(key) is not None]
+    return (statistics.median(vals), min(vals), max(vals)) if vals else None
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--runs", type=int, default=3, help="runs per arm (medians and spreads)")
+    ap.add_argument("--arms", default="bare,local,warm", help="of bare,local,warm")
+    ap.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                    help="environment of the jobs (and of the warm cluster they start)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="more jobs.train overrides")
+    ap.add_argument("--no-split", action="store_true", help="skip the State API split")
+    ap.add_argument("--json", metavar="FILE", help="also write every run's figures here")
     ap.add_argument("--bare-only", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     batch = 512
     if a.bare_only:
         print(json.dumps(bare(a.epochs, batch)))
         return
-    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled"}
+    arms = a.arms.split(",")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled",
+           **dict(kv.split("=", 1) for kv in a.env)}
+    for k in ("RAY_ADDRESS", "MLOPS_RAY_WARM_DIR"):
+        env.pop(k, None)
     job = [sys.executable, "-m", "jobs.train", "+experiment=adult_mlp", "tracking=none",
-           "train.early_stopping=null", f"train.epochs={a.epochs}", "train.torch_threads=1"]
-    rows = []
-    wall, out = timed([sys.executable, __file__, "--bare-only", f"--epochs={a.epochs}"], env)
-    rows.append(("(a) bare PyTorch", json.loads(out.stdout)["samples_per_s"], wall))
-    with tempfile.TemporaryDirectory() as d:
-        wall, _ = timed([*job, f"storage.uri={d}"], env)
-        rows.append(("(b) jobs.train, own local Ray", ray_steady(d, batch), wall))
-    # (c) attached to a running head that this script starts and stops by its pid
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
-    head = subprocess.Popen(["ray", "start", "--head", f"--port={port}", "--num-cpus=2",
-                             "--node-ip-address=127.0.0.1", "--include-dashboard=false",
-                             "--block"], env={**env, **auth,
-                                              "PATH": f"{Path(sys.executable).parent}:"
-                                                      f"{os.environ['PATH']}"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        with tempfile.TemporaryDirectory() as d:
-            wall, _ = timed([*job, f"storage.uri={d}", f"ray.address=127.0.0.1:{port}"],
-                            {**env, **auth})
-            rows.append(("(c) jobs.train, attached, first run", ray_steady(d, batch), wall))
-            with tempfile.TemporaryDirectory() as d2:  # second run: the head is warm
-                wall, _ = timed([*job, f"storage.uri={d2}", f"ray.address=127.0.0.1:{port}"],
-                                {**env, **auth})
-                rows.append(("(d) jobs.train, attached, second run", ray_steady(d2, batch),
-                             wall))
-    finally:
-        head.terminate()
-        head.wait(60)
-    base_sps, base_wall = rows[0][1], rows[0][2]
-    print(f"{'variant':<40} {'samples/s':>10} {'ratio':>6} {'wall s':>7} {'wall ratio':>10}")
-    for name, sps, wall in rows:
-        print(f"{name:<40} {sps:>10,.0f} {sps / base_sps:>6.2f} {wall:>7.1f} "
-              f"{wall / base_wall:>10.2f}")
+           "train.early_stopping=null", f"train.epochs={a.epochs}", "train.torch_threads=1",
+           *a.set]
+    res: dict[str, list[dict]] = {}
+    if "bare" in arms:
+        res["bare"] = []
+        for _ in range(a.runs):
+            wall, out = timed([sys.executable, __file__, "--bare-only", f"--epochs={a.epochs}"],
+                              env)
+            res["bare"].append({**json.loads(out.stdout), "wall_s": wall})
+    if "local" in arms:
+        res["local"] = [job_run([*job, "ray.address=local"], env, batch) for _ in range(a.runs)]
+    if "warm" in arms:
+        from mlops_ray import warm
+        folder = Path(tempfile.mkdtemp(prefix="bench-warm-"))
+        wenv = {**env, "MLOPS_RAY_WARM_DIR": str(folder)}
+        try:
+            res["warm cold"] = [job_run(job, wenv, batch)]
+            res["warm"] = []
+            for _ in range(a.runs):
+                r = job_run(job, wenv, batch)
+                if not a.no_split:
+                    r.update(split_fit_start(folder, r.get("to_workers_s")))
+                res["warm"].append(r)
+        finally:
+            warm.stop(folder, quiet=True)
+            shutil.rmtree(folder, ignore_errors=True)
+    report(res, a)
+
+
+def report(res: dict[str, list[dict]], a: argparse.Namespace) -> None:
+    names = {"bare": "bare PyTorch loop", "local": "jobs.train ray.address=local (own Ray)",
+             "warm cold": "jobs.train, warm cluster, 1st run (starts it)",
+             "warm": "jobs.train, warm cluster, attached"}
+    base = {k: summary(res["bare"], k)[0] for k in ("samples_per_s", "wall_s")} \
+        if "bare" in res else None
+
+    def cell(s: tuple | None, fmt: str) -> str:
+        if not s:
+            return "-"
+        return format(s[0], fmt) + (f" ({format(s[1], fmt)}-{format(s[2], fmt)})"
+                                    if s[1] != s[2] else "")
+    print(f"Adult, MLP 256-256, batch 512, {a.epochs} epochs, 1 torch thread; median "
+          f"(min-max) of {a.runs} runs" + (f"; env {' '.join(a.env)}" if a.env else ""))
+    print(f"{'arm':<48} {'n':>2} {'samples/s':>24} {'ratio':>5} {'process s':>18} {'ratio':>5}")
+    for arm, rows in res.items():
+        sps, wall = summary(rows, "samples_per_s"), summary(rows, "wall_s")
+        r1 = f"{sps[0] / base['samples_per_s']:.2f}" if base else "-"
+        r2 = f"{wall[0] / base['wall_s']:.2f}" if base else "-"
+        print(f"{names[arm]:<48} {len(rows):>2} {cell(sps, ',.0f'):>24} {r1:>5} "
+              f"{cell(wall, '.1f'):>18} {r2:>5}")
+    print("startup phases, s (run.json `startup`): median (min-max)")
+    print(f"{'arm':<48} " + " ".join(f"{p.removesuffix('_s'):>16}" for p in PHASES))
+    for arm, rows in res.items():
+        if arm != "bare":
+            print(f"{names[arm]:<48} " + " ".join(f"{cell(summary(rows, p), '.1f'):>16}"
+                                                  for p in PHASES))
+    if any(r.get(SPLIT[0]) is not None for r in res.get("warm", [])):
+        print("to_workers split (State API, warm attached): " + ", ".join(
+            f"{p.removesuffix('_s').replace('_', ' ')} {cell(summary(res['warm'], p), '.2f')}"
+            for p in SPLIT))
+    if a.json:
+        Path(a.json).write_text(json.dumps({"args": vars(a), "runs": res}, indent=1))
 
 
 if __name__ == "__main__":
