@@ -38,7 +38,7 @@ CATALOG: dict[str, Spec] = {
     # the prediction log (serving/predlog.py)
     "mlops_predlog_rows": Spec("counter", "rows written to the prediction or label log",
                                ("model", "log")),
-    "mlops_predlog_dropped": Spec("counter", "rows not logged (buffer_full, write_error)",
+    "mlops_predlog_dropped": Spec("counter", "rows not logged (reason buffer_full: writes failed or lagged until the buffer was full)",
                                   ("model", "reason")),
     "mlops_predlog_lag_seconds": Spec("gauge", "age of the oldest answered row not yet "
                                       "written to the log (0: all written)", ("model",)),
