@@ -36,7 +36,8 @@ def ensure_ray(ray_cfg: dict[str, Any]) -> dict[str, Any]:
             os.environ.pop("RAY_AUTH_TOKEN", None)
             os.environ.update(warm.client_env())
             _FACTS["dashboard_url"] = state["dashboard_url"]
-            _install_dashboard(f"{state['temp_dir']}/session_latest")
+            if state.get("fresh"):  # once per cluster, not on every attach
+                _install_dashboard(f"{state['temp_dir']}/session_latest")
             address = state["address"]
             kw["runtime_env"] = {"worker_process_setup_hook": "mlops_ray.runtime.pin_address"}
         elif "RAY_AUTH_MODE" not in os.environ and (address == "local" or (

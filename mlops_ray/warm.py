@@ -140,7 +140,7 @@ def _start(folder: Path, ray_cfg: dict[str, Any], log: Any) -> dict[str, Any]:
     tmpfile = folder / f"warm.json.tmp-{os.getpid()}"
     tmpfile.write_text(json.dumps(state, indent=1))
     os.replace(tmpfile, folder / "warm.json")
-    return state
+    return {**state, "fresh": True}  # (not stored) this job started it
 
 
 def _pids(tmp: str) -> list[int]:

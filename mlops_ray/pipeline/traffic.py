@@ -48,7 +48,7 @@ def live_gates(job: MonitorJob, version: int, rows: pd.DataFrame, signature: dic
     if len(mine) < job.monitor.min_labelled_rows:
         return None
     feats = traffic.features_frame(mine)
-    attrs = [a for a in (job.fairness.attributes or job.dataset.sensitive)]
+    attrs = list(job.fairness.attributes or job.dataset.sensitive)
     groups = pd.DataFrame({a: feats[a] if a in feats.columns else None for a in attrs},
                           index=mine.index)
     rules = gmod.expand_rules([r.plain() for r in job.gates.rules], attrs)

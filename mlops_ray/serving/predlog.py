@@ -116,18 +116,17 @@ class PredictionLogger:
             except Exception as e:  # noqa: BLE001 - a failing store must never fail requests
                 log.warning("prediction log: writing to %s failed (rows kept, retried): %s",
                             self.storage.uri, e)
-                back = [(traffic.PREDICTIONS, preds), (traffic.LABELS, labels)]
-                for kind, entries in back:  # what was not written goes back, oldest first
-                    if kind in done:
-                        continue
-                    n = sum(len(x["labels"]) for x in entries)
-                    if kind == traffic.PREDICTIONS:
-                        self.preds = entries + self.preds
-                    else:
-                        self.labels = entries + self.labels
-                    self.rows += n
-                    rows -= n
-                self.oldest = oldest if self.rows else self.oldest
+                # what was not written goes back in front of what came since
+                if traffic.PREDICTIONS not in done:
+                    self.preds = preds + self.preds
+                if traffic.LABELS not in done:
+                    self.labels = labels + self.labels
+                back = sum(len(x["labels"]) for kind, entries in ((traffic.PREDICTIONS, preds),
+                                                                  (traffic.LABELS, labels))
+                           if kind not in done for x in entries)
+                self.rows += back
+                rows -= back
+                self.oldest = oldest
             self.written += rows
             metric("mlops_predlog_lag_seconds").set(self.lag_s(), tags={"model": self.model})
             return rows
