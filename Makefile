@@ -28,7 +28,7 @@ $(VENV)/.installed: pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(PY) -m pip install -q $(if $(LOCK),-c $(LOCK)) "$(XGBOOST_SPEC)" -e ".[test]"
+	$(PY) -m pip install -q $(if $(LOCK),-c $(LOCK)) "$(XGBOOST_SPEC)" -e ".[test,features]"
 	touch $@
 
 install: $(VENV)/.installed ## create .venv and install the project (pinned CPU torch)
@@ -77,7 +77,7 @@ bench: install ## benchmarks (not part of make test): training overhead vs bare 
 
 lock: ## regenerate requirements.lock from a fresh install of pyproject.toml's ranges
 	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
-	.lock-venv/bin/pip install -q "$(TORCH_SPEC)" && .lock-venv/bin/pip install -q "$(XGBOOST_SPEC)" -e ".[test]"
+	.lock-venv/bin/pip install -q "$(TORCH_SPEC)" && .lock-venv/bin/pip install -q "$(XGBOOST_SPEC)" -e ".[test,features]"
 	{ sed -n '1,3p' requirements.lock; .lock-venv/bin/pip freeze --exclude-editable \
 	  | sed -E 's/^(torch==[^+]*)\+.*/\1/'; } > requirements.lock.tmp
 	mv requirements.lock.tmp requirements.lock && rm -rf .lock-venv

@@ -20,6 +20,7 @@ from mlops_ray.config.base import (
     fits_local,
     problems,
 )
+from mlops_ray.config.features import FeastCfg, check_dataset
 from mlops_ray.utils import stable_hash
 
 # metrics the training loop reports; gates, early stopping and checkpoint scoring must pick one
@@ -61,11 +62,14 @@ class DatasetCfg(Strict):
     # where the rows came from when a job assembled the table (jobs.monitor: prediction-log
     # parts, label parts, cutoff, mixing rule); copied into the version's lineage.json
     sources: dict[str, Any] = {}
+    # features from a Feast store, joined point in time to the entity frame at `uri`
+    feast: FeastCfg | None = None
 
     @model_validator(mode="after")
     def _columns(self) -> DatasetCfg:
         p = []
         feats = self.numeric + self.categorical
+        p += check_dataset(self.feast, self.label, feats, self.sensitive)
         if not feats:
             p.append("dataset.numeric/dataset.categorical: no feature columns declared")
         dup = sorted({c for c in feats if feats.count(c) > 1})
@@ -266,10 +270,11 @@ class RunSections(Strict):
     def config_hash(self) -> str:
         """12 hex of what the run computes (data, model, optim, scaling, train, seed)."""
         cfg = {k: v for k, v in self.plain().items() if k not in NOT_HASHED}
-        if isinstance(cfg.get("dataset"), dict) and not cfg["dataset"].get("sources"):
-            # a table named by the user (no assembled sources): hashed as before the field
-            # existed, so earlier runs keep their names and resume
-            cfg["dataset"] = {k: v for k, v in cfg["dataset"].items() if k != "sources"}
+        if isinstance(cfg.get("dataset"), dict):
+            # optional sections left empty are hashed as before they existed, so earlier runs
+            # keep their names and resume
+            cfg["dataset"] = {k: v for k, v in cfg["dataset"].items()
+                              if not (k in ("sources", "feast") and not v)}
         return stable_hash(cfg)
 
     def run_name(self, data_version: str) -> str:
@@ -378,3 +383,19 @@ class TrainJob(RunSections):
         if fp.kind == "none" or not fp.weight:
             return None
         return fp.attribute or self.dataset.sensitive[0]
+
+
+class FeaturesJob(TrainJob):
+    """jobs.features: the experiment's feature store (dataset.feast)."""
+    # apply: register the views (and copy their sources in); materialize: load the online store
+    # up to `end`; list: what is registered; consume / stop: the stream consumer on Ray
+    action: Literal["apply", "materialize", "list", "consume", "stop"] = "list"
+    end: str | None = None  # materialize up to this ISO 8601 time (default: now)
+
+    @model_validator(mode="after")
+    def _has_store(self) -> FeaturesJob:
+        if self.dataset.feast is None:
+            raise ValueError(f"dataset '{self.dataset.name}' has no feature store (dataset.feast);"
+                             " use an experiment whose dataset has one, e.g. "
+                             "+experiment=adult_people_mlp")
+        return self

@@ -27,6 +27,8 @@ class Prepared:
     positive: Any
     sensitive: list[str]
     key: str = ""  # hash of the dataset config and seed it was prepared from (reuse check)
+    # dataset.feast: the views joined and their definitions' hash (lineage)
+    features: dict[str, Any] | None = None
 
     def labels(self, rows: pd.DataFrame) -> np.ndarray:
         """0/1 labels (float32) of raw rows: 1 where the label equals `positive`."""
@@ -41,7 +43,8 @@ class Prepared:
         return {"version": self.version, "rows": len(self.frame),
                 "positive_rate": round(float(y.mean()), 4),
                 "splits": {k: int(len(v)) for k, v in self.splits.items()},
-                "n_features": self.preprocessor.n_features}
+                "n_features": self.preprocessor.n_features,
+                **({"feature_store": self.features} if self.features else {})}
 
 
 def joined(df: pd.DataFrame, cols: list[str]) -> pd.Series:
@@ -81,9 +84,19 @@ def prepare(ds: DatasetCfg, seed: int, frame: pd.DataFrame | None = None,
             storage: StorageCfg | None = None) -> Prepared:
     """Load (unless `frame` is given) -> drop PII -> validate -> hash -> split -> fit the
     preprocessing on the training rows. Deterministic for a given seed."""
-    df = frame if frame is not None else load_table(
-        ds.uri, ds.format, storage.endpoint_url if storage else None,
-        storage.region if storage else None)
+    features = None
+    if frame is not None:
+        df = frame
+    else:
+        df = load_table(ds.uri, ds.format, storage.endpoint_url if storage else None,
+                        storage.region if storage else None)
+        if ds.feast is not None:  # df is the entity frame: join the feature views to it
+            from mlops_ray.data.featurestore import FeatureRepo
+            repo = FeatureRepo(ds.feast, storage.uri if storage else "outputs")
+            df = repo.training_frame(df)
+            features = {"project": ds.feast.project, "store": str(repo.root),
+                        "views": [v.name for v in ds.feast.views],
+                        "definitions": repo.definitions_hash()}
     df = df.drop(columns=[c for c in ds.pii if c in df.columns])
     validate_frame(df, ds)
     df = df.reset_index(drop=True)
@@ -97,8 +110,13 @@ def prepare(ds: DatasetCfg, seed: int, frame: pd.DataFrame | None = None,
         raise DataValidationError(ds.name, bad)
     numeric, categorical = ds.features()
     pre = Preprocessor.fit(df.iloc[splits["train"]], numeric, categorical)
-    return Prepared(df, dataset_version(df), splits, pre, ds.label, ds.positive,
-                    list(ds.sensitive), prepared_key(ds.model_dump(by_alias=True), seed))
+    version = dataset_version(df)
+    if features:  # the joined rows and what the views are
+        from mlops_ray.utils import stable_hash
+        version = stable_hash([version, features["definitions"]], 16)
+    return Prepared(df, version, splits, pre, ds.label, ds.positive,
+                    list(ds.sensitive), prepared_key(ds.model_dump(by_alias=True), seed),
+                    features)
 
 
 def prepared_key(dataset: dict[str, Any], seed: int) -> str:

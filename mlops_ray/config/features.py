@@ -1,0 +1,136 @@
+"""`dataset.feast`: a dataset whose features come from a Feast feature store (docs/features.md).
+
+The dataset's `uri` is then the *entity frame*: the join key, the event time and the label of
+each training row. The feature views below are joined to it point in time; serving looks the
+same views up online by the join key; `jobs.features consume` feeds the views marked `stream`
+from a Redis stream. Definitions are data (this section), so they are validated, hashed into the
+dataset version and copied into the run record; no Python repo file is executed.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from mlops_ray.config.base import Strict, problems, registry_name, storage_uri
+
+
+class FeatureViewCfg(Strict):
+    name: str
+    # a Parquet table: the join key, `timestamp_field`, `created_timestamp_field` and the
+    # features (builtin://NAME, a local path); copied into the store's folder by `apply`
+    source: str
+    features: list[str]
+    ttl_s: int = Field(0, ge=0)  # how old a value may be at a row's event time; 0: no limit
+    stream: bool = False  # a push source: `jobs.features consume` writes events to this view
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return registry_name(v, "feature view name")
+
+    @field_validator("features")
+    @classmethod
+    def _features(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("a feature view needs at least one feature")
+        return v
+
+
+class OnlineStoreCfg(Strict):
+    type: Literal["sqlite", "redis"] = "sqlite"  # sqlite: a file in the store's folder
+    connection_string: str = "127.0.0.1:6379"  # redis: host:port[,db=N,password=...]
+
+
+class StreamCfg(Strict):
+    """The Redis stream `jobs.features consume` reads (one consumer group, acknowledged)."""
+    connection_string: str = "127.0.0.1:6379"
+    key: str | None = None  # the stream's key; default "features:<project>"
+    group: str = "mlops-features"
+    consumer: str = "consumer-0"  # stable: after a restart it owns its unacknowledged events
+    batch: int = Field(500, ge=1, le=100_000)  # events per read (and per offline part)
+    block_ms: int = Field(100, ge=1, le=60_000)
+    max_lag_s: float = Field(1.0, gt=0)  # the freshness bound the alert fires beyond
+
+
+class FeastCfg(Strict):
+    project: str
+    entity: str = "entity"  # Feast entity name
+    join_key: str  # the entity frame's (and every source's) key column
+    timestamp_field: str = "event_timestamp"  # event time, in the entity frame and the sources
+    created_timestamp_field: str = "created"  # when a value became known (sources only)
+    # leakage-proof by default: a value is joined only if it was known by the row's event time
+    filter_by_created_timestamp: bool = True
+    views: list[FeatureViewCfg]
+    online: OnlineStoreCfg = OnlineStoreCfg()
+    stream: StreamCfg = StreamCfg()
+    # the store's folder (registry, online SQLite file, sources); default <storage.uri>/features/<project>
+    path: str | None = None
+    on_missing: Literal["error", "null"] = "error"  # serving, entity unknown online: 404 or nulls
+
+    @field_validator("project")
+    @classmethod
+    def _project(cls, v: str) -> str:
+        if not v.replace("_", "").isalnum():
+            raise ValueError(f"'{v}': Feast project names use letters, digits and '_'")
+        return v
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: str | None) -> str | None:
+        if v is not None and storage_uri(v).startswith("s3://"):
+            raise ValueError(f"'{v}': the feature store's folder must be local for now (the "
+                             "SQLite online store and Feast's file registry)")
+        return v
+
+    @model_validator(mode="after")
+    def _views(self) -> FeastCfg:
+        p = []
+        names = [v.name for v in self.views]
+        if not names:
+            p.append("dataset.feast.views: at least one feature view")
+        if len(set(names)) != len(names):
+            p.append(f"dataset.feast.views: names listed twice: {names}")
+        feats = [f for v in self.views for f in v.features]
+        dup = sorted({f for f in feats if feats.count(f) > 1})
+        if dup:
+            p.append(f"dataset.feast.views: features in two views: {dup} (a training column "
+                     "needs one source)")
+        reserved = {self.join_key, self.timestamp_field, self.created_timestamp_field}
+        clash = sorted(reserved & set(feats))
+        if clash:
+            p.append(f"dataset.feast.views: {clash} is the join key or a timestamp, not a feature")
+        problems(p)
+        return self
+
+    def feature_refs(self) -> list[str]:
+        """"view:feature" for every feature, in the views' order."""
+        return [f"{v.name}:{f}" for v in self.views for f in v.features]
+
+    def columns(self) -> dict[str, str]:
+        """feature -> its view."""
+        return {f: v.name for v in self.views for f in v.features}
+
+    def stream_key(self) -> str:
+        return self.stream.key or f"features:{self.project}"
+
+
+def check_dataset(feast: FeastCfg | None, label: str, features: list[str],
+                  sensitive: list[str]) -> list[str]:
+    """Cross-checks of a dataset section against its feature views."""
+    if feast is None:
+        return []
+    have = feast.columns()
+    p = [f"dataset.numeric/categorical: '{c}' is in no feature view of dataset.feast.views "
+         f"(they hold {sorted(have)})" for c in features if c not in have]
+    p += [f"dataset.sensitive: '{c}' is in no feature view (the fairness gates need it in the "
+          "training table)" for c in sensitive if c not in have]
+    if label in have:
+        p.append(f"dataset.label='{label}' comes from a feature view; the label belongs to the "
+                 "entity frame (dataset.uri)")
+    return p
+
+
+def summary(feast: FeastCfg | None) -> dict[str, Any]:
+    return {} if feast is None else {"project": feast.project,
+                                     "views": [v.name for v in feast.views]}

@@ -1,0 +1,272 @@
+"""A Feast feature store built from `dataset.feast` (config/features.py): definitions, apply,
+materialize, the point-in-time training table and online lookups. No Ray, no Hydra.
+
+The store's folder (`<storage.uri>/features/<project>` unless `dataset.feast.path`) holds:
+
+    registry.db           Feast's file registry (what `apply` registered)
+    online.db             the SQLite online store (online.type=sqlite)
+    sources/<view>/*.parquet   each view's offline rows: `base.parquet` copied from the
+                          configured source by `apply`, `stream-<first>-<last>.parquet` parts
+                          written by the stream consumer (each whole: temporary name, rename)
+
+Offline: Feast's DuckDB offline store (an ibis point-in-time join inside DuckDB) with
+`filter_by_created_timestamp`, so a value known only after a row's event time never reaches that
+row. Feast's default (`file`, Dask) is the baseline `bench/features.py` measures against.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import warnings
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+import pyarrow.parquet as pq
+
+from mlops_ray.errors import ConfigError, DataValidationError, StorageError
+
+if TYPE_CHECKING:
+    from feast import FeatureStore
+
+    from mlops_ray.config.features import FeastCfg
+
+log = logging.getLogger(__name__)
+_FEAST_HINT = "pip install 'mlops_ray[features]' (Feast with its DuckDB and Redis stores)"
+
+
+def store_dir(cfg: FeastCfg, storage_uri: str = "outputs") -> Path:
+    if cfg.path:
+        return Path(cfg.path.removeprefix("file://")).expanduser().resolve()
+    if storage_uri.startswith("s3://"):
+        raise ConfigError("dataset.feast.path: required when storage.uri is s3:// (the store's "
+                          "registry and SQLite online store are local files; online.type=redis "
+                          "serves a cluster)")
+    return (Path(storage_uri.removeprefix("file://")).expanduser() / "features"
+            / cfg.project).resolve()
+
+
+def _source_path(uri: str) -> Path:
+    if uri.startswith("builtin://"):
+        from mlops_ray.data.io import BUILTIN
+        return BUILTIN / f"{uri[len('builtin://'):]}.parquet"
+    if uri.startswith("s3://"):
+        raise ConfigError(f"dataset.feast.views[].source='{uri}': local Parquet only for now")
+    return Path(uri.removeprefix("file://")).expanduser()
+
+
+def _feast_type(t: Any) -> Any:
+    import pyarrow as pa
+    from feast.types import Bool, Float32, Float64, Int32, Int64, String
+    if pa.types.is_boolean(t):
+        return Bool
+    if pa.types.is_int64(t) or pa.types.is_uint32(t):
+        return Int64
+    if pa.types.is_integer(t):
+        return Int32
+    if pa.types.is_float32(t):
+        return Float32
+    if pa.types.is_floating(t):
+        return Float64
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return String
+    raise ConfigError(f"feature type {t}: allowed are booleans, integers, floats and strings")
+
+
+class FeatureRepo:
+    """One project's store. Cheap to build; Feast is imported on first use."""
+
+    def __init__(self, cfg: FeastCfg, storage_uri: str = "outputs"):
+        self.cfg = cfg
+        self.root = store_dir(cfg, storage_uri)
+        self._store: FeatureStore | None = None
+        self._objects: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------ definitions
+    def view_dir(self, view: str) -> Path:
+        return self.root / "sources" / view
+
+    def _schema(self, view: Any) -> dict[str, Any]:
+        """The view's columns and their Arrow types, from its base source (or applied copy)."""
+        applied = self.view_dir(view.name) / "base.parquet"
+        path = applied if applied.exists() else _source_path(view.source)
+        if not path.exists():
+            raise StorageError(f"dataset.feast.views[{view.name}].source='{view.source}': file "
+                               f"not found ({path})")
+        schema = pq.read_schema(path)
+        c = self.cfg
+        need = [c.join_key, c.timestamp_field, c.created_timestamp_field, *view.features]
+        missing = [n for n in need if n not in schema.names]
+        if missing:
+            raise DataValidationError(view.source, [
+                f"feature view '{view.name}': column(s) {missing} missing (the source has "
+                f"{schema.names})"])
+        return {n: schema.field(n).type for n in need}
+
+    def definitions(self) -> dict[str, Any]:
+        """The Feast objects: the entity, one FileSource (+ PushSource if streamed) and
+        FeatureView per view. A view reads every Parquet part of its folder."""
+        if self._objects is not None:
+            return self._objects
+        try:
+            from feast import Entity, FeatureView, Field, FileSource, PushSource
+            from feast.data_format import ParquetFormat
+        except ImportError as e:
+            raise ConfigError(f"dataset.feast needs Feast ({e}): {_FEAST_HINT}") from None
+        c = self.cfg
+        objs: dict[str, Any] = {}
+        schemas = {v.name: self._schema(v) for v in c.views}
+        key_type = _feast_type(schemas[c.views[0].name][c.join_key])
+        from feast import ValueType
+        entity = Entity(name=c.entity, join_keys=[c.join_key],
+                        value_type=ValueType.INT64 if key_type.name.startswith("INT")
+                        else ValueType.STRING)
+        objs[c.entity] = entity
+        for v in c.views:
+            src: Any = FileSource(name=f"{v.name}_source",
+                                  path=str(self.view_dir(v.name) / "*.parquet"),
+                                  file_format=ParquetFormat(), timestamp_field=c.timestamp_field,
+                                  created_timestamp_column=c.created_timestamp_field)
+            if v.stream:
+                src = PushSource(name=f"{v.name}_push", batch_source=src)
+            objs[v.name] = FeatureView(
+                name=v.name, entities=[entity], ttl=timedelta(seconds=v.ttl_s), online=True,
+                schema=[Field(name=f, dtype=_feast_type(schemas[v.name][f]))
+                        for f in v.features], source=src)
+        self._objects = objs
+        return objs
+
+    def definitions_hash(self) -> str:
+        """What the views are (names, features, types, ttl, keys), not where their files are."""
+        c = self.cfg
+        spec = {"entity": c.entity, "join_key": c.join_key, "ts": c.timestamp_field,
+                "created": c.created_timestamp_field,
+                "filter_by_created": c.filter_by_created_timestamp,
+                "views": [{"name": v.name, "ttl_s": v.ttl_s,
+                           "features": {f: str(t) for f, t in self._schema(v).items()}}
+                          for v in c.views]}
+        return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+    @property
+    def store(self) -> FeatureStore:
+        if self._store is None:
+            from feast import FeatureStore
+            from feast.repo_config import RepoConfig
+            c = self.cfg
+            online: dict[str, Any] = ({"type": "sqlite", "path": str(self.root / "online.db")}
+                                      if c.online.type == "sqlite" else
+                                      {"type": "redis",
+                                       "connection_string": c.online.connection_string})
+            self.root.mkdir(parents=True, exist_ok=True)
+            config = RepoConfig(project=c.project, provider="local",
+                                registry=str(self.root / "registry.db"),
+                                offline_store={"type": "duckdb"}, online_store=online,
+                                entity_key_serialization_version=3, repo_path=str(self.root))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self._store = FeatureStore(config=config)
+        return self._store
+
+    # ------------------------------------------------------------------ operations
+    def apply(self) -> list[str]:
+        """Copy each view's base source into the store's folder (once: streamed parts are never
+        overwritten) and register the definitions. Idempotent."""
+        for v in self.cfg.views:
+            d = self.view_dir(v.name)
+            base = d / "base.parquet"
+            if not base.exists():
+                src = _source_path(v.source)
+                if not src.exists():
+                    raise StorageError(f"dataset.feast.views[{v.name}].source='{v.source}': "
+                                       f"file not found ({src})")
+                d.mkdir(parents=True, exist_ok=True)
+                tmp = d / f".base.parquet.tmp-{os.getpid()}"
+                shutil.copyfile(src, tmp)
+                os.replace(tmp, base)  # whole or absent: a reader never sees half a file
+        objs = self.definitions()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.store.apply(list(objs.values()))
+        return [v.name for v in self.cfg.views]
+
+    def applied(self) -> bool:
+        return (self.root / "registry.db").exists() and all(
+            (self.view_dir(v.name) / "base.parquet").exists() for v in self.cfg.views)
+
+    def ensure_applied(self) -> None:
+        if not self.applied():
+            self.apply()
+
+    def materialize(self, end: datetime | None = None) -> dict[str, Any]:
+        """Load the online store up to `end` (default now). The first time from the start of
+        the data; then incrementally, from where the previous run ended."""
+        self.ensure_applied()
+        end = end or datetime.now(timezone.utc)
+        views = [v.name for v in self.cfg.views]
+        fresh = [v for v in views if not self.store.get_feature_view(v).materialization_intervals]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if fresh:
+                self.store.materialize(start_date=datetime(1970, 1, 2, tzinfo=timezone.utc),
+                                       end_date=end, feature_views=fresh)
+            rest = [v for v in views if v not in fresh]
+            if rest:
+                self.store.materialize_incremental(end_date=end, feature_views=rest)
+        return {"end": end.isoformat(), "full": fresh, "incremental": rest}
+
+    def describe(self) -> list[dict[str, Any]]:
+        """What `jobs.features action=list` prints: each registered view, its features and
+        materialized intervals, its offline parts."""
+        out = []
+        for fv in self.store.list_feature_views():
+            parts = sorted(p.name for p in self.view_dir(fv.name).glob("*.parquet"))
+            out.append({"view": fv.name, "entities": list(fv.entities),
+                        "features": [f.name for f in fv.features],
+                        "ttl_s": int(fv.ttl.total_seconds()) if fv.ttl else 0,
+                        "stream": fv.stream_source is not None,
+                        "materialized_to": (fv.materialization_intervals[-1][1].isoformat()
+                                            if fv.materialization_intervals else None),
+                        "offline_parts": len(parts)})
+        return out
+
+    # ------------------------------------------------------------------ reads
+    def training_frame(self, entity_df: pd.DataFrame) -> pd.DataFrame:
+        """The point-in-time join: each entity row gets, per view, the latest value whose event
+        time is <= the row's (within the view's ttl) and, by default, that was known (created)
+        by then. Rows come back in the entity frame's order."""
+        c = self.cfg
+        missing = [n for n in (c.join_key, c.timestamp_field) if n not in entity_df.columns]
+        if missing:
+            raise DataValidationError("dataset.uri", [
+                f"the entity frame lacks {missing} (dataset.feast.join_key / timestamp_field; it "
+                f"has {list(entity_df.columns)[:20]})"])
+        clash = sorted(set(entity_df.columns) & set(c.columns()))
+        if clash:
+            raise DataValidationError("dataset.uri", [
+                f"the entity frame already has the feature column(s) {clash}"])
+        self.ensure_applied()
+        ent = entity_df.reset_index(drop=True).copy()
+        ts = ent[c.timestamp_field]
+        if not isinstance(ts.dtype, pd.DatetimeTZDtype):
+            ent[c.timestamp_field] = pd.to_datetime(ts, utc=True)
+        ent["_row"] = range(len(ent))  # Feast returns rows in its own order
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = self.store.get_historical_features(
+                ent, c.feature_refs(),
+                filter_by_created_timestamp=c.filter_by_created_timestamp).to_df()
+        out = out.sort_values("_row", kind="stable").drop(columns="_row").reset_index(drop=True)
+        return out[[*entity_df.columns, *c.columns()]]
+
+    def online(self, keys: list[Any], features: list[str] | None = None
+               ) -> dict[str, list[Any]]:
+        """The latest values of `features` (default: every one) for each key, as columns; a
+        key the online store does not know has None everywhere."""
+        refs = [f"{self.cfg.columns()[f]}:{f}" for f in features] if features \
+            else self.cfg.feature_refs()
+        rows = [{self.cfg.join_key: k} for k in keys]
+        return self.store.get_online_features(refs, rows).to_dict()

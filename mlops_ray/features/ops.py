@@ -1,0 +1,39 @@
+"""What `jobs.features` does for each action."""
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any
+
+from mlops_ray.config.train import FeaturesJob
+from mlops_ray.data.featurestore import FeatureRepo
+from mlops_ray.errors import ConfigError
+
+
+def _when(s: str) -> datetime:
+    try:
+        t = datetime.fromisoformat(s.replace("Z", "+00:00"))
+    except ValueError:
+        raise ConfigError(f"end='{s}': not an ISO 8601 time (e.g. 2024-06-30T00:00:00Z)") \
+            from None
+    if t.tzinfo is None:
+        raise ConfigError(f"end='{s}': give a time zone (e.g. a trailing Z for UTC)")
+    return t
+
+
+def run(job: FeaturesJob) -> dict[str, Any]:
+    assert job.dataset.feast is not None  # FeaturesJob checks it
+    repo = FeatureRepo(job.dataset.feast, job.storage.uri)
+    out: dict[str, Any]
+    if job.action == "apply":
+        out = {"applied": repo.apply(), "store": str(repo.root)}
+    elif job.action == "materialize":
+        out = repo.materialize(_when(job.end) if job.end else None)
+    elif job.action == "list":
+        repo.ensure_applied()
+        out = {"store": str(repo.root), "views": repo.describe()}
+    else:
+        from mlops_ray.features.stream import start_consumer, stop_consumer
+        out = start_consumer(job) if job.action == "consume" else stop_consumer(job)
+    print(json.dumps(out, indent=2, default=str))
+    return out
