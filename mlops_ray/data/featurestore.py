@@ -25,6 +25,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
@@ -259,8 +260,13 @@ class FeatureRepo:
             out = self.store.get_historical_features(
                 ent, c.feature_refs(),
                 filter_by_created_timestamp=c.filter_by_created_timestamp).to_df()
-        out = out.sort_values("_row", kind="stable").drop(columns="_row").reset_index(drop=True)
-        return out[[*entity_df.columns, *c.columns()]]
+        if len(out) != len(ent):  # Feast's Dask store drops rows without a value; DuckDB doesn't
+            raise DataValidationError("dataset.feast", [
+                f"the join returned {len(out)} rows for {len(ent)} entity rows"])
+        # back to the entity frame's order: `_row` is a permutation, so a position lookup (O(n))
+        at = np.empty(len(out), dtype=np.int64)
+        at[out["_row"].to_numpy()] = np.arange(len(out))
+        return out.take(at)[[*entity_df.columns, *c.columns()]].reset_index(drop=True)
 
     def online(self, keys: list[Any], features: list[str] | None = None
                ) -> dict[str, list[Any]]:

@@ -81,15 +81,21 @@ def version_files(job: PromoteJob, rec: dict[str, Any], report: dict[str, Any],
                "dataset_uri": cfg["dataset"]["uri"]}
     if cfg["dataset"].get("sources"):  # e.g. the prediction-log parts a retraining used
         lineage["data_sources"] = cfg["dataset"]["sources"]
+    if prepared.features:  # the feature views joined, and their definitions' hash
+        lineage["feature_store"] = prepared.features
 
     def dumps(obj: Any) -> bytes:
         return json.dumps(obj, indent=1, sort_keys=True, default=float).encode()
     from mlops_ray.artifacts import rule as rule_mod
     decision = report.get("rule") or rule_mod.plain(report["threshold"]["value"])
+    sig = signature(pre, cfg["dataset"], report["threshold"]["value"], needs_sensitive, decision)
+    if prepared.features:  # serving looks the features up by the join key (features/online.py)
+        from mlops_ray.features.online import entity_spec
+        sig["entity"] = entity_spec(cfg["dataset"]["feast"], prepared.features["store"],
+                                    [i["name"] for i in sig["inputs"]])
     files.update({
         "rule.json": dumps(decision),  # the rule the gates judged (hash in the signed report)
-        "signature.json": dumps(signature(pre, cfg["dataset"], report["threshold"]["value"],
-                                          needs_sensitive, decision)),
+        "signature.json": dumps(sig),
         "reference.json": dumps(profile(train_rows, pre.numeric, cats, seed=cfg["seed"])),
         "config.json": dumps(cfg), "lineage.json": dumps(lineage),
         "gate_report.json": dumps({k: v for k, v in report.items() if k != "curves"}),

@@ -112,6 +112,9 @@ def deploy(ctx: Context) -> dict[str, Any]:
     sj = ctx.job.serve_job()
     with ctx.stage("deploy") as e:
         prod = ctx.reg.get(f"{ctx.model}@production")
+        if ctx.job.dataset.feast is not None:  # entity-keyed requests read the online store
+            from mlops_ray.data.featurestore import FeatureRepo
+            FeatureRepo(ctx.job.dataset.feast, ctx.job.storage.uri).materialize()
         facts = control.start(sj)
         e["output"] = f"{sj.endpoint()}/predict -> {prod.ref}"
         cur = control.current_routing(sj)
@@ -135,9 +138,23 @@ def deploy(ctx: Context) -> dict[str, Any]:
 
 
 def held_out_records(prepared: Any, signature: dict[str, Any], n: int) -> tuple[list[dict], Any]:
-    """Held-out test rows as request records (the signature's columns, NaN -> null)."""
+    """Held-out test rows as request records (the signature's columns, NaN -> null). For a
+    feature-store model: the rows' entity keys, and as rows the offline point-in-time join
+    *now* (what the online store must answer with: the smoke test is then a skew check)."""
     cols = [f["name"] for f in signature["inputs"]]
     rows = prepared.frame.iloc[prepared.splits["test"][:n]]
+    if "entity" in signature:
+        import pandas as pd
+
+        from mlops_ray.config.features import FeastCfg
+        from mlops_ray.data.featurestore import FeatureRepo
+        ent = signature["entity"]
+        cfg = FeastCfg.model_validate({**ent["feast"], "path": ent["store"]})
+        keys = rows[cfg.join_key].drop_duplicates()
+        now = pd.DataFrame({cfg.join_key: keys.to_numpy(),
+                            cfg.timestamp_field: pd.Timestamp.now(tz="UTC")})
+        return [{cfg.join_key: k.item() if hasattr(k, "item") else k} for k in keys], \
+            FeatureRepo(cfg).training_frame(now)
     frame = rows[cols].astype(object).where(rows[cols].notna(), None)
     return frame.to_dict("records"), rows
 

@@ -71,6 +71,7 @@ class IngressCore:
         self.shadow = {"compared": 0, "label_disagreements": 0, "abs_diff_sum": 0.0}
         self.hub: Any = None
         self._push_task: asyncio.Task | None = None
+        self.lookups: dict[str, Any] = {}  # ref -> features.online.OnlineLookup
         self.predlog = None
         if c.prediction_log.enabled:  # every answered record, written off the request path
             from mlops_ray.serving.predlog import PredictionLogger
@@ -234,6 +235,10 @@ class IngressCore:
         arm, shadow = self.router.choose(ab, records_in if isinstance(records_in, list)
                                          else [{}])
         ref = arm.ref
+        entity = self.router.sigs[ref].get("entity")
+        if entity is not None:  # a feature-store model: records carry the join key only
+            records_in = await self._online(ref, entity).enrich(
+                records_in, int(self.cfg.limits.max_rows))
         records = validate_records(records_in, self.router.sigs[ref],
                                    int(self.cfg.limits.max_rows),
                                    self.cfg.limits.unknown_categories)
@@ -273,6 +278,12 @@ class IngressCore:
         if shadow is not None:
             asyncio.get_running_loop().create_task(self._shadow(shadow, records, result))
         return arm, result, rid
+
+    def _online(self, ref: str, spec: dict[str, Any]) -> Any:
+        if ref not in self.lookups:
+            from mlops_ray.features.online import OnlineLookup
+            self.lookups[ref] = OnlineLookup(spec)
+        return self.lookups[ref]
 
     async def _shadow(self, arm: Arm, records: list[dict], answer: dict) -> None:
         """The challenger sees a copy; its answer is compared and logged, never returned."""

@@ -1,0 +1,80 @@
+"""Entity-keyed requests: the ingress looks a record's features up in the online store.
+
+A version trained on `dataset.feast` carries `signature.json["entity"]` (written at promotion):
+the join key, the features the signature needs and where the store is. A record that holds only
+the join key gets those features from the online store, then the usual validation and the
+registered decision rule (the same preprocessing as in training) apply. So the online vector
+and the offline point-in-time vector go through one code path (tests/…/test_features_*: skew).
+"""
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from mlops_ray.config.features import FeastCfg
+from mlops_ray.data.featurestore import FeatureRepo
+from mlops_ray.errors import RequestInvalid
+
+
+def entity_spec(feast: dict[str, Any], store: str, inputs: list[str]) -> dict[str, Any]:
+    """signature.json's "entity" section: what serving looks up, for which inputs."""
+    cfg = FeastCfg.model_validate(feast)
+    have = cfg.columns()
+    return {"join_key": cfg.join_key, "features": [f for f in inputs if f in have],
+            "on_missing": cfg.on_missing, "store": store, "feast": cfg.plain()}
+
+
+class OnlineLookup:
+    """One per ingress replica. Feast's online read is blocking: it runs on a small pool so the
+    replica's event loop keeps serving."""
+
+    def __init__(self, spec: dict[str, Any]):
+        self.spec = spec
+        cfg = FeastCfg.model_validate({**spec["feast"], "path": spec["store"]})
+        self.repo = FeatureRepo(cfg)
+        self.key = spec["join_key"]
+        self.features: list[str] = list(spec["features"])
+        # SQLite: one connection, one reader thread; Redis: a few concurrent reads
+        self.pool = ThreadPoolExecutor(max_workers=1 if cfg.online.type == "sqlite" else 4,
+                                       thread_name_prefix="online-features")
+
+    def keys(self, records: Any, max_rows: int) -> list[Any]:
+        if not isinstance(records, list) or not records:
+            raise RequestInvalid(["records: must be a non-empty list of objects"])
+        if len(records) > max_rows:
+            raise RequestInvalid([f"records: {len(records)} rows, at most {max_rows} per "
+                                  "request"], 413)
+        problems, keys = [], []
+        for i, rec in enumerate(records):
+            if not isinstance(rec, dict) or self.key not in rec:
+                problems.append(f"records[{i}]: must be an object with '{self.key}' (this model's"
+                                " features come from the feature store)")
+                continue
+            extra = sorted(str(k)[:60] for k in rec if k != self.key)
+            if extra:
+                problems.append(f"records[{i}]: send only '{self.key}'; {extra[:5]} come from the"
+                                " feature store")
+            k = rec[self.key]
+            if isinstance(k, bool) or not isinstance(k, int | str) or len(str(k)) > 256:
+                problems.append(f"records[{i}].{self.key}: must be an integer or a string, got "
+                                f"{repr(k)[:40]}")
+            keys.append(k)
+        if problems:
+            raise RequestInvalid(problems)
+        return keys
+
+    def lookup(self, keys: list[Any]) -> list[dict[str, Any]]:
+        cols = self.repo.online(keys, self.features)
+        rows = [{f: cols[f][i] for f in self.features} for i in range(len(keys))]
+        missing = [i for i, r in enumerate(rows) if all(v is None for v in r.values())]
+        if missing and self.spec["on_missing"] == "error":
+            raise RequestInvalid([f"records[{i}].{self.key}={keys[i]!r}: unknown entity (no "
+                                  "features in the online store; new entities appear after "
+                                  "jobs.features action=materialize or through the stream)"
+                                  for i in missing[:20]], 404)
+        return rows
+
+    async def enrich(self, records: Any, max_rows: int) -> list[dict[str, Any]]:
+        keys = self.keys(records, max_rows)
+        return await asyncio.get_running_loop().run_in_executor(self.pool, self.lookup, keys)

@@ -1,0 +1,148 @@
+"""The feature store's point-in-time join (mlops_ray/data/featurestore.py), with Feast's DuckDB
+offline store in this process (no server): the shipped example's known answer, leakage by a
+late value, and a property test against DuckDB's own as-of join."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mlops_ray.config.features import FeastCfg
+from mlops_ray.data.featurestore import FeatureRepo
+from mlops_ray.data.io import BUILTIN
+from mlops_ray.errors import ConfigError, DataValidationError
+from tests.conftest import dataset
+
+T0 = pd.Timestamp("2024-01-01", tz="UTC")
+
+
+def test_the_join_returns_the_known_answer_and_refuses_future_and_late_values(tmp_path):
+    """adult_people (tools/gen_adult_people.py): every person's work and finance history holds
+    older, future and late (known after the label) decoys; only the value valid and known at
+    the label's time is the Adult row's. The leakage-proof join returns Adult, row for row."""
+    ds = dataset("adult_people_mlp")
+    repo = FeatureRepo(ds.feast, str(tmp_path))
+    entity = pd.read_parquet(BUILTIN / "adult_people.parquet")
+    joined = repo.training_frame(entity)
+    adult = pd.read_parquet(BUILTIN / "adult.parquet")
+    cols = ds.numeric + ds.categorical
+    assert list(joined.columns[:len(entity.columns)]) == list(entity.columns)
+    assert (joined["person_id"].to_numpy() == entity["person_id"].to_numpy()).all()
+    pd.testing.assert_frame_equal(joined[cols].astype(str), adult[cols].astype(str))
+    # without the created-time filter, values known only after the label leak in
+    leaky = FeatureRepo(ds.feast.model_copy(update={"filter_by_created_timestamp": False}),
+                        str(tmp_path / "leaky")).training_frame(entity)
+    differs = (leaky[cols].astype(str) != adult[cols].astype(str)).any(axis=1)
+    work = pd.read_parquet(BUILTIN / "adult_people_work.parquet")
+    late = work[work["created"] > work["person_id"].map(entity.set_index("person_id")
+                                                          ["event_timestamp"])]
+    assert differs.sum() > 1000 and set(np.flatnonzero(differs)) <= set(
+        late["person_id"]) | set(pd.read_parquet(BUILTIN / "adult_people_finance.parquet")
+                                 .pipe(lambda f: f[f["created"] > f["person_id"].map(
+                                     entity.set_index("person_id")["event_timestamp"])])
+                                 ["person_id"])
+
+
+def test_the_dataset_version_covers_definitions_and_rows(tmp_path):
+    from mlops_ray.config.base import StorageCfg
+    from mlops_ray.data.prepare import prepare
+    ds = dataset("adult_people_mlp")
+    store = StorageCfg(uri=str(tmp_path))
+    a = prepare(ds, 0, storage=store)
+    assert a.summary()["feature_store"]["views"] == ["person_profile", "person_work",
+                                                     "person_finance"]
+    # a longer ttl changes what the views are, not the rows: the version still changes
+    views = [v.model_copy(update={"ttl_s": 10**9}) if v.name == "person_profile" else v
+             for v in ds.feast.views]
+    b = prepare(ds.model_copy(update={"feast": ds.feast.model_copy(update={"views": views})}),
+                0, storage=store)
+    assert b.version != a.version
+    pd.testing.assert_frame_equal(a.frame, b.frame)
+
+
+def test_bad_definitions_and_entity_frames_are_named(tmp_path):
+    ds = dataset("adult_people_mlp")
+    with pytest.raises(ValueError, match="features in two views"):
+        FeastCfg.model_validate({**ds.feast.plain(), "views": [
+            {"name": "a", "source": "x.parquet", "features": ["f"]},
+            {"name": "b", "source": "y.parquet", "features": ["f"]}]})
+    repo = FeatureRepo(ds.feast, str(tmp_path))
+    with pytest.raises(DataValidationError, match=r"lacks \['event_timestamp'\]"):
+        repo.training_frame(pd.DataFrame({"person_id": [1]}))
+    missing = ds.feast.model_copy(update={"views": [ds.feast.views[0].model_copy(
+        update={"source": str(tmp_path / "nope.parquet")})]})
+    with pytest.raises(Exception, match="nope.parquet"):
+        FeatureRepo(missing, str(tmp_path / "m")).apply()
+    with pytest.raises(ConfigError, match="dataset.feast.path: required"):
+        FeatureRepo(ds.feast, "s3://bucket/prefix")
+    from mlops_ray.config.compose import job
+    from mlops_ray.config.train import TrainJob
+    from mlops_ray.errors import ConfigError as CE
+    with pytest.raises(CE, match="'occupation' is in no feature view"):
+        job("train", TrainJob, ["+experiment=adult_people_mlp",
+                                "dataset.feast.views.1.features=[workclass,hours_per_week]"])
+
+
+# ----------------------------------------------------------------------- property test
+def _cfg(root: Path, ttl_s: int) -> FeastCfg:
+    return FeastCfg.model_validate({
+        "project": "prop", "entity": "k", "join_key": "k",
+        "views": [{"name": "v", "source": str(root / "src.parquet"), "features": ["x"],
+                   "ttl_s": ttl_s}], "path": str(root / "store")})
+
+
+def _reference(ent: pd.DataFrame, src: pd.DataFrame, created: bool, ttl_s: int) -> pd.Series:
+    """DuckDB: its ASOF join where it can express the rule (event time only, no ttl); else
+    the same rule as a ranked join (event and created time <= the row's, within the ttl)."""
+    con = duckdb.connect()
+    con.register("ent", ent.assign(_row=range(len(ent))))
+    con.register("src", src)
+    if not created and not ttl_s:
+        sql = ("SELECT e._row, s.x FROM ent e ASOF LEFT JOIN src s "
+               "ON e.k = s.k AND e.event_timestamp >= s.event_timestamp")
+    else:
+        cond = "s.event_timestamp <= e.event_timestamp"
+        if created:
+            cond += " AND s.created <= e.event_timestamp"
+        if ttl_s:
+            cond += f" AND s.event_timestamp >= e.event_timestamp - INTERVAL {ttl_s} SECOND"
+        sql = (f"SELECT e._row, s.x FROM ent e LEFT JOIN src s ON e.k = s.k AND {cond} "
+               "QUALIFY row_number() OVER (PARTITION BY e._row ORDER BY s.event_timestamp "
+               "DESC, s.created DESC) = 1")
+    out = con.execute(sql).df().sort_values("_row")
+    return out["x"].reset_index(drop=True)
+
+
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.data(), st.booleans(), st.sampled_from([0, 5 * 3600]))
+def test_the_join_matches_duckdb_as_of(tmp_path_factory, data, created, ttl_s):
+    root = tmp_path_factory.mktemp("prop")
+    n_keys = data.draw(st.integers(1, 4))
+    # distinct event hours per key (ties are Feast's to break by created time: covered above)
+    src_rows = []
+    for k in range(n_keys):
+        hours = data.draw(st.lists(st.integers(0, 48), min_size=0, max_size=6, unique=True))
+        for h in hours:
+            lag = data.draw(st.integers(0, 10))  # known `lag` hours after its event time
+            src_rows.append((k, T0 + pd.Timedelta(hours=h), T0 + pd.Timedelta(hours=h + lag),
+                             float(data.draw(st.integers(-50, 50)))))
+    src = pd.DataFrame(src_rows, columns=["k", "event_timestamp", "created", "x"]).astype(
+        {"k": "int64", "x": "float64"})
+    for c in ("event_timestamp", "created"):
+        src[c] = src[c].astype("datetime64[us, UTC]")
+    src.to_parquet(root / "src.parquet", index=False)
+    ent_rows = data.draw(st.lists(st.tuples(st.integers(0, n_keys), st.integers(0, 60)),
+                                  min_size=1, max_size=12))
+    ent = pd.DataFrame({"k": [k for k, _ in ent_rows],
+                        "event_timestamp": [T0 + pd.Timedelta(hours=h) for _, h in ent_rows]})
+    ent["event_timestamp"] = ent["event_timestamp"].astype("datetime64[us, UTC]")
+    cfg = _cfg(root, ttl_s).model_copy(update={"filter_by_created_timestamp": created})
+    got = FeatureRepo(cfg).training_frame(ent)["x"].astype("float64")
+    want = _reference(ent, src, created, ttl_s).astype("float64")
+    pd.testing.assert_series_equal(got, want, check_names=False)
