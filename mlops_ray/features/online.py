@@ -26,8 +26,8 @@ def entity_spec(feast: dict[str, Any], store: str, inputs: list[str]) -> dict[st
 
 
 class OnlineLookup:
-    """One per ingress replica. Feast's online read is blocking: it runs on a small pool so the
-    replica's event loop keeps serving."""
+    """One per ingress replica. Feast's online read is blocking: it runs on its own thread so
+    the replica's event loop keeps serving, one read at a time (concurrent requests share it)."""
 
     def __init__(self, spec: dict[str, Any]):
         self.spec = spec
@@ -35,9 +35,9 @@ class OnlineLookup:
         self.repo = FeatureRepo(cfg)
         self.key = spec["join_key"]
         self.features: list[str] = list(spec["features"])
-        # SQLite: one connection, one reader thread; Redis: a few concurrent reads
-        self.pool = ThreadPoolExecutor(max_workers=1 if cfg.online.type == "sqlite" else 4,
-                                       thread_name_prefix="online-features")
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="online-features")
+        self.waiting: list[tuple[list[Any], asyncio.Future]] = []
+        self.reader: asyncio.Task | None = None
 
     def keys(self, records: Any, max_rows: int) -> list[Any]:
         if not isinstance(records, list) or not records:
@@ -64,9 +64,12 @@ class OnlineLookup:
             raise RequestInvalid(problems)
         return keys
 
-    def lookup(self, keys: list[Any]) -> list[dict[str, Any]]:
+    def fetch(self, keys: list[Any]) -> list[dict[str, Any]]:
+        """The features of each key (None where the online store has no value)."""
         cols = self.repo.online(keys, self.features)
-        rows = [{f: cols[f][i] for f in self.features} for i in range(len(keys))]
+        return [{f: cols[f][i] for f in self.features} for i in range(len(keys))]
+
+    def check(self, keys: list[Any], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         missing = [i for i, r in enumerate(rows) if all(v is None for v in r.values())]
         if missing and self.spec["on_missing"] == "error":
             raise RequestInvalid([f"records[{i}].{self.key}={keys[i]!r}: unknown entity (no "
@@ -75,6 +78,35 @@ class OnlineLookup:
                                   for i in missing[:20]], 404)
         return rows
 
+    def lookup(self, keys: list[Any]) -> list[dict[str, Any]]:
+        return self.check(keys, self.fetch(keys))
+
     async def enrich(self, records: Any, max_rows: int) -> list[dict[str, Any]]:
+        """The records' features. Requests that arrive while a read is in flight share the
+        next read: one online-store call for all their keys (Feast's per-call cost, not the
+        number of keys, dominates a lookup), so concurrency does not queue one read each."""
         keys = self.keys(records, max_rows)
-        return await asyncio.get_running_loop().run_in_executor(self.pool, self.lookup, keys)
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future = loop.create_future()
+        self.waiting.append((keys, fut))
+        if self.reader is None or self.reader.done():
+            self.reader = loop.create_task(self._read_loop())
+        return self.check(keys, await fut)
+
+    async def _read_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self.waiting:
+            batch, self.waiting = self.waiting, []
+            keys = [k for ks, _ in batch for k in ks]
+            try:
+                rows = await loop.run_in_executor(self.pool, self.fetch, keys)
+            except Exception as e:  # noqa: BLE001 - every waiting request gets the error
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(e)
+                continue
+            at = 0
+            for ks, fut in batch:
+                if not fut.done():  # a cancelled request's rows are dropped
+                    fut.set_result(rows[at:at + len(ks)])
+                at += len(ks)

@@ -18,6 +18,7 @@ from mlops_ray.config.compose import compose
 from mlops_ray.config.evaluate import EvaluateJob, PromoteJob
 from mlops_ray.config.pipeline import LabelsJob, MonitorJob, PipelineJob
 from mlops_ray.config.serve import ServeJob
+from mlops_ray.config.train import FeaturesJob
 from mlops_ray.config.tune import TuneJob
 from mlops_ray.errors import ConfigError
 from tests.conftest import REPO
@@ -28,7 +29,8 @@ HYDRA_JOBS = {"train": ("train", None), "tune": ("tune", TuneJob),
               "evaluate": ("evaluate", EvaluateJob), "promote": ("promote", PromoteJob),
               "pipeline": ("pipeline", PipelineJob), "monitor": ("monitor", MonitorJob),
               "serve": ("serve", ServeJob), "export": ("export", ExportJob),
-              "predict": ("predict", PredictJob), "labels": ("labels", LabelsJob)}
+              "predict": ("predict", PredictJob), "labels": ("labels", LabelsJob),
+              "features": ("features", FeaturesJob)}
 
 
 GUIDES = sorted(str(p.relative_to(REPO)) for p in (REPO / "docs").glob("*.md"))

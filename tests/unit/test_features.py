@@ -3,6 +3,7 @@ offline store in this process (no server): the shipped example's known answer, l
 late value, and a property test against DuckDB's own as-of join."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import duckdb
@@ -146,3 +147,73 @@ def test_the_join_matches_duckdb_as_of(tmp_path_factory, data, created, ttl_s):
     got = FeatureRepo(cfg).training_frame(ent)["x"].astype("float64")
     want = _reference(ent, src, created, ttl_s).astype("float64")
     pd.testing.assert_series_equal(got, want, check_names=False)
+
+
+def test_concurrent_requests_share_online_reads_and_unknown_keys_are_404(tmp_path):
+    """16 requests arrive while one online read is in flight: they share the next read (two
+    store calls in all), each gets its own person's features, and an unknown key is a 404
+    naming the record."""
+    import asyncio
+    import threading
+
+    from mlops_ray.errors import RequestInvalid
+    from mlops_ray.features.online import OnlineLookup, entity_spec
+    src = pd.DataFrame({"k": np.arange(20, dtype="int64"),
+                        "event_timestamp": pd.Timestamp("2024-01-01", tz="UTC"),
+                        "created": pd.Timestamp("2024-01-01", tz="UTC"),
+                        "x": np.arange(20, dtype="float64") * 10})
+    for c in ("event_timestamp", "created"):
+        src[c] = src[c].astype("datetime64[us, UTC]")
+    src.to_parquet(tmp_path / "src.parquet", index=False)
+    cfg = _cfg(tmp_path, 0)
+    repo = FeatureRepo(cfg)
+    repo.materialize()
+    look = OnlineLookup(entity_spec(cfg.plain(), str(repo.root), ["x", "other"]))
+    assert look.features == ["x"]
+    calls, first_in, release = [], threading.Event(), threading.Event()
+    fetch = look.fetch
+
+    def blocking_fetch(keys):
+        calls.append(list(keys))
+        first_in.set()
+        release.wait(30)
+        return fetch(keys)
+    look.fetch = blocking_fetch  # type: ignore[method-assign]
+
+    async def main():
+        first = asyncio.create_task(look.enrich([{"k": 0}], 100))
+        await asyncio.get_running_loop().run_in_executor(None, first_in.wait, 30)
+        rest = [asyncio.create_task(look.enrich([{"k": i}], 100)) for i in range(1, 16)]
+        bad = asyncio.create_task(look.enrich([{"k": 3}, {"k": 999}], 100))
+        while len(look.waiting) < 16:  # every request queued behind the first read
+            await asyncio.sleep(0)
+        release.set()
+        got = await asyncio.gather(first, *rest)
+        with pytest.raises(RequestInvalid) as e:
+            await bad
+        return got, e.value
+    got, err = asyncio.run(main())
+    assert [g[0]["x"] for g in got] == [10.0 * i for i in range(16)]
+    assert len(calls) == 2 and calls[0] == [0] and sorted(calls[1]) == sorted(
+        [*range(1, 16), 3, 999])
+    assert err.status == 404 and "records[1].k=999: unknown entity" in str(err)
+    with pytest.raises(RequestInvalid, match=r"send only 'k'; \['x'\]"):
+        look.keys([{"k": 1, "x": 2}], 100)
+
+
+def test_jobs_features_refuses_bad_input_with_exit_2(tmp_path, capsys):
+    from mlops_ray.config.train import FeaturesJob
+    from mlops_ray.features.ops import run
+    from tests.conftest import in_process
+    assert in_process("features", FeaturesJob, ["+experiment=adult_mlp"], run) == 2
+    assert "has no feature store (dataset.feast)" in capsys.readouterr().err
+    common = ["+experiment=adult_people_mlp", f"storage.uri={tmp_path}", "action=materialize"]
+    assert in_process("features", FeaturesJob, [*common, "end=yesterday"], run) == 2
+    assert "end='yesterday': not an ISO 8601 time" in capsys.readouterr().err
+    assert in_process("features", FeaturesJob, [*common, "action=drop"], run) == 2
+    assert not (tmp_path / "features").exists()  # nothing written before the input was checked
+    assert in_process("features", FeaturesJob, ["+experiment=adult_people_mlp",
+                                                f"storage.uri={tmp_path}", "action=apply"],
+                      run) == 0
+    assert json.loads(capsys.readouterr().out)["applied"] == ["person_profile", "person_work",
+                                                              "person_finance"]
