@@ -65,6 +65,15 @@ CATALOG: dict[str, Spec] = {
                                              "(preemption) checkpoint", ("run",)),
     "mlops_train_restarts": Spec("gauge", "restarts of the worker group (failures and "
                                  "preemptions)", ("run",)),
+    # stream ingestion into the feature store (features/stream.py, the consumer actor)
+    "mlops_features_freshness_seconds": Spec("histogram", "event's XADD to the stream -> in "
+                                             "both stores and acknowledged (s)",
+                                             ("project", "view"),
+                                             (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10)),
+    "mlops_features_events": Spec("counter", "stream events applied to the feature store",
+                                  ("project", "view")),
+    "mlops_features_lag_seconds": Spec("gauge", "age of the oldest stream event not yet "
+                                       "applied (0: caught up)", ("project",)),
     # tuning (tune/callbacks.py)
     "mlops_tune_trials": Spec("gauge", "trials of the study by state", ("study", "state")),
     "mlops_tune_best": Spec("gauge", "best reported value of the tuned metric", ("study",)),

@@ -364,3 +364,40 @@ def read_ray_address_file() -> str | None:
     """The cluster /tmp/ray/ray_current_cluster names (this machine's default Ray)."""
     from ray._private.utils import read_ray_address
     return read_ray_address()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """A redis-server on 127.0.0.1 (no persistence, a temp folder) started by this session and
+    stopped by its pid; yields the port. Skipped, saying why, where Debian's redis-server is not
+    installed (`.ci/run` installs it)."""
+    binary = Path("/usr/bin/redis-server")
+    if not binary.exists():
+        pytest.skip("redis-server not installed (Debian package redis-server)")
+    import redis
+    folder = tmp_path_factory.mktemp("redis")
+    port = free_port()
+    log = (folder / "redis.log").open("w")
+    proc = subprocess.Popen([str(binary), "--port", str(port), "--bind", "127.0.0.1",
+                             "--save", "", "--appendonly", "no", "--dir", str(folder)],
+                            stdout=log, stderr=subprocess.STDOUT)
+    r = redis.Redis(host="127.0.0.1", port=port)
+
+    def up():
+        assert proc.poll() is None, (folder / "redis.log").read_text()
+        try:
+            return r.ping()
+        except redis.ConnectionError:
+            return False
+    try:
+        wait_until(up, 30, interval=0.05, what="redis-server answering PING")
+        yield port
+    finally:
+        r.close()
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+        log.close()

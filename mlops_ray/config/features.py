@@ -51,6 +51,9 @@ class StreamCfg(Strict):
     batch: int = Field(500, ge=1, le=100_000)  # events per read (and per offline part)
     block_ms: int = Field(100, ge=1, le=60_000)
     max_lag_s: float = Field(1.0, gt=0)  # the freshness bound the alert fires beyond
+    # merge a view's stream parts into one once it has this many (0: never); fewer files keep
+    # the point-in-time join fast on a busy stream
+    compact_every: int = Field(100, ge=0)
 
 
 class FeastCfg(Strict):

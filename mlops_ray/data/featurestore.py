@@ -78,6 +78,17 @@ def _feast_type(t: Any) -> Any:
     raise ConfigError(f"feature type {t}: allowed are booleans, integers, floats and strings")
 
 
+def _stream_id(s: str) -> tuple[int, int]:
+    ms, _, seq = s.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def _id_range(name: str) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(first, last) stream ids of `stream-<ms>-<seq>-<ms>-<seq>.parquet` (or compacted-)."""
+    ms1, seq1, ms2, seq2 = name.removesuffix(".parquet").split("-")[1:]
+    return (int(ms1), int(seq1)), (int(ms2), int(seq2))
+
+
 class FeatureRepo:
     """One project's store. Cheap to build; Feast is imported on first use."""
 
@@ -233,6 +244,35 @@ class FeatureRepo:
                                             if fv.materialization_intervals else None),
                         "offline_parts": len(parts)})
         return out
+
+    def compact(self, view: str, upto: str | None = None) -> dict[str, Any]:
+        """Merge the view's stream parts (those whose last stream id is <= `upto`, or all) into
+        one `compacted-<first>-<last>.parquet`: written whole, then the parts are deleted. If
+        the deletes are cut short, the rows exist twice, identical (same key, times and values),
+        which a point-in-time join reads as once; the next call deletes the leftovers first.
+        The stream consumer calls it with its last acknowledged id, so a batch that may be
+        re-applied is never merged."""
+        import pyarrow as pa
+        d = self.view_dir(view)
+        held = [_id_range(p.name) for p in d.glob("compacted-*.parquet")]
+        parts = []
+        for p in sorted(d.glob("stream-*.parquet")):
+            first, last = _id_range(p.name)
+            if any(a <= first and last <= b for a, b in held):
+                p.unlink()  # already in a compacted file (an interrupted compaction)
+            elif upto is None or last <= _stream_id(upto):
+                parts.append((first, last, p))
+        if len(parts) < 2:
+            return {"view": view, "merged": 0}
+        table = pa.concat_tables([pq.read_table(p) for _, _, p in parts])
+        first, last = min(a for a, _, _ in parts), max(b for _, b, _ in parts)
+        name = f"compacted-{first[0]}-{first[1]}-{last[0]}-{last[1]}.parquet"
+        tmp = d / f".{name}.tmp-{os.getpid()}"  # not *.parquet: readers never see it
+        pq.write_table(table, tmp)
+        os.replace(tmp, d / name)
+        for _, _, p in parts:
+            p.unlink()
+        return {"view": view, "merged": len(parts), "rows": table.num_rows, "into": name}
 
     # ------------------------------------------------------------------ reads
     def training_frame(self, entity_df: pd.DataFrame) -> pd.DataFrame:

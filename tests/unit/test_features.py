@@ -217,3 +217,37 @@ def test_jobs_features_refuses_bad_input_with_exit_2(tmp_path, capsys):
                       run) == 0
     assert json.loads(capsys.readouterr().out)["applied"] == ["person_profile", "person_work",
                                                               "person_finance"]
+
+
+def test_compaction_merges_acknowledged_parts_and_finishes_an_interrupted_one(tmp_path):
+    src = pd.DataFrame({"k": np.arange(3, dtype="int64"),
+                        "event_timestamp": T0, "created": T0, "x": [0.0, 1.0, 2.0]})
+    for c in ("event_timestamp", "created"):
+        src[c] = src[c].astype("datetime64[us, UTC]")
+    src.to_parquet(tmp_path / "src.parquet", index=False)
+    repo = FeatureRepo(_cfg(tmp_path, 0))
+    repo.apply()
+    d = repo.view_dir("v")
+    for i in range(5):  # five batches, one event each: key 0's value i at hour i + 1
+        part = src.head(1).assign(x=float(10 + i), event_timestamp=T0 + pd.Timedelta(hours=i + 1))
+        part.to_parquet(d / f"stream-{1000 + i}-0-{1000 + i}-0.parquet", index=False)
+    ent = pd.DataFrame({"k": [0, 0], "event_timestamp": [T0 + pd.Timedelta(hours=3),
+                                                        T0 + pd.Timedelta(hours=9)]})
+    ent["event_timestamp"] = ent["event_timestamp"].astype("datetime64[us, UTC]")
+    before = repo.training_frame(ent)["x"].tolist()
+    assert before == [12.0, 14.0]
+    out = repo.compact("v", upto="1003-0")  # batch 1004 is not acknowledged: left alone
+    assert out["merged"] == 4 and out["rows"] == 4
+    assert sorted(p.name for p in d.glob("*.parquet")) == [
+        "base.parquet", "compacted-1000-0-1003-0.parquet", "stream-1004-0-1004-0.parquet"]
+    assert repo.training_frame(ent)["x"].tolist() == before
+    # an interrupted compaction: the merged file written, two of its parts not yet deleted
+    for i in (1, 2):
+        src.head(1).assign(x=float(10 + i), event_timestamp=T0 + pd.Timedelta(hours=i + 1)) \
+            .to_parquet(d / f"stream-{1000 + i}-0-{1000 + i}-0.parquet", index=False)
+    assert repo.training_frame(ent)["x"].tolist() == before  # identical duplicates: no change
+    assert repo.compact("v")["merged"] == 0  # the leftovers go; one part alone is not merged
+    assert sorted(p.name for p in d.glob("stream-*.parquet")) == [
+        "stream-1004-0-1004-0.parquet"]
+    rows = pd.concat([pd.read_parquet(p) for p in d.glob("*.parquet")])
+    assert len(rows) == 3 + 5  # every event once

@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 EXPORTED = {n for name in metrics.CATALOG for n in metrics.exported_names(name)}
 ALERTS_REQUIRED = {"MlopsFeatureDrift", "MlopsLiveGateFailing", "MlopsCanaryRolledBack",
                    "MlopsServeErrorRate", "MlopsPreemption", "MlopsPredictionLogLag",
-                   "MlopsPredictionLogDropping"}
+                   "MlopsPredictionLogDropping", "MlopsFeatureFreshnessLag"}
 
 
 def promtool() -> str:
@@ -71,8 +71,10 @@ def test_alert_rules_shape():
         anchor = name.lower()
         assert ann["runbook_url"] == f"docs/monitoring.md#{anchor}", name
         assert f"docs/monitoring.md#{anchor}" in ann["description"], name
-        # names what it is about: the model (and version where the rule keeps it), or the run
-        about = "run" if "train_" in r["expr"] else "model"
+        # names what it is about: the model (and version where the rule keeps it), the run, or
+        # the feature store (project)
+        about = ("run" if "train_" in r["expr"] else
+                 "project" if "features_" in r["expr"] else "model")
         assert f"$labels.{about}" in ann["summary"] + ann["description"], name
         if re.search(r"by \([^)]*version", r["expr"]):
             assert "$labels.version" in ann["summary"] + ann["description"], name
@@ -140,6 +142,8 @@ def test_dashboard_is_a_grafana_dashboard():
         if re.search(r"ray_mlops_(serve|live|rollout|predlog)_", e) and "batch_rows" not in e \
                 and not e.startswith("label_values"):
             assert 'model=~"$model"' in e, e
+        if "ray_mlops_features_" in e and not e.startswith("label_values"):
+            assert 'project=~"$project"' in e, e
 
 
 def test_kuberay_manifests_embed_the_shipped_files():
