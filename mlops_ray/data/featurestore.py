@@ -297,16 +297,17 @@ class FeatureRepo:
         ent["_row"] = range(len(ent))  # Feast returns rows in its own order
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            out = self.store.get_historical_features(
+            table = self.store.get_historical_features(
                 ent, c.feature_refs(),
-                filter_by_created_timestamp=c.filter_by_created_timestamp).to_df()
-        if len(out) != len(ent):  # Feast's Dask store drops rows without a value; DuckDB doesn't
-            raise DataValidationError("dataset.feast", [
-                f"the join returned {len(out)} rows for {len(ent)} entity rows"])
-        # back to the entity frame's order: `_row` is a permutation, so a position lookup (O(n))
-        at = np.empty(len(out), dtype=np.int64)
-        at[out["_row"].to_numpy()] = np.arange(len(out))
-        return out.take(at)[[*entity_df.columns, *c.columns()]].reset_index(drop=True)
+                filter_by_created_timestamp=c.filter_by_created_timestamp).to_arrow()
+        if table.num_rows != len(ent):  # Feast's Dask store drops rows without a value; DuckDB
+            raise DataValidationError("dataset.feast", [  # does not
+                f"the join returned {table.num_rows} rows for {len(ent)} entity rows"])
+        # back to the entity frame's order, in Arrow (a pandas take of string columns costs
+        # more than the join): `_row` is a permutation, so a position lookup (O(n))
+        at = np.empty(table.num_rows, dtype=np.int64)
+        at[table.column("_row").to_numpy()] = np.arange(table.num_rows)
+        return table.take(at).select([*map(str, entity_df.columns), *c.columns()]).to_pandas()
 
     def online(self, keys: list[Any], features: list[str] | None = None
                ) -> dict[str, list[Any]]:
