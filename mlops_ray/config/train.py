@@ -90,6 +90,18 @@ class DatasetCfg(Strict):
         return [c for c in self.numeric if keep(c)], [c for c in self.categorical if keep(c)]
 
 
+def hashed_dataset(dataset: dict[str, Any]) -> dict[str, Any]:
+    """What of a dataset section names its rows (run names, study names, reuse keys): optional
+    sections left empty are left out, as before they existed, so earlier runs keep their names
+    and resume; of a feature store only what the join depends on (not where the online store
+    or the stream are, nor how serving answers an unknown entity)."""
+    out = {k: v for k, v in dataset.items() if not (k in ("sources", "feast") and not v)}
+    if out.get("feast"):
+        out["feast"] = {k: v for k, v in out["feast"].items()
+                        if k not in ("online", "stream", "path", "on_missing")}
+    return out
+
+
 class ModelCfg(Strict):
     model_config = ConfigDict(extra="allow", populate_by_name=True, protected_namespaces=())
     target: str = Field(alias="_target_")
@@ -271,10 +283,7 @@ class RunSections(Strict):
         """12 hex of what the run computes (data, model, optim, scaling, train, seed)."""
         cfg = {k: v for k, v in self.plain().items() if k not in NOT_HASHED}
         if isinstance(cfg.get("dataset"), dict):
-            # optional sections left empty are hashed as before they existed, so earlier runs
-            # keep their names and resume
-            cfg["dataset"] = {k: v for k, v in cfg["dataset"].items()
-                              if not (k in ("sources", "feast") and not v)}
+            cfg["dataset"] = hashed_dataset(cfg["dataset"])
         return stable_hash(cfg)
 
     def run_name(self, data_version: str) -> str:

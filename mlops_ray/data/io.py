@@ -48,9 +48,18 @@ def load_table(uri: str, fmt: str = "auto", endpoint_url: str | None = None,
     return pd.read_parquet(local) if kind == "parquet" else pd.read_csv(local)
 
 
+def _dtype_name(col: pd.Series) -> str:
+    """The dtype as pandas 3 names it: a column of strings is "str" whether pandas holds it as
+    object (pandas 2, which Feast needs) or as its string dtype, so a table's version (and the
+    run names built on it) does not depend on the pandas version."""
+    if col.dtype == object and pd.api.types.infer_dtype(col, skipna=True) in ("string", "empty"):
+        return "str"
+    return str(col.dtype)
+
+
 def dataset_version(df: pd.DataFrame) -> str:
     """Content hash of the table (column names, dtypes and values; not file bytes or row index)."""
     h = hashlib.sha256()
-    h.update(repr([(c, str(t)) for c, t in df.dtypes.items()]).encode())
+    h.update(repr([(c, _dtype_name(df[c])) for c in df.columns]).encode())
     h.update(pd.util.hash_pandas_object(df, index=False).to_numpy().tobytes())
     return h.hexdigest()[:16]

@@ -121,5 +121,6 @@ def prepare(ds: DatasetCfg, seed: int, frame: pd.DataFrame | None = None,
 
 def prepared_key(dataset: dict[str, Any], seed: int) -> str:
     """Same key, same rows in the same splits: what a stage may reuse from another."""
+    from mlops_ray.config.train import hashed_dataset
     from mlops_ray.utils import stable_hash
-    return stable_hash([dataset, seed])
+    return stable_hash([hashed_dataset(dataset), seed])

@@ -10,18 +10,24 @@ from __future__ import annotations
 
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 from mlops_ray.config.features import FeastCfg
 from mlops_ray.data.featurestore import FeatureRepo
 from mlops_ray.errors import RequestInvalid
 
+INT64 = (-(2**63), 2**63 - 1)
 
-def entity_spec(feast: dict[str, Any], store: str, inputs: list[str]) -> dict[str, Any]:
-    """signature.json's "entity" section: what serving looks up, for which inputs."""
+
+def entity_spec(feast: dict[str, Any], store: str, inputs: list[str],
+                key_type: str = "int64") -> dict[str, Any]:
+    """signature.json's "entity" section: what serving looks up (the join key and its type:
+    "int64" or "string"), for which inputs, from which store."""
     cfg = FeastCfg.model_validate(feast)
     have = cfg.columns()
-    return {"join_key": cfg.join_key, "features": [f for f in inputs if f in have],
+    return {"join_key": cfg.join_key, "key_type": key_type,
+            "features": [f for f in inputs if f in have],
             "on_missing": cfg.on_missing, "store": store, "feast": cfg.plain()}
 
 
@@ -34,9 +40,16 @@ class OnlineLookup:
         cfg = FeastCfg.model_validate({**spec["feast"], "path": spec["store"]})
         self.repo = FeatureRepo(cfg)
         self.key = spec["join_key"]
+        self.key_type = spec.get("key_type", "int64")
+        if not (Path(spec["store"]) / "registry.db").exists():
+            raise FileNotFoundError(
+                f"signature.entity.store='{spec['store']}': no feature store there (its "
+                "registry.db); serve where the store's folder is, or run jobs.features "
+                "action=apply with the same dataset.feast.path")
         self.features: list[str] = list(spec["features"])
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="online-features")
         self.waiting: list[tuple[list[Any], asyncio.Future]] = []
+        self.timeout_s = 5.0  # an online store that hangs: 503, not a request that never ends
         self.reader: asyncio.Task | None = None
 
     def keys(self, records: Any, max_rows: int) -> list[Any]:
@@ -56,9 +69,14 @@ class OnlineLookup:
                 problems.append(f"records[{i}]: send only '{self.key}'; {extra[:5]} come from the"
                                 " feature store")
             k = rec[self.key]
-            if isinstance(k, bool) or not isinstance(k, int | str) or len(str(k)) > 256:
-                problems.append(f"records[{i}].{self.key}: must be an integer or a string, got "
-                                f"{repr(k)[:40]}")
+            if self.key_type == "int64":
+                if isinstance(k, bool) or not isinstance(k, int) or not \
+                        INT64[0] <= k <= INT64[1]:
+                    problems.append(f"records[{i}].{self.key}: must be a 64-bit integer, got "
+                                    f"{repr(k)[:40]}")
+            elif not isinstance(k, str) or len(k) > 256:
+                problems.append(f"records[{i}].{self.key}: must be a string of at most 256 "
+                                f"characters, got {repr(k)[:40]}")
             keys.append(k)
         if problems:
             raise RequestInvalid(problems)
@@ -99,10 +117,22 @@ class OnlineLookup:
             batch, self.waiting = self.waiting, []
             keys = [k for ks, _ in batch for k in ks]
             try:
-                rows = await loop.run_in_executor(self.pool, self.fetch, keys)
-            except Exception as e:  # noqa: BLE001 - every waiting request gets the error
+                rows = await asyncio.wait_for(
+                    loop.run_in_executor(self.pool, self.fetch, keys), self.timeout_s)
+            except TimeoutError:
+                slow = RequestInvalid([f"the online store did not answer in {self.timeout_s:g} "
+                                       "s"], 503)
                 for _, fut in batch:
                     if not fut.done():
+                        fut.set_exception(slow)
+                continue
+            except Exception:  # noqa: BLE001 - one request's keys must not fail the others
+                for ks, fut in batch:
+                    if fut.done():
+                        continue
+                    try:
+                        fut.set_result(await loop.run_in_executor(self.pool, self.fetch, ks))
+                    except Exception as e:  # noqa: BLE001 - this request's own error
                         fut.set_exception(e)
                 continue
             at = 0

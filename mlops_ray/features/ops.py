@@ -34,7 +34,7 @@ def run(job: FeaturesJob) -> dict[str, Any]:
         repo.ensure_applied()
         out = {"store": str(repo.root), "views": repo.describe()}
     else:
-        from mlops_ray.features.stream import start_consumer, stop_consumer
+        from mlops_ray.features.actor import start_consumer, stop_consumer
         out = start_consumer(job) if job.action == "consume" else stop_consumer(job)
     print(json.dumps(out, indent=2, default=str))
     return out

@@ -4,23 +4,25 @@
 `view` and `data` (JSON: the join key, the event time, the view's features). `StreamConsumer`
 reads them in a consumer group, and per batch: one Parquet part per view in the view's source
 folder (`stream-<first id>-<last id>.parquet`, the base source's schema, `created` = when it was
-applied), then a Feast push to the online store, then XACK. `start_consumer` runs it in a
+applied), then a Feast push to the online store, then XACK. features/actor.py runs it in a
 detached Ray actor (`jobs.features action=consume`) that Ray restarts if it dies.
 
 Exactly-once effect = at-least-once delivery + idempotent writes:
   * delivery: an event is acknowledged only after both stores hold it. A consumer that dies
-    mid-batch restarts under the same name and first re-reads its own pending entries (id "0",
-    the same COUNT): one batch is in flight at a time, so that is exactly the unacknowledged
-    batch, with the same first and last ids;
+    mid-batch restarts under the same name and first re-reads all its own pending entries
+    (id "0", no COUNT): one batch is in flight at a time, so that is exactly the
+    unacknowledged batch, with the same first and last ids;
   * writes: the part's name comes from those ids and is written under a temporary name, then
     renamed, so a re-applied batch replaces its own part (never a second copy); the online push
     is an upsert of the same value at the same event time.
   tests/integration/test_feature_stream.py kills the consumer between the two writes and checks
   that every event is in the offline store once and the online store holds the latest values.
 
-Online, the latest event time per key within a batch wins; across batches the later batch wins
-(events of one key are expected in event-time order). Freshness of an event: when its batch was
-acknowledged minus its XADD time (the stream id's milliseconds).
+Online, the latest event time per key wins: within a batch, and across batches by comparing with
+the event time the online store holds (to the second). An event older than the stored value
+reaches the offline store only, where the point-in-time join orders it. An event that cannot be a
+row of its view goes to `<key>:dead` with the reason and is acknowledged. Freshness of an event:
+when its batch was acknowledged minus its XADD time (the stream id's milliseconds).
 """
 from __future__ import annotations
 
@@ -33,14 +35,10 @@ import time
 from collections import defaultdict, deque
 from collections.abc import Callable
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from mlops_ray.config.features import FeastCfg
 from mlops_ray.data.featurestore import FeatureRepo
-from mlops_ray.errors import ConfigError
-
-if TYPE_CHECKING:
-    from mlops_ray.config.train import FeaturesJob
 
 log = logging.getLogger(__name__)
 FAULT_ENV = "MLOPS_FEATURES_FAULT"  # tests: crash_after_offline:N (exit 137 after batch N's part)
@@ -147,7 +145,7 @@ class StreamConsumer:
         self.r = redis_client if redis_client is not None else client(s.connection_string)
         self.views = {v.name: v for v in cfg.views if v.stream}
         self.schemas = {v: self._base_schema(v) for v in self.views}
-        self.applied = self.batches = 0
+        self.applied = self.batches = self.dead = 0
         self.parts: dict[str, int] = defaultdict(int)  # parts written since the last compaction
         self.freshness: deque[float] = deque(maxlen=WINDOW)
         self.last_freshness: float | None = None
@@ -168,8 +166,10 @@ class StreamConsumer:
     def read(self) -> list[tuple[str, dict[str, str]]]:
         """Its own pending entries first (after a restart: the unacknowledged batch), else new
         ones."""
-        for start, block in (("0", None), (">", self.block)):
-            got = self.r.xreadgroup(self.group, self.name, {self.key: start}, count=self.count,
+        # every pending entry, whatever `batch` is now: a batch size changed between a crash and
+        # the restart still re-reads exactly the unacknowledged batch (and rewrites its part)
+        for start, count, block in (("0", None, None), (">", self.count, self.block)):
+            got = self.r.xreadgroup(self.group, self.name, {self.key: start}, count=count,
                                     block=block)
             entries = [(i, f) for _, batch in (got or []) for i, f in batch if f]
             if entries:
@@ -193,7 +193,16 @@ class StreamConsumer:
             log.warning("stream %s: %d event(s) of unknown views skipped (%s..)", self.key,
                         len(bad), bad[0])
         created = datetime.now(timezone.utc)
-        tables = {v: self._table(v, [d for _, d in evs], created) for v, evs in per_view.items()}
+        tables = {}
+        for v in list(per_view):
+            try:
+                tables[v] = self._table(v, [d for _, d in per_view[v]], created)
+            except Exception:  # noqa: BLE001 - find the bad events; the rest go on
+                per_view[v] = self._dead_letters(v, per_view[v], created)
+                if per_view[v]:
+                    tables[v] = self._table(v, [d for _, d in per_view[v]], created)
+                else:
+                    del per_view[v]
         for v, evs in per_view.items():
             self._write_part(v, evs[0][0], evs[-1][0], tables[v])
         self.batches += 1
@@ -201,8 +210,9 @@ class StreamConsumer:
             os._exit(137)  # the test's crash: offline part written, not pushed, not acked
         from feast.data_source import PushMode
         for v, table in tables.items():
-            df = self._latest(table.to_pandas())
-            self.repo.store.push(f"{v}_push", df, to=PushMode.ONLINE)
+            df = self._newer(v, self._latest(table.to_pandas()))
+            if len(df):
+                self.repo.store.push(f"{v}_push", df, to=PushMode.ONLINE)
         self.r.xack(self.key, self.group, *[sid for sid, _ in entries])
         every = self.cfg.stream.compact_every
         for v in per_view:  # every part up to this acknowledged batch: none re-applied later
@@ -265,6 +275,38 @@ class StreamConsumer:
         pq.write_table(table, tmp)
         os.replace(tmp, d / name)  # a re-applied batch replaces its own part
 
+    def _dead_letters(self, view: str, events: list[tuple[str, dict[str, Any]]],
+                      created: datetime) -> list[tuple[str, dict[str, Any]]]:
+        """Events that cannot become a row of the view (a value of the wrong type, no event
+        time) go to the stream `<key>:dead` with the reason, and are acknowledged with the
+        batch: one bad event never stops the stream. Returns the good ones."""
+        good = []
+        for sid, d in events:
+            try:
+                self._table(view, [d], created)
+                good.append((sid, d))
+            except Exception as e:  # noqa: BLE001 - the reason travels with the event
+                self.dead += 1
+                self.r.xadd(f"{self.key}:dead", {"id": sid, "view": view,
+                                                  "data": json.dumps(d, default=str),
+                                                  "error": f"{type(e).__name__}: {e}"[:500]})
+                log.warning("stream %s: event %s of view %s moved to %s:dead (%s)", self.key,
+                            sid, view, self.key, e)
+        return good
+
+    def _newer(self, view: str, df: Any) -> Any:
+        """The rows at least as new as what the online store holds (by event time, to the
+        second: Feast keeps seconds): an event that arrives after a newer one of the same key
+        updates the offline store only, as the point-in-time join orders them."""
+        import numpy as np
+        c, f0 = self.cfg, self.views[view].features[0]
+        got = self.repo.store.get_online_features(
+            [f"{view}:{f0}"], [{c.join_key: k} for k in df[c.join_key].tolist()]
+        ).to_dict(include_event_timestamps=True)
+        stored = np.array([t or 0 for t in got.get(f"{f0}__ts", [0] * len(df))], dtype=np.int64)
+        new = np.array([int(t.timestamp()) for t in df[c.timestamp_field]], dtype=np.int64)
+        return df[new >= stored]
+
     def _latest(self, df: Any) -> Any:
         """The latest event per key (event time, then stream order): what online should hold."""
         c = self.cfg
@@ -295,117 +337,12 @@ class StreamConsumer:
         import numpy as np
         with self._lock:
             f = list(self.freshness)
-            out = {"applied": self.applied, "batches": self.batches,
+            out = {"applied": self.applied, "batches": self.batches, "dead_letters": self.dead,
                    "last_freshness_s": self.last_freshness,
                    "p50_freshness_s": float(np.percentile(f, 50)) if f else None,
                    "p99_freshness_s": float(np.percentile(f, 99)) if f else None,
                    "window": len(f)}
         return {**out, "stream": self.key, "group": self.group, "consumer": self.name}
-
-
-# ---------------------------------------------------------------------- on Ray
-def _ray_emit(name: str, value: float, tags: dict[str, str]) -> None:
-    from mlops_ray.metrics import CATALOG, metric
-    m, kind = metric(name), CATALOG[name].kind
-    if kind == "counter":
-        m.inc(value, tags=tags)
-    elif kind == "gauge":
-        m.set(value, tags=tags)
-    else:
-        m.observe(value, tags=tags)
-
-
-class ConsumerActor:
-    """The consumer in a thread of a detached actor: Ray restarts the actor if it dies, and the
-    new consumer (the same name) re-reads what the old one had not acknowledged."""
-
-    def __init__(self, feast: dict[str, Any], storage_uri: str):
-        self.stop = threading.Event()
-        self.error: str | None = None
-        self.restarts = 0
-        self.consumer = StreamConsumer(FeastCfg.model_validate(feast), storage_uri,
-                                       emit=_ray_emit)
-        self.thread = threading.Thread(target=self._loop, name="features-consumer", daemon=True)
-        self.thread.start()
-
-    def _loop(self) -> None:
-        while not self.stop.is_set():
-            try:
-                self.consumer.run(self.stop)
-            except Exception as e:  # redis down, a bad event: keep trying, say so in status
-                self.error = f"{type(e).__name__}: {e}"
-                log.exception("feature stream consumer failed; retrying in 1 s")
-                self.stop.wait(1.0)
-
-    def status(self) -> dict[str, Any]:
-        lag = None
-        try:
-            lag = self.consumer.lag_s()
-        except Exception as e:  # status answers even when Redis does not
-            self.error = f"{type(e).__name__}: {e}"
-        return {**self.consumer.status(), "lag_s": lag, "pid": os.getpid(),
-                "running": self.thread.is_alive(), "error": self.error}
-
-    def shutdown(self) -> bool:
-        self.stop.set()
-        self.thread.join(timeout=10)
-        return not self.thread.is_alive()
-
-
-def actor_name(cfg: FeastCfg) -> str:
-    return f"features-consumer-{cfg.project}"
-
-
-def consumer_actor(feast: FeastCfg, storage_uri: str) -> Any:
-    """The project's consumer actor, started if none runs (Ray must be initialised)."""
-    import ray
-    remote: Any = ray.remote  # typed for functions; the actor options are Ray's own
-    return remote(num_cpus=0.1, max_restarts=-1, max_task_retries=-1)(ConsumerActor).options(
-        name=actor_name(feast), namespace=NAMESPACE, lifetime="detached",
-        get_if_exists=True).remote(feast.plain(), storage_uri)
-
-
-def _feast(job: FeaturesJob) -> FeastCfg:
-    if job.dataset.feast is None:  # FeaturesJob refuses it already
-        raise ConfigError(f"dataset '{job.dataset.name}' has no feature store (dataset.feast)")
-    return job.dataset.feast
-
-
-def start_consumer(job: FeaturesJob) -> dict[str, Any]:
-    """jobs.features action=consume: the project's consumer actor on this checkout's Ray (or
-    `ray.address`), started if none runs; its status."""
-    import ray
-
-    from mlops_ray.runtime import ensure_ray
-    feast = _feast(job)
-    # the actor's working directory is not this one: give it the store's absolute folder
-    feast = feast.model_copy(update={"path": str(FeatureRepo(feast, job.storage.uri).root)})
-    ensure_ray(job.ray.plain())
-    actor = consumer_actor(feast, job.storage.uri)
-    return {"actor": actor_name(feast), "namespace": NAMESPACE,
-            **ray.get(actor.status.remote(), timeout=120)}
-
-
-def stop_consumer(job: FeaturesJob) -> dict[str, Any]:
-    """jobs.features action=stop: stop the loop (the batch in flight finishes), then the actor."""
-    import ray
-
-    from mlops_ray.runtime import ensure_ray
-    feast = _feast(job)
-    ensure_ray(job.ray.plain())
-    name = actor_name(feast)
-    try:
-        actor = ray.get_actor(name, namespace=NAMESPACE)
-    except ValueError:
-        return {"actor": name, "stopped": False, "reason": "not running"}
-    last: dict[str, Any] = {}
-    try:
-        ray.get(actor.shutdown.remote(), timeout=30)
-        last = ray.get(actor.status.remote(), timeout=30)
-    except ray.exceptions.RayError as e:
-        last = {"error": str(e)}
-    ray.kill(actor, no_restart=True)
-    return {"actor": name, "stopped": True, "last_status": last}
 
 
 # ---------------------------------------------------------------------- a process (tests, bench)

@@ -91,8 +91,10 @@ def version_files(job: PromoteJob, rec: dict[str, Any], report: dict[str, Any],
     sig = signature(pre, cfg["dataset"], report["threshold"]["value"], needs_sensitive, decision)
     if prepared.features:  # serving looks the features up by the join key (features/online.py)
         from mlops_ray.features.online import entity_spec
+        key = prepared.frame[cfg["dataset"]["feast"]["join_key"]]
         sig["entity"] = entity_spec(cfg["dataset"]["feast"], prepared.features["store"],
-                                    [i["name"] for i in sig["inputs"]])
+                                    [i["name"] for i in sig["inputs"]],
+                                    "int64" if key.dtype.kind in "iu" else "string")
     files.update({
         "rule.json": dumps(decision),  # the rule the gates judged (hash in the signed report)
         "signature.json": dumps(sig),

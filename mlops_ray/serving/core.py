@@ -236,7 +236,9 @@ class IngressCore:
                                          else [{}])
         ref = arm.ref
         entity = self.router.sigs[ref].get("entity")
-        if entity is not None:  # a feature-store model: records carry the join key only
+        if entity is not None and endpoint == "predict":
+            # a feature-store model on /predict: records carry the join key only (OIP and gRPC
+            # requests are tensors of every input, validated as for any model)
             records_in = await self._online(ref, entity).enrich(
                 records_in, int(self.cfg.limits.max_rows))
         records = validate_records(records_in, self.router.sigs[ref],

@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 from mlops_ray.cluster.cost import NodeHours
-from mlops_ray.config.train import NOT_HASHED, TrainJob
+from mlops_ray.config.train import NOT_HASHED, TrainJob, hashed_dataset
 from mlops_ray.config.tune import TuneJob
 from mlops_ray.data import Prepared, prepare
 from mlops_ray.db import db_url
@@ -30,6 +30,7 @@ from mlops_ray.utils import stable_hash
 def study_name(job: TuneJob, data_version: str) -> str:
     """<name>-tune-<hash of everything that shapes the study, and the dataset version>."""
     base = job.train_job().plain()
+    base["dataset"] = hashed_dataset(base["dataset"])  # as config_hash: names kept
     t = job.tune
     what = {**{k: v for k, v in base.items() if k not in NOT_HASHED},
             "space": {k: v.plain() for k, v in job.space.items()},

@@ -62,6 +62,19 @@ def test_feast_dataset_trains_gates_and_serves_entity_only_requests(served):
     assert r.status_code == 404 and "records[1].person_id=1000000000: unknown entity" in r.text
     r = requests.post(url, json={"records": [{"person_id": 5, "age": 30}]}, timeout=30)
     assert r.status_code == 422 and "send only 'person_id'" in r.text
+    # the Open Inference Protocol takes every feature as tensors, as for any model: a person's
+    # online values give /predict's answer for that person
+    from mlops_ray.features.online import OnlineLookup
+    rows = OnlineLookup(sig["entity"]).lookup(list(range(50)))
+    key, feats = next((k, r) for k, r in enumerate(rows) if None not in r.values())
+    inputs = [{"name": k, "shape": [1], "data": [v],
+               "datatype": "BYTES" if isinstance(v, str) else "FP64"} for k, v in feats.items()]
+    r = requests.post(served["url"] + "/v2/models/adult_people_mlp/infer",
+                      json={"inputs": inputs}, timeout=30)
+    assert r.status_code == 200, r.text
+    (prob,) = [o for o in r.json()["outputs"] if o["name"] == "probability"]
+    by_key = requests.post(url, json={"records": [{"person_id": key}]}, timeout=30).json()
+    assert prob["data"] == by_key["probabilities"]
 
 
 def test_online_and_offline_vectors_are_equal(served):

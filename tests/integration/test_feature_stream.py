@@ -19,6 +19,7 @@ import pytest
 
 from mlops_ray.config.features import FeastCfg
 from mlops_ray.data.featurestore import FeatureRepo
+from mlops_ray.features import actor as ray_consumer
 from mlops_ray.features import stream
 from tests.conftest import REPO, job_env, wait_until
 
@@ -205,9 +206,9 @@ def test_the_consumer_actor_survives_a_kill(feast, tmp_path, ray_2_cpus):
     fj = job("features", FeaturesJob, ["+experiment=adult_people_mlp", "action=consume",
                                        f"storage.uri={tmp_path}"])
     fj = fj.model_copy(update={"dataset": fj.dataset.model_copy(update={"feast": feast})})
-    started = stream.start_consumer(fj)
+    started = ray_consumer.start_consumer(fj)
     assert started["actor"] == "features-consumer-streamtest" and started["running"]
-    assert stream.start_consumer(fj)["pid"] == started["pid"]  # running: its status, no second
+    assert ray_consumer.start_consumer(fj)["pid"] == started["pid"]  # running: its status, no second
     actor = ray.get_actor(started["actor"], namespace=stream.NAMESPACE)
 
     def status() -> dict | None:
@@ -222,10 +223,13 @@ def test_the_consumer_actor_survives_a_kill(feast, tmp_path, ray_2_cpus):
                         what="the actor applying 6 events")
         assert st["running"] and st["error"] is None and st["lag_s"] == 0
         ray.kill(actor, no_restart=False)
+        # the new events only once the killed actor is gone and its successor runs (the dying
+        # one cannot apply any of them)
+        wait_until(lambda: (s := status()) and s["pid"] != st["pid"], 180,
+                   what="Ray restarting the killed actor")
         rest = _events(5, start=6)
         stream.publish(feast, "work", rest)
-        st2 = wait_until(lambda: (s := status()) and s["pid"] != st["pid"]
-                         and s["applied"] == 5 and s, 180,
+        st2 = wait_until(lambda: (s := status()) and s["applied"] == 5 and s, 180,
                          what="the restarted actor applying the 5 new events")
         assert st2["error"] is None
         rows = _offline_rows(feast, tmp_path)
@@ -233,7 +237,7 @@ def test_the_consumer_actor_survives_a_kill(feast, tmp_path, ray_2_cpus):
         assert _pending(feast) == 0
         online = FeatureRepo(feast, str(tmp_path)).online(KEYS, ["score"])
         assert online["score"] == [_latest(first + rest)[k]["score"] for k in KEYS]
-        stopped = stream.stop_consumer(fj)
+        stopped = ray_consumer.stop_consumer(fj)
         assert stopped["stopped"] and stopped["last_status"]["applied"] == 5
 
         def gone() -> bool:
@@ -243,7 +247,7 @@ def test_the_consumer_actor_survives_a_kill(feast, tmp_path, ray_2_cpus):
             except ValueError:
                 return True
         wait_until(gone, 60, what="the stopped actor's name released")
-        assert stream.stop_consumer(fj)["stopped"] is False
+        assert ray_consumer.stop_consumer(fj)["stopped"] is False
     finally:
         try:
             ray.kill(ray.get_actor(started["actor"], namespace=stream.NAMESPACE),
@@ -272,3 +276,32 @@ def test_compaction_on_a_busy_stream_keeps_every_event_once_across_a_crash(feast
     rows = pd.concat([pd.read_parquet(p) for p in files], ignore_index=True)
     assert sorted(rows["score"]) == [float(i) for i in range(n)]  # every event, once
     assert len(files) <= 3 and _pending(feast) == 0
+
+
+def test_bad_events_go_to_the_dead_letter_stream_and_old_events_stay_offline(feast, tmp_path):
+    """A value of the wrong type and an event without a time cannot become rows: they go to
+    `<key>:dead` with the reason, the rest of their batch is applied, nothing stays pending.
+    An event older than what the online store holds updates the offline store only."""
+    consumer = stream.StreamConsumer(feast, str(tmp_path))
+    r = stream.client(feast.stream.connection_string)
+    new = _events(1, start=50)[0]  # key KEYS[0], 50 minutes after T1
+    stream.publish(feast, "work", [new])
+    assert consumer.step() == 1
+    old = {**new, "event_timestamp": T1, "score": -5.0}  # same key, 50 minutes earlier
+    stream.publish(feast, "work", [old])
+    r.xadd(feast.stream_key(), {"view": "work", "data": json.dumps(
+        {"uid": 2, "event_timestamp": T1.isoformat(), "score": "high", "level": "x",
+         "visits": 1})})
+    r.xadd(feast.stream_key(), {"view": "work", "data": json.dumps(
+        {"uid": 3, "score": 1.0, "level": "x", "visits": 1})})
+    good = _events(1, start=60)[0] | {"uid": 4}
+    stream.publish(feast, "work", [good])
+    assert consumer.step() == 2  # the old one and the good one
+    dead = r.xrange(f"{feast.stream_key()}:dead")
+    assert [json.loads(f["data"])["uid"] for _, f in dead] == [2, 3]
+    assert all(f["error"] for _, f in dead) and consumer.status()["dead_letters"] == 2
+    assert _pending(feast) == 0
+    online = FeatureRepo(feast, str(tmp_path)).online([KEYS[0], 4], ["score"])
+    assert online["score"] == [new["score"], good["score"]]  # the older event did not win
+    rows = _offline_rows(feast, tmp_path)
+    assert sorted(rows["score"]) == sorted([new["score"], -5.0, good["score"]])

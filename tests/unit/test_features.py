@@ -199,6 +199,22 @@ def test_concurrent_requests_share_online_reads_and_unknown_keys_are_404(tmp_pat
     assert err.status == 404 and "records[1].k=999: unknown entity" in str(err)
     with pytest.raises(RequestInvalid, match=r"send only 'k'; \['x'\]"):
         look.keys([{"k": 1, "x": 2}], 100)
+    with pytest.raises(RequestInvalid, match=r"records\[0\].k: must be a 64-bit integer, "
+                                             r"got '5'"):
+        look.keys([{"k": "5"}], 100)
+
+    # a read that fails for one request's keys: the others sharing it are answered anyway
+    def failing_fetch(keys):
+        if 13 in keys:
+            raise TypeError("the store refused key 13")
+        return fetch(keys)
+    look.fetch = failing_fetch  # type: ignore[method-assign]
+
+    async def shared():
+        return await asyncio.gather(*(look.enrich([{"k": k}], 100) for k in (11, 13, 12)),
+                                    return_exceptions=True)
+    a, b, c = asyncio.run(shared())
+    assert a[0]["x"] == 110.0 and c[0]["x"] == 120.0 and isinstance(b, TypeError)
 
 
 def test_jobs_features_refuses_bad_input_with_exit_2(tmp_path, capsys):
