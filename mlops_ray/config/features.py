@@ -37,23 +37,61 @@ class FeatureViewCfg(Strict):
         return v
 
 
+def _no_password(v: str) -> str:
+    if "password=" in v.replace(" ", "").lower():
+        raise ValueError("a password in connection_string would be written to run records and "
+                         "the registry: name an environment variable in password_env instead")
+    return v
+
+
 class OnlineStoreCfg(Strict):
     type: Literal["sqlite", "redis"] = "sqlite"  # sqlite: a file in the store's folder
-    connection_string: str = "127.0.0.1:6379"  # redis: host:port[,db=N,password=...]
+    connection_string: str = "127.0.0.1:6379"  # redis: host:port[,db=N,ssl=true]
+    password_env: str | None = None  # redis: the environment variable holding its password
+
+    @field_validator("connection_string")
+    @classmethod
+    def _conn(cls, v: str) -> str:
+        return _no_password(v)
+
+    def redis_connection(self) -> str:
+        return with_password(self.connection_string, self.password_env)
+
+
+def with_password(connection_string: str, password_env: str | None) -> str:
+    """The connection string with the password from `password_env` (read where it is used)."""
+    if not password_env:
+        return connection_string
+    import os
+    if password_env not in os.environ:
+        raise ValueError(f"password_env='{password_env}': the variable is not set here")
+    return f"{connection_string},password={os.environ[password_env]}"
 
 
 class StreamCfg(Strict):
     """The Redis stream `jobs.features consume` reads (one consumer group, acknowledged)."""
     connection_string: str = "127.0.0.1:6379"
+    password_env: str | None = None  # the environment variable holding Redis's password
     key: str | None = None  # the stream's key; default "features:<project>"
     group: str = "mlops-features"
     consumer: str = "consumer-0"  # stable: after a restart it owns its unacknowledged events
     batch: int = Field(500, ge=1, le=100_000)  # events per read (and per offline part)
     block_ms: int = Field(100, ge=1, le=60_000)
-    max_lag_s: float = Field(1.0, gt=0)  # the freshness bound the alert fires beyond
+    # the freshness bound: the consumer's status says whether it is within it; the alert
+    # MlopsFeatureFreshnessLag (observability/alerts.yml) uses the same 1 s: change both
+    max_lag_s: float = Field(1.0, gt=0)
+    trim: bool = True  # drop acknowledged events from the stream (false: other groups read it)
     # merge a view's stream parts into one once it has this many (0: never); fewer files keep
     # the point-in-time join fast on a busy stream
     compact_every: int = Field(100, ge=0)
+
+    @field_validator("connection_string")
+    @classmethod
+    def _conn(cls, v: str) -> str:
+        return _no_password(v)
+
+    def redis_connection(self) -> str:
+        return with_password(self.connection_string, self.password_env)
 
 
 class FeastCfg(Strict):

@@ -135,6 +135,16 @@ class MonitorJob(PipelineJob):
     """jobs.monitor: the pipeline it runs when the production deployment drifts."""
     monitor: MonitorCfg
 
+    @model_validator(mode="after")
+    def _feature_store(self) -> MonitorJob:
+        if self.dataset.feast is not None:
+            raise ValueError(
+                f"dataset '{self.dataset.name}' comes from a feature store (dataset.feast): "
+                "jobs.monitor cannot retrain it yet (the prediction log and monitor.new_data "
+                "hold features, not an entity frame to join); retrain with jobs.pipeline on a "
+                "new entity frame (dataset.uri)")
+        return self
+
 
 class LabelsJob(PipelineJob):
     """jobs.labels: import a file of late labels into the label log."""

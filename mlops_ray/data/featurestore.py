@@ -60,14 +60,16 @@ def _source_path(uri: str) -> Path:
     return Path(uri.removeprefix("file://")).expanduser()
 
 
-def _feast_type(t: Any) -> Any:
+def _feast_type(t: Any, where: str) -> Any:
     import pyarrow as pa
     from feast.types import Bool, Float32, Float64, Int32, Int64, String
+    if pa.types.is_dictionary(t):  # what a pandas categorical becomes in Parquet
+        t = t.value_type
     if pa.types.is_boolean(t):
         return Bool
     if pa.types.is_int64(t) or pa.types.is_uint32(t):
         return Int64
-    if pa.types.is_integer(t):
+    if pa.types.is_integer(t) and not pa.types.is_uint64(t):
         return Int32
     if pa.types.is_float32(t):
         return Float32
@@ -75,7 +77,16 @@ def _feast_type(t: Any) -> Any:
         return Float64
     if pa.types.is_string(t) or pa.types.is_large_string(t):
         return String
-    raise ConfigError(f"feature type {t}: allowed are booleans, integers, floats and strings")
+    raise ConfigError(f"{where}: type {t} (allowed: booleans, integers up to int64, floats, "
+                      "strings)")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _stream_id(s: str) -> tuple[int, int]:
@@ -117,6 +128,14 @@ class FeatureRepo:
             raise DataValidationError(view.source, [
                 f"feature view '{view.name}': column(s) {missing} missing (the source has "
                 f"{schema.names})"])
+        import pyarrow as pa
+        for n in (c.timestamp_field, c.created_timestamp_field):
+            t = schema.field(n).type
+            if not pa.types.is_timestamp(t) or t.tz is None:
+                raise DataValidationError(view.source, [
+                    f"feature view '{view.name}': column '{n}' is {t}; it must be a timestamp "
+                    "with a time zone (e.g. timestamp[us, tz=UTC]): a naive time means "
+                    "different instants to DuckDB and to pandas"])
         return {n: schema.field(n).type for n in need}
 
     def definitions(self) -> dict[str, Any]:
@@ -132,7 +151,7 @@ class FeatureRepo:
         c = self.cfg
         objs: dict[str, Any] = {}
         schemas = {v.name: self._schema(v) for v in c.views}
-        key_type = _feast_type(schemas[c.views[0].name][c.join_key])
+        key_type = _feast_type(schemas[c.views[0].name][c.join_key], "dataset.feast.join_key")
         from feast import ValueType
         entity = Entity(name=c.entity, join_keys=[c.join_key],
                         value_type=ValueType.INT64 if key_type.name.startswith("INT")
@@ -147,7 +166,8 @@ class FeatureRepo:
                 src = PushSource(name=f"{v.name}_push", batch_source=src)
             objs[v.name] = FeatureView(
                 name=v.name, entities=[entity], ttl=timedelta(seconds=v.ttl_s), online=True,
-                schema=[Field(name=f, dtype=_feast_type(schemas[v.name][f]))
+                schema=[Field(name=f, dtype=_feast_type(
+                    schemas[v.name][f], f"dataset.feast.views[{v.name}].features: '{f}'"))
                         for f in v.features], source=src)
         self._objects = objs
         return objs
@@ -172,7 +192,7 @@ class FeatureRepo:
             online: dict[str, Any] = ({"type": "sqlite", "path": str(self.root / "online.db")}
                                       if c.online.type == "sqlite" else
                                       {"type": "redis",
-                                       "connection_string": c.online.connection_string})
+                                       "connection_string": c.online.redis_connection()})
             self.root.mkdir(parents=True, exist_ok=True)
             config = RepoConfig(project=c.project, provider="local",
                                 registry=str(self.root / "registry.db"),
@@ -198,6 +218,8 @@ class FeatureRepo:
                 d.mkdir(parents=True, exist_ok=True)
                 tmp = d / f".base.parquet.tmp-{os.getpid()}"
                 shutil.copyfile(src, tmp)
+                (d / "source.json").write_text(json.dumps({"source": v.source,
+                                                           "sha256": _sha256(src)}))
                 os.replace(tmp, base)  # whole or absent: a reader never sees half a file
         objs = self.definitions()
         with warnings.catch_warnings():
@@ -212,6 +234,26 @@ class FeatureRepo:
     def ensure_applied(self) -> None:
         if not self.applied():
             self.apply()
+        self.check_sources()
+
+    def check_sources(self) -> None:
+        """The store was filled from each view's configured source: a source changed since
+        (another file, or new content) is named, not silently ignored."""
+        p = []
+        for v in self.cfg.views:
+            f = self.view_dir(v.name) / "source.json"
+            if not f.exists():
+                continue
+            was = json.loads(f.read_text())
+            src = _source_path(v.source)
+            now = _sha256(src) if src.exists() else "missing"
+            if was["source"] != v.source or was["sha256"] != now:
+                p.append(f"dataset.feast.views[{v.name}].source='{v.source}' "
+                         f"({now[:12]}): the store at {self.root} was filled from "
+                         f"'{was['source']}' ({was['sha256'][:12]}); give the new data its own "
+                         "store (dataset.feast.path, or a new project) or restore the source")
+        if p:
+            raise ConfigError("; ".join(p))
 
     def materialize(self, end: datetime | None = None) -> dict[str, Any]:
         """Load the online store up to `end` (default now). The first time from the start of
@@ -229,6 +271,13 @@ class FeatureRepo:
             if rest:
                 self.store.materialize_incremental(end_date=end, feature_views=rest)
         return {"end": end.isoformat(), "full": fresh, "incremental": rest}
+
+    def materialized_to(self) -> datetime | None:
+        """The time the online store holds every view up to (the earliest of their last
+        materializations); None before the first."""
+        ends = [fv.materialization_intervals[-1][1] if fv.materialization_intervals else None
+                for fv in self.store.list_feature_views()]
+        return None if not ends or None in ends else min(e for e in ends if e is not None)
 
     def describe(self) -> list[dict[str, Any]]:
         """What `jobs.features action=list` prints: each registered view, its features and
@@ -300,13 +349,16 @@ class FeatureRepo:
             table = self.store.get_historical_features(
                 ent, c.feature_refs(),
                 filter_by_created_timestamp=c.filter_by_created_timestamp).to_arrow()
-        if table.num_rows != len(ent):  # Feast's Dask store drops rows without a value; DuckDB
-            raise DataValidationError("dataset.feast", [  # does not
-                f"the join returned {table.num_rows} rows for {len(ent)} entity rows"])
+        rows = table.column("_row").to_numpy()
+        # one row out per row in (Feast's Dask store drops rows without a value; DuckDB does not)
+        if table.num_rows != len(ent) or (np.bincount(rows, minlength=len(ent)) != 1).any():
+            raise DataValidationError("dataset.feast", [
+                f"the join returned {table.num_rows} rows for {len(ent)} entity rows, not one "
+                "for each"])
         # back to the entity frame's order, in Arrow (a pandas take of string columns costs
         # more than the join): `_row` is a permutation, so a position lookup (O(n))
         at = np.empty(table.num_rows, dtype=np.int64)
-        at[table.column("_row").to_numpy()] = np.arange(table.num_rows)
+        at[rows] = np.arange(table.num_rows)
         return table.take(at).select([*map(str, entity_df.columns), *c.columns()]).to_pandas()
 
     def online(self, keys: list[Any], features: list[str] | None = None

@@ -52,8 +52,8 @@ class ConsumerActor:
                 log.exception("feature stream consumer failed; retrying in 1 s")
                 try:  # the lag gauge keeps rising while nothing is applied (the alert)
                     self.consumer._emit_lag()
-                except Exception:  # noqa: BLE001, S110 - Redis itself may be what failed
-                    pass
+                except Exception as lag_err:  # noqa: BLE001 - Redis itself may be what failed
+                    log.debug("lag not measured: %s", lag_err)
                 self.stop.wait(1.0)
 
     def status(self) -> dict[str, Any]:
@@ -62,7 +62,9 @@ class ConsumerActor:
             lag = self.consumer.lag_s()
         except Exception as e:  # status answers even when Redis does not
             self.error = f"{type(e).__name__}: {e}"
-        return {**self.consumer.status(), "lag_s": lag, "pid": os.getpid(),
+        bound = self.consumer.cfg.stream.max_lag_s
+        return {**self.consumer.status(), "lag_s": lag, "max_lag_s": bound,
+                "within_bound": lag is not None and lag <= bound, "pid": os.getpid(),
                 "running": self.thread.is_alive(), "error": self.error}
 
     def shutdown(self) -> bool:

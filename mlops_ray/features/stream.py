@@ -114,7 +114,7 @@ def encode(cfg: FeastCfg, view: str, row: dict[str, Any]) -> dict[str, str]:
 def publish(cfg: FeastCfg, view: str, rows: list[dict[str, Any]], r: Any = None) -> list[str]:
     """XADD one event per row (the event time defaults to now); returns the stream ids."""
     events = [encode(cfg, view, row) for row in rows]  # all valid before any is sent
-    r = r if r is not None else client(cfg.stream.connection_string)
+    r = r if r is not None else client(cfg.stream.redis_connection())
     pipe = r.pipeline(transaction=False)
     for e in events:
         pipe.xadd(cfg.stream_key(), e)
@@ -139,10 +139,11 @@ class StreamConsumer:
                  redis_client: Any = None):
         self.cfg, self.emit = cfg, emit
         self.repo = FeatureRepo(cfg, storage_uri)
-        self.repo.ensure_applied()
+        if not self.repo.applied():  # (the driver checked the sources: start_consumer)
+            self.repo.apply()
         self.key, s = cfg.stream_key(), cfg.stream
         self.group, self.name, self.count, self.block = s.group, s.consumer, s.batch, s.block_ms
-        self.r = redis_client if redis_client is not None else client(s.connection_string)
+        self.r = redis_client if redis_client is not None else client(s.redis_connection())
         self.views = {v.name: v for v in cfg.views if v.stream}
         self.schemas = {v: self._base_schema(v) for v in self.views}
         self.applied = self.batches = self.dead = 0
@@ -214,6 +215,8 @@ class StreamConsumer:
             if len(df):
                 self.repo.store.push(f"{v}_push", df, to=PushMode.ONLINE)
         self.r.xack(self.key, self.group, *[sid for sid, _ in entries])
+        if self.cfg.stream.trim:  # everything up to this batch is in both stores
+            self.r.xtrim(self.key, minid=entries[-1][0], approximate=True)
         every = self.cfg.stream.compact_every
         for v in per_view:  # every part up to this acknowledged batch: none re-applied later
             self.parts[v] += 1

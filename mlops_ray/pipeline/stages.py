@@ -139,8 +139,9 @@ def deploy(ctx: Context) -> dict[str, Any]:
 
 def held_out_records(prepared: Any, signature: dict[str, Any], n: int) -> tuple[list[dict], Any]:
     """Held-out test rows as request records (the signature's columns, NaN -> null). For a
-    feature-store model: the rows' entity keys, and as rows the offline point-in-time join
-    *now* (what the online store must answer with: the smoke test is then a skew check)."""
+    feature-store model: the rows' entity keys, and as rows the offline point-in-time join at
+    the time the online store was materialized to (what it must answer with: the smoke test is
+    then a skew check; stream events applied after that would make it fail, rightly)."""
     cols = [f["name"] for f in signature["inputs"]]
     rows = prepared.frame.iloc[prepared.splits["test"][:n]]
     if "entity" in signature:
@@ -151,10 +152,11 @@ def held_out_records(prepared: Any, signature: dict[str, Any], n: int) -> tuple[
         ent = signature["entity"]
         cfg = FeastCfg.model_validate({**ent["feast"], "path": ent["store"]})
         keys = rows[cfg.join_key].drop_duplicates()
-        now = pd.DataFrame({cfg.join_key: keys.to_numpy(),
-                            cfg.timestamp_field: pd.Timestamp.now(tz="UTC")})
+        repo = FeatureRepo(cfg)
+        at = pd.Timestamp(repo.materialized_to() or pd.Timestamp.now(tz="UTC"))
+        frame = pd.DataFrame({cfg.join_key: keys.to_numpy(), cfg.timestamp_field: at})
         return [{cfg.join_key: k.item() if hasattr(k, "item") else k} for k in keys], \
-            FeatureRepo(cfg).training_frame(now)
+            repo.training_frame(frame)
     frame = rows[cols].astype(object).where(rows[cols].notna(), None)
     return frame.to_dict("records"), rows
 

@@ -267,3 +267,31 @@ def test_compaction_merges_acknowledged_parts_and_finishes_an_interrupted_one(tm
         "stream-1004-0-1004-0.parquet"]
     rows = pd.concat([pd.read_parquet(p) for p in d.glob("*.parquet")])
     assert len(rows) == 3 + 5  # every event once
+
+
+def test_naive_times_and_monitor_retraining_are_refused(tmp_path, capsys):
+    src = pd.DataFrame({"k": [1], "event_timestamp": [pd.Timestamp("2024-01-01")],
+                        "created": [pd.Timestamp("2024-01-01")], "x": [1.0]})
+    src.to_parquet(tmp_path / "src.parquet", index=False)  # no time zone
+    with pytest.raises(DataValidationError, match="column 'event_timestamp' is timestamp"):
+        FeatureRepo(_cfg(tmp_path, 0)).apply()
+    from mlops_ray.config.pipeline import MonitorJob
+    from tests.conftest import in_process
+    assert in_process("monitor", MonitorJob, ["+experiment=adult_people_mlp"],
+                      lambda job: None) == 2
+    assert "jobs.monitor cannot retrain it yet" in capsys.readouterr().err
+
+
+def test_a_changed_source_is_named_not_ignored(tmp_path):
+    src = pd.DataFrame({"k": np.arange(3, dtype="int64"), "event_timestamp": T0, "created": T0,
+                        "x": [0.0, 1.0, 2.0]})
+    for c in ("event_timestamp", "created"):
+        src[c] = src[c].astype("datetime64[us, UTC]")
+    src.to_parquet(tmp_path / "src.parquet", index=False)
+    repo = FeatureRepo(_cfg(tmp_path, 0))
+    repo.ensure_applied()
+    src.assign(x=[5.0, 6.0, 7.0]).to_parquet(tmp_path / "src.parquet", index=False)
+    with pytest.raises(ConfigError, match=r"dataset.feast.views\[v\].source='.*src.parquet' "
+                                          r"\(\w+\): the store at .* was filled from"):
+        FeatureRepo(_cfg(tmp_path, 0)).training_frame(
+            src[["k", "event_timestamp"]])
