@@ -206,7 +206,8 @@ def test_prediction_log_holds_every_scored_row_and_joins_labels(env, tmp_path):
     labels = traffic.label_table([{"request_id": f"rows.csv:{i}", "labels": [int(y)],
                                    "label_ts": t, "source": "test"}
                                   for i, y in enumerate(rows[env["predictor"].signature["label"]])])
-    joined = traffic.labelled(got.reset_index(), labels.to_pandas(), t)
+    # (the index took out.index's name: under pandas 2, "source_row")
+    joined = traffic.labelled(got.rename_axis("request_id").reset_index(), labels.to_pandas(), t)
     assert len(joined) == len(rows)
     assert (joined["outcome"].to_numpy() == rows[env["predictor"].signature["label"]].to_numpy()[
         joined["request_id"].str.split(":").str[1].astype(int)]).all()
