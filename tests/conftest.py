@@ -143,6 +143,16 @@ def wait_until(predicate, timeout: float, interval: float = 0.2, what: str = "co
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+def stop_server(proc: subprocess.Popen, timeout: float = 10) -> None:
+    """Stop a server this session started, by its pid: SIGTERM, then SIGKILL if it lingers."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
 def kill_pids(pids) -> list[int]:
     """SIGKILL these processes (ones a test found at a step gate, by pid)."""
     import signal
@@ -396,10 +406,5 @@ def redis_server(tmp_path_factory):
         yield port
     finally:
         r.close()
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        stop_server(proc)
         log.close()

@@ -8,7 +8,7 @@ dataset version and copied into the run record; no Python repo file is executed.
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -44,20 +44,6 @@ def _no_password(v: str) -> str:
     return v
 
 
-class OnlineStoreCfg(Strict):
-    type: Literal["sqlite", "redis"] = "sqlite"  # sqlite: a file in the store's folder
-    connection_string: str = "127.0.0.1:6379"  # redis: host:port[,db=N,ssl=true]
-    password_env: str | None = None  # redis: the environment variable holding its password
-
-    @field_validator("connection_string")
-    @classmethod
-    def _conn(cls, v: str) -> str:
-        return _no_password(v)
-
-    def redis_connection(self) -> str:
-        return with_password(self.connection_string, self.password_env)
-
-
 def with_password(connection_string: str, password_env: str | None) -> str:
     """The connection string with the password from `password_env` (read where it is used)."""
     if not password_env:
@@ -68,10 +54,27 @@ def with_password(connection_string: str, password_env: str | None) -> str:
     return f"{connection_string},password={os.environ[password_env]}"
 
 
-class StreamCfg(Strict):
+class RedisConnection(Strict):
+    """A Redis server, in Feast's connection-string grammar; its password by variable only."""
+    connection_string: str = "127.0.0.1:6379"  # host:port[,db=N,ssl=true]
+    password_env: str | None = None  # the environment variable holding its password
+
+    @field_validator("connection_string")
+    @classmethod
+    def _conn(cls, v: str) -> str:
+        return _no_password(v)
+
+    def redis_connection(self) -> str:
+        return with_password(self.connection_string, self.password_env)
+
+
+class OnlineStoreCfg(RedisConnection):
+    type: Literal["sqlite", "redis"] = "sqlite"  # sqlite: a file in the store's folder; the
+    # connection fields apply to redis
+
+
+class StreamCfg(RedisConnection):
     """The Redis stream `jobs.features consume` reads (one consumer group, acknowledged)."""
-    connection_string: str = "127.0.0.1:6379"
-    password_env: str | None = None  # the environment variable holding Redis's password
     key: str | None = None  # the stream's key; default "features:<project>"
     group: str = "mlops-features"
     consumer: str = "consumer-0"  # stable: after a restart it owns its unacknowledged events
@@ -84,14 +87,6 @@ class StreamCfg(Strict):
     # merge a view's stream parts into one once it has this many (0: never); fewer files keep
     # the point-in-time join fast on a busy stream
     compact_every: int = Field(100, ge=0)
-
-    @field_validator("connection_string")
-    @classmethod
-    def _conn(cls, v: str) -> str:
-        return _no_password(v)
-
-    def redis_connection(self) -> str:
-        return with_password(self.connection_string, self.password_env)
 
 
 class FeastCfg(Strict):
@@ -171,7 +166,3 @@ def check_dataset(feast: FeastCfg | None, label: str, features: list[str],
                  "entity frame (dataset.uri)")
     return p
 
-
-def summary(feast: FeastCfg | None) -> dict[str, Any]:
-    return {} if feast is None else {"project": feast.project,
-                                     "views": [v.name for v in feast.views]}

@@ -401,6 +401,19 @@ class FeaturesJob(TrainJob):
     action: Literal["apply", "materialize", "list", "consume", "stop"] = "list"
     end: str | None = None  # materialize up to this ISO 8601 time (default: now)
 
+    @field_validator("end")
+    @classmethod
+    def _end(cls, v: str | None) -> str | None:
+        from datetime import datetime
+        try:
+            t = datetime.fromisoformat(v) if v is not None else None
+        except ValueError:
+            raise ValueError(f"end='{v}': not an ISO 8601 time (e.g. 2024-06-30T00:00:00Z)") \
+                from None
+        if t is not None and t.tzinfo is None:
+            raise ValueError(f"end='{v}': give a time zone (e.g. a trailing Z for UTC)")
+        return v
+
     @model_validator(mode="after")
     def _has_store(self) -> FeaturesJob:
         if self.dataset.feast is None:

@@ -18,8 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
 import warnings
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -29,7 +27,9 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
+from mlops_ray.data.io import builtin_path
 from mlops_ray.errors import ConfigError, DataValidationError, StorageError
+from mlops_ray.storage import resolve
 
 if TYPE_CHECKING:
     from feast import FeatureStore
@@ -53,8 +53,7 @@ def store_dir(cfg: FeastCfg, storage_uri: str = "outputs") -> Path:
 
 def _source_path(uri: str) -> Path:
     if uri.startswith("builtin://"):
-        from mlops_ray.data.io import BUILTIN
-        return BUILTIN / f"{uri[len('builtin://'):]}.parquet"
+        return builtin_path(uri)
     if uri.startswith("s3://"):
         raise ConfigError(f"dataset.feast.views[].source='{uri}': local Parquet only for now")
     return Path(uri.removeprefix("file://")).expanduser()
@@ -108,13 +107,20 @@ class FeatureRepo:
         self.root = store_dir(cfg, storage_uri)
         self._store: FeatureStore | None = None
         self._objects: dict[str, Any] | None = None
+        self._schemas: dict[str, dict[str, Any]] = {}
 
     # ------------------------------------------------------------------ definitions
     def view_dir(self, view: str) -> Path:
         return self.root / "sources" / view
 
     def _schema(self, view: Any) -> dict[str, Any]:
-        """The view's columns and their Arrow types, from its base source (or applied copy)."""
+        """The view's columns and their Arrow types, from its base source (or applied copy);
+        read once per repo."""
+        if view.name not in self._schemas:
+            self._schemas[view.name] = self._read_schema(view)
+        return self._schemas[view.name]
+
+    def _read_schema(self, view: Any) -> dict[str, Any]:
         applied = self.view_dir(view.name) / "base.parquet"
         path = applied if applied.exists() else _source_path(view.source)
         if not path.exists():
@@ -215,12 +221,10 @@ class FeatureRepo:
                 if not src.exists():
                     raise StorageError(f"dataset.feast.views[{v.name}].source='{v.source}': "
                                        f"file not found ({src})")
-                d.mkdir(parents=True, exist_ok=True)
-                tmp = d / f".base.parquet.tmp-{os.getpid()}"
-                shutil.copyfile(src, tmp)
-                (d / "source.json").write_text(json.dumps({"source": v.source,
-                                                           "sha256": _sha256(src)}))
-                os.replace(tmp, base)  # whole or absent: a reader never sees half a file
+                data = src.read_bytes()  # whole or absent: a reader never sees half a file
+                self.write(v.name, "source.json", json.dumps(
+                    {"source": v.source, "sha256": hashlib.sha256(data).hexdigest()}).encode())
+                self.write(v.name, "base.parquet", data)
         objs = self.definitions()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -316,12 +320,21 @@ class FeatureRepo:
         table = pa.concat_tables([pq.read_table(p) for _, _, p in parts])
         first, last = min(a for a, _, _ in parts), max(b for _, b, _ in parts)
         name = f"compacted-{first[0]}-{first[1]}-{last[0]}-{last[1]}.parquet"
-        tmp = d / f".{name}.tmp-{os.getpid()}"  # not *.parquet: readers never see it
-        pq.write_table(table, tmp)
-        os.replace(tmp, d / name)
+        self.write_table(view, name, table)
         for _, _, p in parts:
             p.unlink()
         return {"view": view, "merged": len(parts), "rows": table.num_rows, "into": name}
+
+    def write(self, view: str, name: str, data: bytes) -> None:
+        """A file of the view's folder, whole: Storage's temporary name (never *.parquet, so
+        a reader's glob skips it) and rename."""
+        resolve(str(self.view_dir(view))).write_bytes(data, name)
+
+    def write_table(self, view: str, name: str, table: Any) -> None:
+        import pyarrow as pa
+        buf = pa.BufferOutputStream()
+        pq.write_table(table, buf)
+        self.write(view, name, buf.getvalue().to_pybytes())
 
     # ------------------------------------------------------------------ reads
     def training_frame(self, entity_df: pd.DataFrame) -> pd.DataFrame:

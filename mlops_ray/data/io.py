@@ -24,11 +24,16 @@ def _format(uri: str, fmt: str) -> str:
                                     "(allowed: a .parquet/.pq/.csv name, or set dataset.format)"])
 
 
+def builtin_path(uri: str) -> Path:
+    """builtin://NAME -> the shipped Parquet file (which may not exist)."""
+    return BUILTIN / f"{uri[len('builtin://'):]}.parquet"
+
+
 def load_table(uri: str, fmt: str = "auto", endpoint_url: str | None = None,
                region: str | None = None) -> pd.DataFrame:
     kind = _format(uri, fmt)
     if uri.startswith("builtin://"):
-        path = BUILTIN / f"{uri[len('builtin://'):]}.parquet"
+        path = builtin_path(uri)
         if not path.exists():
             names = sorted(p.stem for p in BUILTIN.glob("*.parquet"))
             raise StorageError(f"dataset.uri='{uri}': no such builtin dataset (allowed: "

@@ -10,17 +10,6 @@ from mlops_ray.data.featurestore import FeatureRepo
 from mlops_ray.errors import ConfigError
 
 
-def _when(s: str) -> datetime:
-    try:
-        t = datetime.fromisoformat(s.replace("Z", "+00:00"))
-    except ValueError:
-        raise ConfigError(f"end='{s}': not an ISO 8601 time (e.g. 2024-06-30T00:00:00Z)") \
-            from None
-    if t.tzinfo is None:
-        raise ConfigError(f"end='{s}': give a time zone (e.g. a trailing Z for UTC)")
-    return t
-
-
 def run(job: FeaturesJob) -> dict[str, Any]:
     if job.dataset.feast is None:  # FeaturesJob's validator refuses it; for the type checker
         raise ConfigError("dataset.feast: this experiment's dataset has no feature store")
@@ -29,7 +18,7 @@ def run(job: FeaturesJob) -> dict[str, Any]:
     if job.action == "apply":
         out = {"applied": repo.apply(), "store": str(repo.root)}
     elif job.action == "materialize":
-        out = repo.materialize(_when(job.end) if job.end else None)
+        out = repo.materialize(datetime.fromisoformat(job.end) if job.end else None)
     elif job.action == "list":
         repo.ensure_applied()
         out = {"store": str(repo.root), "views": repo.describe()}

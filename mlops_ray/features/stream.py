@@ -48,21 +48,13 @@ Emit = Callable[[str, float, dict[str, str]], None]  # (catalog metric, value, t
 
 
 def client(connection_string: str) -> Any:
-    """A redis-py client from Feast's connection string: host:port[,db=N,password=...,ssl=true]."""
+    """A redis-py client from the connection string, read by Feast's own parser (the online
+    store's grammar: host:port[,db=N,ssl=true,password=...])."""
     import redis
-    head, *opts = [p.strip() for p in connection_string.split(",") if p.strip()]
-    host, _, port = head.rpartition(":")
-    kw: dict[str, Any] = {"host": host or "127.0.0.1", "port": int(port or 6379),
-                          "decode_responses": True}
-    for o in opts:
-        k, _, v = o.partition("=")
-        if k == "db":
-            kw["db"] = int(v)
-        elif k in ("password", "username"):
-            kw[k] = v
-        elif k == "ssl":
-            kw["ssl"] = v.lower() == "true"
-    return redis.Redis(**kw)
+    from feast.infra.online_stores.redis import RedisOnlineStore
+    nodes, params = RedisOnlineStore._parse_connection_string(connection_string)
+    return redis.Redis(host=nodes[0]["host"], port=int(nodes[0]["port"]), **params,
+                       decode_responses=True)
 
 
 def _view(cfg: FeastCfg, name: str) -> Any:
@@ -271,12 +263,8 @@ class StreamConsumer:
         return pa.Table.from_arrays(cols, schema=schema)
 
     def _write_part(self, view: str, first: str, last: str, table: Any) -> None:
-        import pyarrow.parquet as pq
-        d = self.repo.view_dir(view)
-        name = f"stream-{first}-{last}.parquet"
-        tmp = d / f".{name}.tmp-{os.getpid()}"  # not *.parquet: readers never see it
-        pq.write_table(table, tmp)
-        os.replace(tmp, d / name)  # a re-applied batch replaces its own part
+        # a re-applied batch replaces its own part
+        self.repo.write_table(view, f"stream-{first}-{last}.parquet", table)
 
     def _dead_letters(self, view: str, events: list[tuple[str, dict[str, Any]]],
                       created: datetime) -> list[tuple[str, dict[str, Any]]]:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from mlops_ray import metrics, observability
-from tests.conftest import free_port, wait_until
+from tests.conftest import free_port, stop_server, wait_until
 
 pytestmark = [pytest.mark.ray, pytest.mark.server]
 TAG = "scrape-check"  # the value of every tag of what the recorder publishes
@@ -84,12 +84,7 @@ def prometheus(ray_2_cpus, tmp_path):
         wait_until(ready, 30, what="prometheus ready")
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        stop_server(proc, timeout=20)
         log.close()
 
 
