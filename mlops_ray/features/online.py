@@ -52,6 +52,12 @@ class OnlineLookup:
         self.timeout_s = 5.0  # an online store that hangs: 503, not a request that never ends
         self.reader: asyncio.Task | None = None
 
+    def open(self) -> None:
+        """Pay the store's fixed costs now (Feast's import, its registry, the online store's
+        first connection): a version loads with its store ready, and the request timeout
+        below bounds reads only. One read of a key nobody has does all of it."""
+        self.fetch([-1 if self.key_type == "int64" else ""])
+
     def keys(self, records: Any, max_rows: int) -> list[Any]:
         if not isinstance(records, list) or not records:
             raise RequestInvalid(["records: must be a non-empty list of objects"])

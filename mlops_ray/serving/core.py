@@ -84,6 +84,11 @@ class IngressCore:
         version that fails to load never receives traffic (the old routing stays)."""
         try:
             loaded = self.router.load(routing)
+            for ref, (sig, _) in loaded.items():
+                if sig.get("entity") is not None:
+                    # open the online store (Feast's import, its registry, a first read) while
+                    # the version loads, not inside the first request's store timeout
+                    self._online(ref, sig["entity"]).open()
         except Exception as e:  # noqa: BLE001 - reported through routing_state()
             self.router.load_error = f"{type(e).__name__}: {e}"
             log.error("routing not applied, a version failed to load: %s",

@@ -31,8 +31,8 @@ def served(ray_2_cpus, tmp_path_factory):
                                        f"storage.uri={store}", f"ray.address={ray_2_cpus}",
                                        f"serve.port={port}"])
     logs: list[str] = []
-    out = run_pipeline(pj, log=logs.append)
-    try:
+    try:  # a pipeline that fails after deploy must not leave its replicas holding the CPUs
+        out = run_pipeline(pj, log=logs.append)
         yield {"job": pj, "out": out, "url": f"http://127.0.0.1:{port}", "logs": logs}
     finally:
         serve.shutdown()

@@ -41,8 +41,8 @@ def deployed(ray_2_cpus, tmp_path_factory):
               # the prediction log keeps sensitive attributes: live fairness and retraining
               "serve.prediction_log.log_sensitive=true"]
     logs: list[str] = []
-    first = run_pipeline(pipeline_job(common), log=logs.append)
-    try:
+    try:  # a pipeline that fails after deploy must not leave its replicas holding the CPUs
+        first = run_pipeline(pipeline_job(common), log=logs.append)
         yield {"store": store, "common": common, "url": f"http://127.0.0.1:{port}",
                "first": first, "logs": logs, "reg": open_registry(pipeline_job(common))}
     finally:

@@ -217,6 +217,43 @@ def test_concurrent_requests_share_online_reads_and_unknown_keys_are_404(tmp_pat
     assert a[0]["x"] == 110.0 and c[0]["x"] == 120.0 and isinstance(b, TypeError)
 
 
+def test_a_loaded_version_has_its_store_open_and_a_hung_read_is_a_503(tmp_path):
+    """Serving opens a version's online store when it loads the version (Feast's import and
+    registry, a first read: seconds on a busy machine), so requests pay for reads only; a read
+    that then hangs past the timeout is a 503 naming the store, not a request that never ends."""
+    import asyncio
+    import threading
+
+    from mlops_ray.errors import RequestInvalid
+    from mlops_ray.features.online import OnlineLookup, entity_spec
+    src = pd.DataFrame({"k": np.arange(3, dtype="int64"),
+                        "event_timestamp": pd.Timestamp("2024-01-01", tz="UTC"),
+                        "created": pd.Timestamp("2024-01-01", tz="UTC"),
+                        "x": [1.0, 2.0, 3.0]})
+    for c in ("event_timestamp", "created"):
+        src[c] = src[c].astype("datetime64[us, UTC]")
+    src.to_parquet(tmp_path / "src.parquet", index=False)
+    cfg = _cfg(tmp_path, 0)
+    repo = FeatureRepo(cfg)
+    repo.materialize()
+    look = OnlineLookup(entity_spec(cfg.plain(), str(repo.root), ["x"]))
+    assert look.repo._store is None
+    look.open()  # what IngressCore.reconfigure does for a feature-store version
+    assert look.repo._store is not None
+    assert asyncio.run(look.enrich([{"k": 2}], 10)) == [{"x": 3.0}]
+
+    release = threading.Event()
+    fetch = look.fetch
+    look.fetch = lambda keys: (release.wait(30), fetch(keys))[1]  # type: ignore[method-assign]
+    look.timeout_s = 0.2
+    try:
+        with pytest.raises(RequestInvalid) as e:
+            asyncio.run(look.enrich([{"k": 1}], 10))
+    finally:
+        release.set()
+    assert e.value.status == 503 and "the online store did not answer in 0.2 s" in str(e.value)
+
+
 def test_jobs_features_refuses_bad_input_with_exit_2(tmp_path, capsys):
     from mlops_ray.config.train import FeaturesJob
     from mlops_ray.features.ops import run
