@@ -6,7 +6,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import train_test_split
 
 from mlops_ray.data.io import dataset_version, load_table
 from mlops_ray.data.preprocess import Preprocessor
@@ -66,6 +65,9 @@ def _strata(df: pd.DataFrame, cols: list[str]) -> pd.Series | None:
 
 
 def split_rows(df: pd.DataFrame, ds: DatasetCfg, seed: int) -> dict[str, np.ndarray]:
+    # here, not at the top: scikit-learn's import (~1 s) would be paid by every Ray worker that
+    # imports mlops_ray.data for its light parts (scoring actors, read and write tasks, replicas)
+    from sklearn.model_selection import train_test_split
     s = ds.split
     pos = np.arange(len(df))
     strat_cols = [ds.label, *ds.sensitive]

@@ -9,8 +9,6 @@ from collections import Counter, deque
 from typing import Any
 
 import numpy as np
-from scipy import stats
-from scipy.spatial.distance import jensenshannon
 
 from mlops_ray.data.profile import bin_shares
 
@@ -47,6 +45,10 @@ class DriftMonitor:
         return {c: list(q) for c, q in (*self.num.items(), *self.cat.items())}
 
     def table(self, snap: dict[str, list] | None = None) -> list[dict[str, Any]]:
+        # SciPy here, not at the top: only the process that builds the table pays its import
+        # (~0.5 s), not every scoring actor, read or write task that imports this module
+        from scipy import stats
+        from scipy.spatial.distance import jensenshannon
         cfg, out = self.cfg, []
         snap = snap if snap is not None else self.snapshot()
         for c in self.num:

@@ -15,8 +15,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy import stats
-from scipy.spatial.distance import jensenshannon
 
 from mlops_ray.evaluation.drift import EPS, psi
 
@@ -84,6 +82,7 @@ def merge(a: dict[str, Any] | None, b: dict[str, Any] | None) -> dict[str, Any] 
 def _chi2_p(live: np.ndarray, ref_shares: np.ndarray) -> float | None:
     if len(live) < 2:  # one bin (e.g. a column that was constant in training): no test
         return None
+    from scipy import stats  # the driver's report only: scoring actors count, never test
     ref = np.clip(ref_shares, EPS, None)
     ref = ref / ref.sum()
     p = float(stats.chisquare(live, ref * live.sum()).pvalue)
@@ -129,6 +128,7 @@ def drift_table(counts: dict[str, Any] | None, reference: dict[str, Any],
         if n:
             ref_shares = np.array([shares.get(k, 0.0) for k in cats])
             ref_shares = np.clip(ref_shares, EPS, None) / np.clip(ref_shares, EPS, None).sum()
+            from scipy.spatial.distance import jensenshannon
             row["js"] = float(jensenshannon(ref_shares, live / n, base=2))
             row["chi2_p"] = _chi2_p(live, ref_shares)
             row["alert"] = bool(row["js"] > cfg["js_threshold"] and row["chi2_p"] is not None

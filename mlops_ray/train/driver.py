@@ -25,14 +25,16 @@ from mlops_ray.errors import TrainingFailed
 from mlops_ray.runtime import code_version, ensure_ray, library_versions
 from mlops_ray.storage import Storage, from_cfg
 from mlops_ray.train.resume import repair_run_dir
-from mlops_ray.train.tasks import Task, task_for
+from mlops_ray.train.tasks import task_for
 
 
 def checkpoint_uri(storage: Storage, path: str) -> str:
     return f"file://{path}" if storage.is_local else f"s3://{path}"
 
 
-def _progress_callback(task: Task) -> Any:
+def _progress_callback(progress: Callable[[dict[str, Any], bool], str | None]) -> Any:
+    """Only the line function goes into the callback (pickled to the controller): not the
+    task, whose closures hold the prepared data, nor a module that imports torch."""
     from ray.train import UserCallback
 
     class Progress(UserCallback):
@@ -40,7 +42,7 @@ def _progress_callback(task: Task) -> Any:
 
         def after_report(self, run_context: Any, metrics: list[dict[str, Any]],
                          checkpoint: Any) -> None:
-            if line := task.progress(metrics[0], checkpoint is not None):
+            if line := progress(metrics[0], checkpoint is not None):
                 print(line, flush=True)
 
     return Progress()
@@ -162,7 +164,7 @@ def run_training(job: RunSections, *, prepared: Any = None, log: Any = print) ->
     record = {**base_record(job, run_name, task.dataset, storage), **task.record}
     start_record(record, storage, run_name, cluster, log)
     trainer = trainer_for(job, task.loop, task.loop_config(run_name), run_name, storage, "runs",
-                          [_progress_callback(task)], task.trainer)
+                          [_progress_callback(task.progress)], task.trainer)
     t_fit = time.time()
     result, node_hours = fit(trainer, job, record, storage, run_name)
     ret = result.return_value or {}

@@ -38,6 +38,7 @@ from mlops_ray.config.train import EarlyStopCfg
 from mlops_ray.models.synthetic import SyntheticTokens
 from mlops_ray.perf import mfu
 from mlops_ray.train import session as sessions
+from mlops_ray.train.progress import lm_line
 from mlops_ray.train.spot import EarlyStopping, Spot, seed_for
 from mlops_ray.train.tasks import Task
 from mlops_ray.train.tasks.lm_ops import (
@@ -343,18 +344,6 @@ def _fmt(v: Any, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
-def progress_line(m: dict[str, Any], checkpoint: bool = False) -> str | None:
-    if "perf/tokens_per_s" not in m:
-        return None
-    line = (f"[mlops_ray] step {m['step']}: train/loss={m['train/loss']:.4f}"
-            + (f" val/loss={m['val/loss']:.4f}" if "val/loss" in m else "")
-            + f" {m['perf/tokens_per_s']:,.0f} tokens/s {m['perf/step_ms']:.1f} ms/step"
-            + (f" MFU {100 * m['perf/mfu']:.1f}%" if m.get("perf/mfu") is not None else "")
-            + (f" {m['perf/gpu_mem_gib']:.2f} GiB" if m.get("perf/gpu_mem_gib") is not None
-               else ""))
-    return line + (" [checkpoint]" if checkpoint else "")
-
-
 def summary_lines(record: dict[str, Any]) -> list[str]:
     s, h = record.get("summary") or {}, record.get("history") or []
     final, best = record.get("final") or {}, record.get("best") or {}
@@ -389,5 +378,5 @@ def make(job: LmJob) -> Task:
     return Task(name="lm", loop=lm_train_loop_per_worker,
                 loop_config=lambda run_name: loop_config(job, run_name).plain(),
                 data_version=version, dataset={**job.dataset.plain(), "version": version},
-                progress=progress_line, summary=summary_lines, record={"task": "lm"},
+                progress=lm_line, summary=summary_lines, record={"task": "lm"},
                 step_key="step")

@@ -25,6 +25,7 @@ from mlops_ray.config.train import EarlyStopCfg, FairnessPenaltyCfg, TrainJob
 from mlops_ray.models.trees import Trees
 from mlops_ray.tracking import Live
 from mlops_ray.train import session as sessions
+from mlops_ray.train.progress import tabular_line
 from mlops_ray.train.spot import EarlyStopping, Spot, seed_for
 from mlops_ray.train.tasks import Task, gate_metrics
 from mlops_ray.utils import build
@@ -294,21 +295,6 @@ def test_metrics(best: Any, prepared: Any) -> dict[str, float]:
                           prefix="test/")
 
 
-def progress_line(m: dict[str, Any], checkpoint: bool) -> str | None:
-    if "best_round" in m:  # trees: the last report, the model the run keeps
-        return (f"[mlops_ray] kept: the model's first {m['best_round']} rounds (best on "
-                f"validation), val/auc={m['val/auc']:.4f} val/loss={m['val/loss']:.4f}")
-    if "round" in m and "time/rounds_per_s" in m:  # trees
-        return (f"[mlops_ray] round {m['round']}: val/auc={m['val/auc']:.4f} "
-                f"val/loss={m['val/loss']:.4f} {m['time/rounds_per_s']:.1f} rounds/s"
-                + (" [checkpoint]" if checkpoint else ""))
-    if "train/loss" not in m:
-        return None
-    return (f"[mlops_ray] epoch {m['epoch']}: train/loss={m['train/loss']:.4f} "
-            f"val/auc={m['val/auc']:.4f} {m['time/samples_per_s']:.0f} samples/s"
-            + (" [checkpoint]" if checkpoint else ""))
-
-
 def summary_lines(record: dict[str, Any]) -> list[str]:
     best, test = record.get("best", {}), record.get("test", {})
     return [
@@ -350,4 +336,4 @@ def make(job: TrainJob, prepared: Any = None) -> Task:
                 data_version=prepared.version,
                 dataset={"name": job.dataset.name, "uri": job.dataset.uri,
                          **prepared.summary()},
-                progress=progress_line, summary=summary_lines, finish=finish)
+                progress=tabular_line, summary=summary_lines, finish=finish)
