@@ -159,8 +159,10 @@ def _pids(tmp: str) -> list[int]:
     for d in Path("/proc").glob("[0-9]*"):
         with contextlib.suppress(OSError, ValueError, IndexError):
             pid = int(d.name)
-            stat = (d / "stat").read_text()
-            parent[pid] = int(stat.rsplit(")", 1)[1].split()[1])
+            state, ppid = (d / "stat").read_text().rsplit(")", 1)[1].split()[:2]
+            if state in ("Z", "X"):  # dead, only not reaped yet: nothing left to stop
+                continue
+            parent[pid] = int(ppid)
             if pid != mine and tmp.encode() in (d / "cmdline").read_bytes():
                 roots.add(pid)
     found, grew = set(roots), True
@@ -188,6 +190,10 @@ def stop(folder: Path | None = None, quiet: bool = False, grace_s: float = 10) -
     for pid in _pids(tmp):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+    # a killed process is gone only once the kernel has torn it down: return after that
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and _pids(tmp):
+        time.sleep(0.1)
     with contextlib.suppress(OSError):
         (folder / "warm.json").unlink()
     if not quiet:
