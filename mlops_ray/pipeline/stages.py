@@ -119,6 +119,17 @@ def deploy(ctx: Context) -> dict[str, Any]:
         e["output"] = f"{sj.endpoint()}/predict -> {prod.ref}"
         cur = control.current_routing(sj)
         served = [a["ref"] for a in cur["arms"]] if cur else []
+        for arm in cur["arms"] if cur else []:
+            if arm["ref"] == prod.ref and arm.get("content_hash") != prod.content_hash:
+                # the same name and number from another registry (another storage.uri on
+                # this cluster): a skip or a rollout would keep serving the other model
+                from mlops_ray.errors import ServeError
+                raise ServeError(
+                    f"serve.app_name='{sj.app_name}' on this cluster serves {prod.ref} with "
+                    f"content {str(arm.get('content_hash'))[:16]}…, from another registry; "
+                    f"this registry's {prod.ref} is {prod.content_hash[:16]}…: give this "
+                    "pipeline its own serve.app_name, or remove the other app first "
+                    "(make stop, or serve.delete on the cluster)")
         if served == [prod.ref]:
             e.update(status="skipped", note=f"'{sj.app_name}' serves {prod.ref}")
         elif cur:

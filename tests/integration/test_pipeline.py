@@ -25,6 +25,12 @@ from tests.conftest import PROFILE, free_port, in_process, wait_until
 pytestmark = pytest.mark.ray
 
 
+ROW = {"age": 39, "workclass": "State-gov", "fnlwgt": 77516, "education": "Bachelors",
+       "education_num": 13, "marital_status": "Never-married", "occupation": "Adm-clerical",
+       "relationship": "Not-in-family", "race": "White", "sex": "Male", "capital_gain": 2174,
+       "capital_loss": 0, "hours_per_week": 40, "native_country": "United-States"}
+
+
 def pipeline_job(common: list[str], *extra: str) -> PipelineJob:
     return job("pipeline", PipelineJob, [*common, *extra])
 
@@ -82,6 +88,28 @@ def test_pipeline_serves_the_gated_model_and_a_rerun_skips_finished_stages(deplo
     assert notes["evaluate"] == "adult_mlp:1 is production already"
     actions = [h["action"] for h in deployed["reg"].audit_log("adult_mlp")]
     assert actions.count("register") == 1 and actions.count("deploy") == 1
+
+
+def test_another_registrys_version_of_the_same_number_does_not_pass_for_the_served_one(
+        deployed, tmp_path, capsys):
+    """Another storage.uri (another registry) whose production is also adult_mlp:1, but
+    another artifact: its deploy onto the app serving the first registry's adult_mlp:1 is
+    refused (exit 10) naming both contents, instead of being skipped as already served, and
+    the app still answers with the first registry's version."""
+    from mlops_ray.pipeline.run import run_pipeline
+    other = [c for c in deployed["common"] if not c.startswith("storage.uri=")]
+    before = requests.post(deployed["url"] + "/predict", json={"records": [ROW]}, timeout=30)
+    code = in_process("pipeline", PipelineJob, [
+        *other, f"storage.uri={tmp_path}", "stages=[train,evaluate,promote,deploy]"],
+        run_pipeline)
+    out, err = capsys.readouterr()
+    assert code == 10, out[-3000:] + err[-3000:]
+    assert "serves adult_mlp:1 with content" in err and "from another registry" in err
+    (path,) = tmp_path.glob("runs/adult_mlp-*/pipeline.json")
+    assert statuses(json.loads(path.read_text()))["deploy"] == "failed"
+    after = requests.post(deployed["url"] + "/predict", json={"records": [ROW]}, timeout=30)
+    assert after.status_code == 200 and before.status_code == 200
+    assert after.json()["probabilities"] == before.json()["probabilities"]
 
 
 def test_served_answers_are_the_judged_rule_mitigation_included(deployed):
