@@ -22,7 +22,6 @@ def tabular_line(m: dict[str, Any], checkpoint: bool) -> str | None:
             + (" [checkpoint]" if checkpoint else ""))
 
 
-
 def lm_line(m: dict[str, Any], checkpoint: bool = False) -> str | None:
     if "perf/tokens_per_s" not in m:
         return None
