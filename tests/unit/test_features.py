@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import numpy as np
@@ -149,6 +150,22 @@ def test_the_join_matches_duckdb_as_of(tmp_path_factory, data, created, ttl_s):
     pd.testing.assert_series_equal(got, want, check_names=False)
 
 
+def _online_lookup(root: Path, xs: Any, inputs: list[str]) -> Any:
+    """A one-view store (key k = 0.., feature x = `xs`, all known on 2024-01-01), materialized,
+    and serving's lookup of `inputs` on it."""
+    from mlops_ray.features.online import OnlineLookup, entity_spec
+    src = pd.DataFrame({"k": np.arange(len(xs), dtype="int64"),
+                        "event_timestamp": pd.Timestamp("2024-01-01", tz="UTC"),
+                        "created": pd.Timestamp("2024-01-01", tz="UTC"), "x": xs})
+    for c in ("event_timestamp", "created"):
+        src[c] = src[c].astype("datetime64[us, UTC]")
+    src.to_parquet(root / "src.parquet", index=False)
+    cfg = _cfg(root, 0)
+    repo = FeatureRepo(cfg)
+    repo.materialize()
+    return OnlineLookup(entity_spec(cfg.plain(), str(repo.root), inputs))
+
+
 def test_concurrent_requests_share_online_reads_and_unknown_keys_are_404(tmp_path):
     """16 requests arrive while one online read is in flight: they share the next read (two
     store calls in all), each gets its own person's features, and an unknown key is a 404
@@ -157,18 +174,7 @@ def test_concurrent_requests_share_online_reads_and_unknown_keys_are_404(tmp_pat
     import threading
 
     from mlops_ray.errors import RequestInvalid
-    from mlops_ray.features.online import OnlineLookup, entity_spec
-    src = pd.DataFrame({"k": np.arange(20, dtype="int64"),
-                        "event_timestamp": pd.Timestamp("2024-01-01", tz="UTC"),
-                        "created": pd.Timestamp("2024-01-01", tz="UTC"),
-                        "x": np.arange(20, dtype="float64") * 10})
-    for c in ("event_timestamp", "created"):
-        src[c] = src[c].astype("datetime64[us, UTC]")
-    src.to_parquet(tmp_path / "src.parquet", index=False)
-    cfg = _cfg(tmp_path, 0)
-    repo = FeatureRepo(cfg)
-    repo.materialize()
-    look = OnlineLookup(entity_spec(cfg.plain(), str(repo.root), ["x", "other"]))
+    look = _online_lookup(tmp_path, np.arange(20, dtype="float64") * 10, ["x", "other"])
     assert look.features == ["x"]
     calls, first_in, release = [], threading.Event(), threading.Event()
     fetch = look.fetch
@@ -225,18 +231,7 @@ def test_a_loaded_version_has_its_store_open_and_a_hung_read_is_a_503(tmp_path):
     import threading
 
     from mlops_ray.errors import RequestInvalid
-    from mlops_ray.features.online import OnlineLookup, entity_spec
-    src = pd.DataFrame({"k": np.arange(3, dtype="int64"),
-                        "event_timestamp": pd.Timestamp("2024-01-01", tz="UTC"),
-                        "created": pd.Timestamp("2024-01-01", tz="UTC"),
-                        "x": [1.0, 2.0, 3.0]})
-    for c in ("event_timestamp", "created"):
-        src[c] = src[c].astype("datetime64[us, UTC]")
-    src.to_parquet(tmp_path / "src.parquet", index=False)
-    cfg = _cfg(tmp_path, 0)
-    repo = FeatureRepo(cfg)
-    repo.materialize()
-    look = OnlineLookup(entity_spec(cfg.plain(), str(repo.root), ["x"]))
+    look = _online_lookup(tmp_path, [1.0, 2.0, 3.0], ["x"])
     assert look.repo._store is None
     look.open()  # what IngressCore.reconfigure does for a feature-store version
     assert look.repo._store is not None
