@@ -36,7 +36,7 @@ class CvCfg(Strict):
     epochs: int | None = Field(None, ge=1)
     parallel: bool = True
     max_parallel: int = Field(2, ge=1)
-    cpus_per_fold: float = Field(1.0, gt=0)
+    cpus_per_fold: float = Field(0.5, gt=0)
 
 
 class ThresholdCfg(Strict):

@@ -27,6 +27,7 @@ class Context:
     already: bool = False  # production already is this run
     tag: str = ""  # a raced candidate's stages: "train[xgboost]"
     report: dict[str, Any] | None = None  # the evaluate stage's gate report
+    serve_start: Any = None  # (thread, outcome) of Serve's start ahead of deploy
 
     @property
     def model(self) -> str:

@@ -103,9 +103,10 @@ def _folds(job: EvaluateJob, run_job: TrainJob, prepared: Prepared, run_store: A
     return [results[i] for i in range(cvc.folds)]
 
 
-def run_evaluation(job: EvaluateJob, log: Any = print, prepared: Prepared | None = None
-                   ) -> dict[str, Any]:
+def run_evaluation(job: EvaluateJob, log: Any = print, prepared: Prepared | None = None,
+                   after_cv: Any = None) -> dict[str, Any]:
     """Evaluate a run against the gates; writes the report and model card; returns the report.
+    `after_cv()` runs once the folds are trained (the rest is this process's work alone).
 
     Every input is checked before any work starts (run exists, data unchanged, sensitive
     attributes present, gate metrics known). `prepared`: the pipeline's data, reused when it
@@ -132,10 +133,21 @@ def run_evaluation(job: EvaluateJob, log: Any = print, prepared: Prepared | None
 
     # 1. cross-validation, and a logistic-regression baseline on the same folds
     from mlops_ray.evaluation import baseline
-    folds = _folds(job, run_job, prepared, run_store, log)
+    def base_folds() -> list[dict[str, Any]]:
+        return baseline.baseline_folds(
+            prepared, cvmod.fold_indices(prepared, job.cv.folds, run_job.seed), run_job.seed)
+    if job.cv.parallel:  # the baseline is fitted here while Ray trains the folds
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(base_folds)
+            folds = _folds(job, run_job, prepared, run_store, log)
+            base = pending.result()
+    else:
+        folds = _folds(job, run_job, prepared, run_store, log)
+        base = base_folds()
+    if after_cv:
+        after_cv()
     cv_summary = cvmod.summarise(folds)
-    base = baseline.baseline_folds(prepared, cvmod.fold_indices(prepared, job.cv.folds,
-                                                               run_job.seed), run_job.seed)
     cv_summary.update(baseline.compare(folds, base))
     log(f"cross-validation AUC {cv_summary['cv/auc_mean']:.4f} (baseline, logistic "
         f"regression on the same folds: {cv_summary['cv/baseline_auc_mean']:.4f}; difference "

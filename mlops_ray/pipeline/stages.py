@@ -69,7 +69,11 @@ def evaluate(ctx: Context) -> dict[str, Any] | None:
             e.update(status="skipped", note="gate report is current")
         else:
             ctx.log(f"   evaluating: {why}")
-            report = run_evaluation(ej, log=ctx.log, prepared=ctx.prepared)
+            # Serve starts while this process alone judges the folds and the test rows (not
+            # per raced candidate: one start, on the way to the winner's deploy, is enough)
+            early = (lambda: start_serve_early(ctx)) if (
+                "deploy" in ctx.job.stages and not ctx.tag) else None
+            report = run_evaluation(ej, log=ctx.log, prepared=ctx.prepared, after_cv=early)
         e["output"] = report["report_uri"]
         ctx.report = report
         ctx.log(verdict_table(report["gates"]))
@@ -107,6 +111,42 @@ def promote(ctx: Context) -> int | None:
         return int(res["version"])
 
 
+def start_serve_early(ctx: Context) -> None:
+    """Start Serve's controller and proxy on a thread while evaluation's own work runs after
+    cross-validation (one core busy), so that deploy only adds the app: most of Serve's start
+    is process starts. Only on a Ray this process is already attached to; deploy waits for it
+    (`serve_started`)."""
+    import threading
+
+    import ray
+
+    from mlops_ray.serving import control
+    if not ray.is_initialized():
+        return
+    sj = ctx.job.serve_job()
+    outcome: dict[str, Any] = {}
+
+    def start() -> None:
+        try:
+            outcome["facts"] = control.start(sj)
+        except Exception as e:  # noqa: BLE001 - deploy starts it again and raises it there
+            outcome["error"] = e
+    thread = threading.Thread(target=start, name="serve-start", daemon=True)
+    thread.start()
+    ctx.serve_start = (thread, outcome)
+
+
+def serve_started(ctx: Context, timeout_s: float = 300) -> dict[str, Any] | None:
+    """The cluster facts of Serve's early start once it is done; None when it did not run or
+    failed (deploy then starts Serve itself, and a failure shows there with its own error)."""
+    if ctx.serve_start is None:
+        return None
+    thread, outcome = ctx.serve_start
+    thread.join(timeout_s)
+    ctx.serve_start = None
+    return outcome.get("facts")
+
+
 def deploy(ctx: Context) -> dict[str, Any]:
     from mlops_ray.serving import control, rollout
     sj = ctx.job.serve_job()
@@ -115,7 +155,7 @@ def deploy(ctx: Context) -> dict[str, Any]:
         if ctx.job.dataset.feast is not None:  # entity-keyed requests read the online store
             from mlops_ray.data.featurestore import FeatureRepo
             FeatureRepo(ctx.job.dataset.feast, ctx.job.storage.uri).materialize()
-        facts = control.start(sj)
+        facts = serve_started(ctx) or control.start(sj)
         e["output"] = f"{sj.endpoint()}/predict -> {prod.ref}"
         cur = control.current_routing(sj)
         served = [a["ref"] for a in cur["arms"]] if cur else []

@@ -62,7 +62,7 @@ def _remote_fold(cfg: dict[str, Any], prepared: Any, train_rows: np.ndarray,
 
 def train_folds(job: TrainJob, prepared: Any, folds: list[tuple[np.ndarray, np.ndarray]],
                 todo: list[int], *, parallel: bool = True, max_parallel: int = 2,
-                cpus_per_fold: float = 1.0, epochs: int | None = None,
+                cpus_per_fold: float = 0.5, epochs: int | None = None,
                 save: Callable[[int, dict], None] = lambda i, r: None,
                 log: Callable[[str], None] = print) -> dict[int, dict[str, Any]]:
     """Train the folds numbered in `todo`; `save` stores each as it finishes."""

@@ -99,6 +99,18 @@ def test_bootstrap_ci_contains_estimate_and_is_deterministic():
     assert a != bootstrap_ci(roc_auc, y, p, n=200, seed=4, strata=y)
 
 
+def test_bootstrap_auc_fast_path_is_the_per_resample_sklearn_interval():
+    """roc_auc's interval is computed on multiplicities (one sort); it must be the interval of
+    sklearn on each resampled set of rows, ties and one-class resamples (NaN) included."""
+    y, p, _ = synthetic(40)
+    p = np.round(p, 1)
+    rare = (np.arange(20) < 2).astype(int)  # 2 positives in 20: ~12% of resamples have none
+    for yy, pp, strata in ((y, p, y), (y, p, None), (rare, p[:20], None)):
+        fast = bootstrap_ci(roc_auc, yy, pp, n=300, seed=5, strata=strata)
+        slow = bootstrap_ci(lambda a, b: roc_auc(a, b), yy, pp, n=300, seed=5, strata=strata)
+        assert fast == pytest.approx(slow, abs=1e-12)
+
+
 def test_weighted_auc_matches_sklearn_with_ties():
     y, p, _ = synthetic(500)
     p = np.round(p, 1)  # many ties
