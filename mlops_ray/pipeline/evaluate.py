@@ -34,8 +34,10 @@ def evaluation_inputs(job: EvaluateJob, rec: dict[str, Any]) -> dict[str, Any]:
     from mlops_ray.runtime import code_version
     from mlops_ray.utils import stable_hash
     code = code_version()
+    cv = job.cv.plain()  # how the folds are scheduled (parallel, CPUs) changes no result
     parts = {"threshold": job.threshold.plain(), "fairness": job.fairness.plain(),
-             "cv": job.cv.plain(), "gates": job.gates.plain(), "n_boot": job.n_boot,
+             "cv": {k: cv[k] for k in ("folds", "epochs")}, "gates": job.gates.plain(),
+             "n_boot": job.n_boot,
              "data_version": rec["dataset"]["version"],
              "code_version": code.get("git_commit") or code.get("package")}
     return {k: stable_hash(v) for k, v in parts.items()}

@@ -444,6 +444,8 @@ def test_a_stored_report_is_reused_only_for_the_same_evaluation_inputs(tmp_path,
     def why(j: EvaluateJob, r: dict = rec) -> str | None:
         return ev.needs_evaluation(report, r, None, [], key, ev.evaluation_inputs(j, r))
     assert why(base) is None
+    # how the folds are scheduled changes no number in the report: it is reused
+    assert why(eval_job("cv.max_parallel=1", "cv.cpus_per_fold=1", "cv.parallel=false")) is None
     for overrides, part in [(["threshold.objective=youden"], "threshold"),
                             (["fairness.mitigation=none"], "fairness"),
                             (["cv.folds=3"], "cv"), (["n_boot=123"], "n_boot"),
