@@ -69,8 +69,8 @@ def evaluate(ctx: Context) -> dict[str, Any] | None:
             e.update(status="skipped", note="gate report is current")
         else:
             ctx.log(f"   evaluating: {why}")
-            # Serve starts while this process alone judges the folds and the test rows (not
-            # per raced candidate: one start, on the way to the winner's deploy, is enough)
+            # Serve starts while this process alone judges the test rows (not for a raced
+            # candidate: the race's winner is not known yet)
             early = (lambda: start_serve_early(ctx)) if (
                 "deploy" in ctx.job.stages and not ctx.tag) else None
             report = run_evaluation(ej, log=ctx.log, prepared=ctx.prepared, after_cv=early)
@@ -114,37 +114,56 @@ def promote(ctx: Context) -> int | None:
 def start_serve_early(ctx: Context) -> None:
     """Start Serve's controller and proxy on a thread while evaluation's own work runs after
     cross-validation (one core busy), so that deploy only adds the app: most of Serve's start
-    is process starts. Only on a Ray this process is already attached to; deploy waits for it
-    (`serve_started`)."""
+    is process starts. Only on a Ray this process is already attached to, and only when Serve
+    does not run there yet; deploy waits for it (`serve_started`), and a pipeline that ends
+    before deploy removes what it started (`serve_started(ctx, deployed=False)`)."""
     import threading
 
     import ray
 
     from mlops_ray.serving import control
-    if not ray.is_initialized():
+    if not ray.is_initialized() or control.serve_running():
         return
     sj = ctx.job.serve_job()
+    control.serve_env(sj)  # on this thread: the other one then only reads the environment
     outcome: dict[str, Any] = {}
 
     def start() -> None:
         try:
             outcome["facts"] = control.start(sj)
-        except Exception as e:  # noqa: BLE001 - deploy starts it again and raises it there
+        except Exception as e:  # noqa: BLE001 - handed to deploy, which raises it
             outcome["error"] = e
     thread = threading.Thread(target=start, name="serve-start", daemon=True)
     thread.start()
     ctx.serve_start = (thread, outcome)
 
 
-def serve_started(ctx: Context, timeout_s: float = 300) -> dict[str, Any] | None:
-    """The cluster facts of Serve's early start once it is done; None when it did not run or
-    failed (deploy then starts Serve itself, and a failure shows there with its own error)."""
+def serve_started(ctx: Context, deployed: bool = True, timeout_s: float = 300
+                  ) -> dict[str, Any] | None:
+    """Wait for Serve's early start. For deploy (`deployed`): its cluster facts, None when it
+    did not run; its error is raised here, as `control.start` would have raised it. Otherwise
+    (the pipeline ends without deploying: a refused candidate, a failure) Serve, which this
+    job started and nothing uses, is shut down again."""
     if ctx.serve_start is None:
         return None
+    from mlops_ray.errors import ServeError
     thread, outcome = ctx.serve_start
     thread.join(timeout_s)
     ctx.serve_start = None
-    return outcome.get("facts")
+    if not deployed:
+        if not thread.is_alive() and "facts" in outcome:
+            try:
+                from ray import serve
+                serve.shutdown()
+            except Exception as e:  # noqa: BLE001 - never hide why the pipeline ended
+                ctx.log(f"warning: Serve, started for a deploy that did not come, is still "
+                        f"running ({type(e).__name__}: {e}); make stop ends it")
+        return None
+    if thread.is_alive():
+        raise ServeError(f"Serve's controller and proxy did not start within {timeout_s:.0f} s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return dict(outcome["facts"])
 
 
 def deploy(ctx: Context) -> dict[str, Any]:

@@ -55,13 +55,9 @@ def deployment_options(s: ServeCfg, part: str) -> dict[str, Any]:
     return opts
 
 
-def start(sj: ServeJob) -> dict[str, Any]:
-    """Ray (local or joined) and Serve's proxies, bound to serve.host."""
-    from ray import serve
-
-    from mlops_ray.runtime import ensure_ray
-    from mlops_ray.serving.auth import check_bind
-    check_bind(sj.serve.host, sj.serve.auth)  # off loopback: keys, or an explicit opt-out
+def serve_env(sj: ServeJob) -> None:
+    """The environment Serve reads on a local Ray (set before Ray starts, and on the thread
+    that will use Ray: the pipeline's early start sets it here, then starts Serve on another)."""
     local = sj.ray.address in (None, "local")  # the warm Ray has these from its start
     if sj.serve.direct_ingress and local:
         # read by the Serve controller and replicas of a throwaway local Ray; a replica that
@@ -69,8 +65,29 @@ def start(sj: ServeJob) -> dict[str, Any]:
         # balancer runs on a local cluster
         os.environ.setdefault("RAY_SERVE_ENABLE_DIRECT_INGRESS", "1")
         os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "5")
-    elif sj.ray.address == "local":
+    elif sj.ray.address == "local" and os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS") != "0":
         os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "0"  # the proxy only, as configured
+
+
+def serve_running() -> bool:
+    """Whether Serve's controller runs on the cluster this process is attached to."""
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+    try:
+        ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+        return True
+    except ValueError:
+        return False
+
+
+def start(sj: ServeJob) -> dict[str, Any]:
+    """Ray (local or joined) and Serve's proxies, bound to serve.host."""
+    from ray import serve
+
+    from mlops_ray.runtime import ensure_ray
+    from mlops_ray.serving.auth import check_bind
+    check_bind(sj.serve.host, sj.serve.auth)  # off loopback: keys, or an explicit opt-out
+    serve_env(sj)
     facts = ensure_ray(sj.ray.plain())
     s = sj.serve
     kw: dict[str, Any] = {"http_options": {"host": s.host, "port": s.port},

@@ -499,3 +499,39 @@ def test_the_default_threshold_does_not_collapse_on_balanced_data():
     assert (p >= free).mean() > 0.8  # the collapse
     assert y.mean() / 1.5 <= (p >= guarded).mean() <= y.mean() * 1.5
     assert ((p >= guarded) == y).mean() > ((p >= free) == y).mean()
+
+
+def test_deploy_waits_for_serves_early_start_and_raises_its_error():
+    """The pipeline starts Serve on a thread during evaluation: deploy waits for that start,
+    gets its facts, or raises its error as a start on the main thread would have; a start that
+    hangs is a ServeError, not a second start racing it."""
+    import threading
+
+    from mlops_ray.errors import ServeError
+    from mlops_ray.pipeline import stages
+    from mlops_ray.pipeline.context import Context
+
+    def early(result: dict, release: threading.Event) -> Context:
+        ctx = Context(job=None, prepared=None, reg=None, log=print, names=[])
+        outcome: dict = {}
+
+        def start() -> None:
+            assert release.wait(60)
+            outcome.update(result)
+        thread = threading.Thread(target=start, daemon=True)
+        thread.start()
+        ctx.serve_start = (thread, outcome)
+        return ctx
+    go = threading.Event()
+    threading.Timer(0.05, go.set).start()  # deploy arrives before the start is done
+    assert stages.serve_started(early({"facts": {"address": "a"}}, go)) == {"address": "a"}
+    taken = ServeError("serve.port=8000 is taken")
+    with pytest.raises(ServeError, match="8000 is taken"):
+        stages.serve_started(early({"error": taken}, go))
+    # a pipeline that ended before deploy does not raise the start's error over its own
+    assert stages.serve_started(early({"error": taken}, go), deployed=False) is None
+    hung = threading.Event()
+    with pytest.raises(ServeError, match="did not start within 0 s"):
+        stages.serve_started(early({"facts": {}}, hung), timeout_s=0.01)
+    hung.set()
+    assert stages.serve_started(Context(None, None, None, print, [])) is None  # no early start
