@@ -94,10 +94,11 @@ def bootstrap_ci(fn: Callable[..., float], *arrays: np.ndarray, n: int = 1000,
     binary = fn is roc_auc and set(np.unique(arrays[0]).tolist()) <= {0, 1}
     for chunk in resample_indices(rows, n, seed, strata):
         if binary:  # the same resamples as multiplicities: one sort in all
-            b = len(chunk)
-            flat = (chunk + rows * np.arange(b)[:, None]).ravel()
-            w = np.bincount(flat, minlength=b * rows).reshape(b, rows).astype(np.float64)
-            stats.extend(weighted_auc(arrays[0].astype(int), arrays[1], w).tolist())
+            for part in np.array_split(chunk, max(1, len(chunk) // 16)):  # bounds memory
+                b = len(part)
+                flat = (part + rows * np.arange(b)[:, None]).ravel()
+                w = np.bincount(flat, minlength=b * rows).reshape(b, rows).astype(np.float64)
+                stats.extend(weighted_auc(arrays[0].astype(int), arrays[1], w).tolist())
             continue
         for idx in chunk:
             try:
