@@ -91,14 +91,16 @@ def bootstrap_ci(fn: Callable[..., float], *arrays: np.ndarray, n: int = 1000,
     arrays = tuple(np.asarray(a) for a in arrays)
     rows = len(arrays[0])
     stats: list[float] = []
-    binary = fn is roc_auc and set(np.unique(arrays[0]).tolist()) <= {0, 1}
+    # roc_auc of 0/1 labels: the same resamples as multiplicities, one sort for all of them
+    labels01 = arrays[0].astype(int) if fn is roc_auc and set(
+        np.unique(arrays[0]).tolist()) <= {0, 1} else None
     for chunk in resample_indices(rows, n, seed, strata):
-        if binary:  # the same resamples as multiplicities: one sort in all
+        if labels01 is not None:
             for part in np.array_split(chunk, max(1, len(chunk) // 16)):  # bounds memory
                 b = len(part)
                 flat = (part + rows * np.arange(b)[:, None]).ravel()
                 w = np.bincount(flat, minlength=b * rows).reshape(b, rows).astype(np.float64)
-                stats.extend(weighted_auc(arrays[0].astype(int), arrays[1], w).tolist())
+                stats.extend(weighted_auc(labels01, arrays[1], w).tolist())
             continue
         for idx in chunk:
             try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +70,7 @@ def check_inputs(job: EvaluateJob, rec: dict[str, Any], prepared: Prepared) -> l
 
 
 def _folds(job: EvaluateJob, run_job: TrainJob, prepared: Prepared, run_store: Any,
-           log: Any) -> list[dict[str, Any]]:
+           log: Any, folds: list[tuple[Any, Any]]) -> list[dict[str, Any]]:
     """Cross-validation, each finished fold stored under <run>/eval/cv/ and reused on rerun
     by an evaluation that would compute exactly the same fold."""
     from mlops_ray.train.folds import train_folds
@@ -84,7 +85,6 @@ def _folds(job: EvaluateJob, run_job: TrainJob, prepared: Prepared, run_store: A
         return f"fold_{i}-{tag}.json"
     from mlops_ray.registry.signing import sign, verified
     key = signing_key(job)
-    folds = cvmod.fold_indices(prepared, cvc.folds, run_job.seed)
     stored = {i: run_store.read_json("eval", "cv", name(i)) for i in range(cvc.folds)
               if run_store.exists("eval", "cv", name(i))}
     # a fold result is reused only if an evaluation holding the registry key wrote it
@@ -106,7 +106,7 @@ def _folds(job: EvaluateJob, run_job: TrainJob, prepared: Prepared, run_store: A
 
 
 def run_evaluation(job: EvaluateJob, log: Any = print, prepared: Prepared | None = None,
-                   after_cv: Any = None) -> dict[str, Any]:
+                   after_cv: Callable[[], None] | None = None) -> dict[str, Any]:
     """Evaluate a run against the gates; writes the report and model card; returns the report.
     `after_cv()` runs once the folds are trained (the rest is this process's work alone).
 
@@ -134,19 +134,16 @@ def run_evaluation(job: EvaluateJob, log: Any = print, prepared: Prepared | None
                           f"attributes {attrs}")
 
     # 1. cross-validation, and a logistic-regression baseline on the same folds
+    from concurrent.futures import ThreadPoolExecutor
+
     from mlops_ray.evaluation import baseline
-    def base_folds() -> list[dict[str, Any]]:
-        return baseline.baseline_folds(
-            prepared, cvmod.fold_indices(prepared, job.cv.folds, run_job.seed), run_job.seed)
-    if job.cv.parallel:  # the baseline is fitted here while Ray trains the folds
-        from concurrent.futures import ThreadPoolExecutor
-        with ThreadPoolExecutor(1) as pool:
-            pending = pool.submit(base_folds)
-            folds = _folds(job, run_job, prepared, run_store, log)
-            base = pending.result()
-    else:
-        folds = _folds(job, run_job, prepared, run_store, log)
-        base = base_folds()
+    fold_rows = cvmod.fold_indices(prepared, job.cv.folds, run_job.seed)
+    with ThreadPoolExecutor(1) as pool:  # with Ray folds, the baseline is fitted meanwhile
+        pending = pool.submit(baseline.baseline_folds, prepared, fold_rows, run_job.seed) \
+            if job.cv.parallel else None
+        folds = _folds(job, run_job, prepared, run_store, log, fold_rows)
+        base = pending.result() if pending else baseline.baseline_folds(prepared, fold_rows,
+                                                                         run_job.seed)
     if after_cv:
         after_cv()
     cv_summary = cvmod.summarise(folds)

@@ -69,7 +69,7 @@ def run_pipeline(job: PipelineJob, log: Callable[[str], Any] = print,
         log(stage_table(ctx.done))  # where it stopped; the error follows
         raise
     finally:
-        stages.serve_started(ctx, deployed=False)  # no deploy ran: remove Serve started early
+        stages.drop_early_serve(ctx)  # no deploy took it: remove Serve started early
         if out["run"]:
             try:
                 resolve(out["run"], job.storage.endpoint_url, job.storage.region).write_json(

@@ -116,7 +116,7 @@ def start_serve_early(ctx: Context) -> None:
     cross-validation (one core busy), so that deploy only adds the app: most of Serve's start
     is process starts. Only on a Ray this process is already attached to, and only when Serve
     does not run there yet; deploy waits for it (`serve_started`), and a pipeline that ends
-    before deploy removes what it started (`serve_started(ctx, deployed=False)`)."""
+    before deploy removes what it started (`drop_early_serve`)."""
     import threading
 
     import ray
@@ -138,32 +138,39 @@ def start_serve_early(ctx: Context) -> None:
     ctx.serve_start = (thread, outcome)
 
 
-def serve_started(ctx: Context, deployed: bool = True, timeout_s: float = 300
-                  ) -> dict[str, Any] | None:
-    """Wait for Serve's early start. For deploy (`deployed`): its cluster facts, None when it
-    did not run; its error is raised here, as `control.start` would have raised it. Otherwise
-    (the pipeline ends without deploying: a refused candidate, a failure) Serve, which this
-    job started and nothing uses, is shut down again."""
+def serve_started(ctx: Context, timeout_s: float = 300) -> dict[str, Any] | None:
+    """Deploy's wait for Serve's early start: its cluster facts, None when it did not run; its
+    error is raised here, as `control.start` would have raised it."""
     if ctx.serve_start is None:
         return None
     from mlops_ray.errors import ServeError
     thread, outcome = ctx.serve_start
     thread.join(timeout_s)
     ctx.serve_start = None
-    if not deployed:
-        if not thread.is_alive() and "facts" in outcome:
-            try:
-                from ray import serve
-                serve.shutdown()
-            except Exception as e:  # noqa: BLE001 - never hide why the pipeline ended
-                ctx.log(f"warning: Serve, started for a deploy that did not come, is still "
-                        f"running ({type(e).__name__}: {e}); make stop ends it")
-        return None
     if thread.is_alive():
         raise ServeError(f"Serve's controller and proxy did not start within {timeout_s:.0f} s")
     if "error" in outcome:
         raise outcome["error"]
-    return dict(outcome["facts"])
+    facts: dict[str, Any] = outcome["facts"]
+    return facts
+
+
+def drop_early_serve(ctx: Context, timeout_s: float = 300) -> None:
+    """The pipeline ends without deploying (a refused candidate, a failure): Serve, which this
+    job started early and nothing uses, is shut down again; never raises."""
+    if ctx.serve_start is None:
+        return
+    thread, outcome = ctx.serve_start
+    thread.join(timeout_s)
+    ctx.serve_start = None
+    if thread.is_alive() or "facts" not in outcome:
+        return
+    try:
+        from ray import serve
+        serve.shutdown()
+    except Exception as e:  # noqa: BLE001 - never hide why the pipeline ended
+        ctx.log(f"warning: Serve, started for a deploy that did not come, is still running "
+                f"({type(e).__name__}: {e}); make stop ends it")
 
 
 def deploy(ctx: Context) -> dict[str, Any]:
