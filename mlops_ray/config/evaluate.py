@@ -37,6 +37,7 @@ class CvCfg(Strict):
     parallel: bool = True
     max_parallel: int = Field(2, ge=1)
     cpus_per_fold: float = Field(0.5, gt=0)
+    during_training: bool = True  # jobs.pipeline: folds start, one at a time, as the run trains
 
 
 class ThresholdCfg(Strict):

@@ -28,6 +28,7 @@ class Context:
     tag: str = ""  # a raced candidate's stages: "train[xgboost]"
     report: dict[str, Any] | None = None  # the evaluate stage's gate report
     serve_start: Any = None  # (thread, outcome) of Serve's start ahead of deploy
+    folds_ahead: Any = None  # CV folds started while the run trains (train/folds.py)
 
     @property
     def model(self) -> str:

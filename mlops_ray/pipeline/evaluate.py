@@ -70,9 +70,9 @@ def check_inputs(job: EvaluateJob, rec: dict[str, Any], prepared: Prepared) -> l
 
 
 def _folds(job: EvaluateJob, run_job: TrainJob, prepared: Prepared, run_store: Any,
-           log: Any, folds: list[tuple[Any, Any]]) -> list[dict[str, Any]]:
+           log: Any, folds: list[tuple[Any, Any]], ahead: Any = None) -> list[dict[str, Any]]:
     """Cross-validation, each finished fold stored under <run>/eval/cv/ and reused on rerun
-    by an evaluation that would compute exactly the same fold."""
+    by an evaluation that would compute exactly the same fold (`ahead`: train/folds.py)."""
     from mlops_ray.train.folds import train_folds
     cvc = job.cv
     if cvc.parallel:
@@ -99,16 +99,18 @@ def _folds(job: EvaluateJob, run_job: TrainJob, prepared: Prepared, run_store: A
             + (f" ({cvc.folds - len(todo)} reused)" if len(todo) < cvc.folds else ""))
     results.update(train_folds(run_job, prepared, folds, todo, parallel=cvc.parallel,
                                max_parallel=cvc.max_parallel, cpus_per_fold=cvc.cpus_per_fold,
-                               epochs=cvc.epochs, log=log,
+                               epochs=cvc.epochs, log=log, ahead=ahead,
                                save=lambda i, r: run_store.write_json(sign(r, key), "eval", "cv",
                                                                       name(i))))
     return [results[i] for i in range(cvc.folds)]
 
 
 def run_evaluation(job: EvaluateJob, log: Any = print, prepared: Prepared | None = None,
-                   after_cv: Callable[[], None] | None = None) -> dict[str, Any]:
+                   after_cv: Callable[[], None] | None = None, ahead: Any = None
+                   ) -> dict[str, Any]:
     """Evaluate a run against the gates; writes the report and model card; returns the report.
-    `after_cv()` runs once the folds are trained (the rest is this process's work alone).
+    `after_cv()` runs once the folds are trained (the rest is this process's work alone);
+    `ahead`: folds the pipeline started while the run trained (`FoldsAhead`).
 
     Every input is checked before any work starts (run exists, data unchanged, sensitive
     attributes present, gate metrics known). `prepared`: the pipeline's data, reused when it
@@ -141,7 +143,7 @@ def run_evaluation(job: EvaluateJob, log: Any = print, prepared: Prepared | None
     with ThreadPoolExecutor(1) as pool:  # with Ray folds, the baseline is fitted meanwhile
         pending = pool.submit(baseline.baseline_folds, prepared, fold_rows, run_job.seed) \
             if job.cv.parallel else None
-        folds = _folds(job, run_job, prepared, run_store, log, fold_rows)
+        folds = _folds(job, run_job, prepared, run_store, log, fold_rows, ahead)
         base = pending.result() if pending else baseline.baseline_folds(prepared, fold_rows,
                                                                          run_job.seed)
     if after_cv:

@@ -69,6 +69,7 @@ def run_pipeline(job: PipelineJob, log: Callable[[str], Any] = print,
         log(stage_table(ctx.done))  # where it stopped; the error follows
         raise
     finally:
+        stages.drop_folds_ahead(ctx)  # started beside training, not taken over by evaluate
         stages.drop_early_serve(ctx)  # no deploy took it: remove Serve started early
         if out["run"]:
             try:

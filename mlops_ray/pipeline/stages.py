@@ -30,9 +30,42 @@ def train(ctx: Context) -> str:
                 storage.read_json("runs", name, "run.json").get("status") == "finished":
             e.update(status="skipped", note="finished run with this config and data")
             return e["output"]
+        start_folds_ahead(ctx, job)
         rec = run_training(job, prepared=ctx.prepared, log=ctx.log)
         ctx.log("\n".join("   " + line for line in summary_lines(rec)))
         return rec["run_uri"]
+
+
+def start_folds_ahead(ctx: Context, job: Any) -> None:
+    """CV folds start on Ray, one at a time, while the run trains (`FoldsAhead`): evaluate
+    takes them over. Not for a raced candidate (raced ones train side by side already)."""
+    cvc = ctx.job.cv
+    if "evaluate" not in ctx.job.stages or ctx.tag or not (cvc.parallel and cvc.during_training):
+        return
+    from mlops_ray.config.base import redact
+    from mlops_ray.config.train import TrainJob
+    from mlops_ray.train.folds import FoldsAhead
+
+    def folds() -> list[Any]:  # on FoldsAhead's thread
+        from mlops_ray.evaluation.cv import fold_indices
+        return fold_indices(ctx.prepared, cvc.folds, job.seed)
+    # the config as the run records it, as evaluation will read it back (train/driver.py)
+    ctx.folds_ahead = FoldsAhead(TrainJob.stored(redact(job.plain())), ctx.prepared, folds, cpus_per_fold=cvc.cpus_per_fold,
+                                 epochs=cvc.epochs, run_cpus=job.scaling.bounds()[1]
+                                 * job.scaling.per_worker("CPU"))
+
+
+def drop_folds_ahead(ctx: Context) -> None:
+    """Folds started beside the run that no evaluation took over are cancelled; never raises
+    (a pipeline's own error is the one to see)."""
+    ahead, ctx.folds_ahead = ctx.folds_ahead, None
+    if ahead is None:
+        return
+    try:
+        ahead.cancel()
+    except Exception as e:  # noqa: BLE001
+        ctx.log(f"warning: CV folds started beside the run not cancelled ({type(e).__name__}: "
+                f"{e}); they end on their own")
 
 
 def tune(ctx: Context) -> str:
@@ -60,12 +93,14 @@ def evaluate(ctx: Context) -> dict[str, Any] | None:
     prod, rec = ctx.prod, ctx.rec
     with ctx.stage("evaluate") as e:
         if ctx.already:
+            drop_folds_ahead(ctx)
             e.update(status="skipped", note=f"{prod.ref} is production already")
             return None
         champion = prod.run_uri if prod else None  # the candidate must not be worse than it
         ej = ctx.job.evaluate_job(rec["run_uri"], champion)
         report, why = stored_report(ej, rec, ctx.run_store, champion)
         if report is not None:
+            drop_folds_ahead(ctx)
             e.update(status="skipped", note="gate report is current")
         else:
             ctx.log(f"   evaluating: {why}")
@@ -73,7 +108,9 @@ def evaluate(ctx: Context) -> dict[str, Any] | None:
             # candidate: the race's winner is not known yet)
             early = (lambda: start_serve_early(ctx)) if (
                 "deploy" in ctx.job.stages and not ctx.tag) else None
-            report = run_evaluation(ej, log=ctx.log, prepared=ctx.prepared, after_cv=early)
+            report = run_evaluation(ej, log=ctx.log, prepared=ctx.prepared, after_cv=early,
+                                    ahead=ctx.folds_ahead)
+            ctx.folds_ahead = None
         e["output"] = report["report_uri"]
         ctx.report = report
         ctx.log(verdict_table(report["gates"]))

@@ -34,8 +34,10 @@ def test_make_run_killed_during_evaluation_resumes_there_and_serves(tmp_path, wa
     port = free_port()
     gate = Gate(tmp_path / "gate")
     # the training run and the first fold go through; the second fold waits to be killed
+    # (folds start after training here: beside it, which reaches the gate first is a race)
     gate.hold(epoch=0, step=5, let_pass=2)
-    proc, log = make_run(tmp_path, "first.log", f"serve.port={port}", **gate.env)
+    proc, log = make_run(tmp_path, "first.log", f"serve.port={port}", "cv.during_training=false",
+                         **gate.env)
     try:
         wait_until(lambda: "  fold 0" in log.read_text() and gate.events("waiting")
                    or proc.poll() is not None, 600, interval=0.5,

@@ -20,7 +20,7 @@ from mlops_ray.errors import ConfigError, DataValidationError, RunNotFound
 from mlops_ray.evaluation import cv as cvmod
 from mlops_ray.pipeline.evaluate import run_evaluation
 from mlops_ray.train.driver import run_training
-from tests.conftest import PROFILE, copy_run, run_job
+from tests.conftest import PROFILE, copy_run, run_job, wait_until
 
 pytestmark = pytest.mark.ray
 
@@ -71,14 +71,44 @@ def test_adult_passes_the_default_gates_and_a_rerun_reuses_its_folds(run):
     assert again["cv"]["folds"] == report["cv"]["folds"]
 
 
-def test_parallel_cv_equals_sequential(ray_2_cpus):
-    from mlops_ray.train.folds import train_folds
+def test_parallel_cv_equals_sequential_and_takes_over_folds_started_ahead(ray_2_cpus):
+    from mlops_ray.train.folds import FoldsAhead, train_folds
     run_job_ = validate(compose("train", ["+experiment=german_mlp", "train.epochs=2"]), TrainJob)
     prepared = prepare(run_job_.dataset, run_job_.seed)
     folds = cvmod.fold_indices(prepared, 3, run_job_.seed)
     par = train_folds(run_job_, prepared, folds, [0, 1, 2], parallel=True, log=lambda _: None)
     seq = train_folds(run_job_, prepared, folds, [0, 1, 2], parallel=False)
     assert par == seq
+
+    # started beside a training run (jobs.pipeline): finished folds and the one under way are
+    # taken over, not trained again; the rest are evaluation's as usual
+    ahead = FoldsAhead(run_job_, prepared, lambda: folds, run_cpus=0)  # no run beside it
+    try:
+        wait_until(lambda: 1 in ahead.started() or not ahead.alive(), 300, interval=0.2,
+                   what="fold 0 trained ahead, fold 1 started")
+        assert ahead.error is None and not ahead.skipped, (ahead.error, ahead.skipped)
+        logs: list[str] = []
+        assert train_folds(run_job_, prepared, folds, [0, 1, 2], log=logs.append,
+                           ahead=ahead) == seq
+    finally:
+        ahead.cancel()
+    assert f"  fold 0: auc {seq[0]['auc']:.4f} (trained beside the run)" in logs, logs
+    assert any(line.startswith(f"  fold 1: auc {seq[1]['auc']:.4f} (") and "beside the run)"
+               in line for line in logs), logs
+    assert sum("fold 0" in line for line in logs) == 1 and len(logs) == 3, logs
+    # a fold trained ahead for other epochs is not this fold: dropped, trained as asked
+    other = FoldsAhead(run_job_, prepared, lambda: folds, epochs=1, run_cpus=0)
+    try:
+        wait_until(lambda: 0 in other.results or not other.alive(), 300, interval=0.2,
+                   what="fold 0 trained ahead for 1 epoch")
+        assert 0 in other.results and other.results[0] != seq[0], other.error
+        logs.clear()
+        assert train_folds(run_job_, prepared, folds, [0], log=logs.append, ahead=other) == \
+            {0: seq[0]}
+    finally:
+        other.cancel()
+    assert logs == ["  folds started beside the run are not these folds (config, data, rows, "
+                    "epochs or CPUs differ): cancelled", f"  fold 0: auc {seq[0]['auc']:.4f}"]
 
 
 def test_biased_candidate_fails_the_fairness_gate(ray_2_cpus, tmp_path):

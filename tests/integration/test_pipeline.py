@@ -74,6 +74,9 @@ def test_pipeline_serves_the_gated_model_and_a_rerun_skips_finished_stages(deplo
     assert first["smoke"]["rows"] == 50 and first["smoke"]["max_abs_diff"] <= 1e-5
     assert deployed["first"]["report"]["passed"]  # the verdict the stages acted on
     assert any("verdict: PASS" in line for line in deployed["logs"])
+    # CV folds started beside the training run (if the cluster had room) were the very folds
+    # evaluate trains: taken over, never dropped as another run's
+    assert not any("not these folds" in line for line in deployed["logs"]), deployed["logs"]
     # the app stays on the cluster after the stages: it answers from production
     rows = load_table("builtin://adult").drop(columns=["income", "uci_split"]).head(3)
     r = requests.post(deployed["url"] + "/predict", timeout=30,
