@@ -6,12 +6,14 @@ local Ray that is already running, in one run, per stage.
                                                        # to compare with, e.g. a git worktree)
     python bench/pipeline_wall.py --keep-serving       # each run deploys an app of its own and
                                                        # the earlier apps stay served
+    python bench/pipeline_wall.py cv.during_training=false   # Hydra overrides for every run
 
 It starts a warm cluster of a temporary MLOPS_RAY_WARM_DIR (its start is not counted: "on the
 warm cluster"), then runs `python -m jobs.pipeline +experiment=adult_mlp` `--runs` times, each
 with a fresh `storage.uri` so that nothing is reused, and stops Serve's app between runs (the
 next one deploys from scratch, as after `make stop` + start, without Ray's start). It prints each
-run's stage seconds and whole-process wall time, and their medians; the cluster is stopped at
+run's stage seconds and whole-process wall time, and their medians, and how many CV folds
+were trained (or started) beside the training run; the cluster is stopped at
 the end. Compare two commits by running it on both in the same session. `--keep-serving` is the
 warm cluster as it is after an earlier `make run`: runs 2.. train and evaluate beside served apps
 (serve.app_name=bench<i>, serve.route_prefix=/bench<i>; each replica holds 0.25 CPU).
@@ -47,6 +49,7 @@ def main() -> None:
     ap.add_argument("--experiment", default="adult_mlp")
     ap.add_argument("--keep-serving", action="store_true",
                     help="an app per run, left served: later runs share the cluster with them")
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides for every run")
     args = ap.parse_args()
     from mlops_ray import warm
     folder = Path(tempfile.mkdtemp(prefix="mlops-warm-"))
@@ -65,22 +68,24 @@ def main() -> None:
                     [sys.executable, "-m", "jobs.pipeline", f"+experiment={args.experiment}",
                      f"storage.uri={store}",
                      *([f"serve.app_name=bench{i}", f"serve.route_prefix=/bench{i}"]
-                       if args.keep_serving else [])],
+                       if args.keep_serving else []), *args.overrides],
                     cwd=args.repo, env=env, capture_output=True, text=True, timeout=1200)
                 wall = time.perf_counter() - t0
                 if out.returncode != 0:
                     sys.exit(f"run {i}: exit {out.returncode}\n{(out.stdout + out.stderr)[-3000:]}")
                 rec = json.loads(next(Path(store, "runs").glob("*/pipeline.json")).read_text())
             stages = {s["stage"]: s["seconds"] for s in rec["stages"]}
-            rows.append({"wall": wall, **stages})
-            print(f"run {i}: {wall:.1f} s  " + "  ".join(f"{k} {v:.1f}" for k, v in stages.items()),
-                  flush=True)
+            beside = sum("beside the run)" in line for line in out.stdout.splitlines())
+            rows.append({"wall": wall, **stages, "folds beside": beside})
+            print(f"run {i}: {wall:.1f} s  " + "  ".join(f"{k} {v:.1f}" for k, v in stages.items())
+                  + f"  folds beside the run {beside}", flush=True)
             if not args.keep_serving:
                 serve_shutdown(client, state["address"])
     finally:
         warm.stop(folder, quiet=True)
     keys = list(rows[0])
-    print(f"\n{args.repo}: median (min-max) of {len(rows)} runs, seconds")
+    print(f"\n{args.repo} {' '.join(args.overrides)}: median (min-max) of {len(rows)} runs, "
+          "seconds")
     for k in keys:
         v = [r[k] for r in rows]
         print(f"  {k:<9} {statistics.median(v):6.1f} ({min(v):.1f}-{max(v):.1f})")
