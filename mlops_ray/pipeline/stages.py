@@ -50,9 +50,10 @@ def start_folds_ahead(ctx: Context, job: Any) -> None:
         from mlops_ray.evaluation.cv import fold_indices
         return fold_indices(ctx.prepared, cvc.folds, job.seed)
     # the config as the run records it, as evaluation will read it back (train/driver.py)
-    ctx.folds_ahead = FoldsAhead(TrainJob.stored(redact(job.plain())), ctx.prepared, folds, cpus_per_fold=cvc.cpus_per_fold,
-                                 epochs=cvc.epochs, run_cpus=job.scaling.bounds()[1]
-                                 * job.scaling.per_worker("CPU"))
+    recorded = TrainJob.stored(redact(job.plain()))
+    run_cpus = job.scaling.bounds()[1] * job.scaling.per_worker("CPU")
+    ctx.folds_ahead = FoldsAhead(recorded, ctx.prepared, folds, cpus_per_fold=cvc.cpus_per_fold,
+                                 epochs=cvc.epochs, run_cpus=run_cpus)
 
 
 def drop_folds_ahead(ctx: Context) -> None:

@@ -70,8 +70,8 @@ def _remote(cpus_per_fold: float) -> Any:
 class FoldsAhead:
     """CV folds trained on Ray one at a time, on a thread, while the run they judge trains.
 
-    On 2 cores a training run leaves one idle for most of its wall time (process starts,
-    imports, a one-thread loop); a fold fills it. One at a time, so the run's own workers still
+    On 2 cores a one-worker training run leaves the second core partly idle (process starts,
+    imports, a one-thread loop); a fold uses it. One at a time, so the run's own workers still
     find their CPUs. `hand_over()` stops it (a fold under way goes on) and gives `train_folds`
     what it has; `cancel()` drops it. Its folds are the ones evaluation would train: the same
     config, data, rows, epochs and CPUs, or `train_folds` ignores them. It starts none unless
