@@ -96,7 +96,8 @@ def _folds(job: EvaluateJob, run_job: TrainJob, prepared: Prepared, run_store: A
     todo = [i for i in range(cvc.folds) if i not in results]
     if todo:
         log(f"cross-validation: {len(todo)} of {cvc.folds} fold(s) to train"
-            + (f" ({cvc.folds - len(todo)} reused)" if len(todo) < cvc.folds else ""))
+            + (f" ({cvc.folds - len(todo)} reused)" if len(todo) < cvc.folds else "")
+            + (", those started beside the run taken over" if ahead is not None else ""))
     results.update(train_folds(run_job, prepared, folds, todo, parallel=cvc.parallel,
                                max_parallel=cvc.max_parallel, cpus_per_fold=cvc.cpus_per_fold,
                                epochs=cvc.epochs, log=log, ahead=ahead,

@@ -91,6 +91,7 @@ class FoldsAhead:
         self.running: dict[Any, int] = {}  # ObjectRef -> fold
         self.error: BaseException | None = None
         self.skipped = ""  # why no fold started
+        self.refs: tuple[Any, Any] | None = None  # (config, data) in the object store
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="folds-ahead", daemon=True)
         self._thread.start()
@@ -111,14 +112,15 @@ class FoldsAhead:
                                 f"fold for {self.cpus_per_fold:g}")
                 return
             remote = _remote(self.cpus_per_fold)
-            cfg_ref, prep_ref = ray.put(self.job.plain()), ray.put(self.prepared)
+            self.refs = cfg_ref, prep_ref = ray.put(self.job.plain()), ray.put(self.prepared)
             for i, (train_rows, held_rows) in enumerate(self.folds):
                 if self._stop.is_set():
                     return
                 ref = remote.remote(cfg_ref, prep_ref, train_rows, held_rows, i, self.epochs,
                                     self.gate)
                 self.running[ref] = i
-                while not ray.wait([ref], timeout=0.5)[0]:
+                # short: hand_over, on evaluation's critical path, waits for this to notice
+                while not ray.wait([ref], timeout=0.1)[0]:
                     if self._stop.is_set():
                         return  # under way: train_folds takes it over
                 try:
@@ -147,17 +149,17 @@ class FoldsAhead:
                                                          dict[Any, int]]:
         """Stop starting folds; the finished ones and those under way (ObjectRef -> fold)."""
         self._stop.set()
-        self._thread.join(timeout_s)  # at most one ray.wait of 0.5 s, unless Ray hangs
+        self._thread.join(timeout_s)  # at most one ray.wait of 0.1 s, unless Ray hangs
         if self._thread.is_alive():
             return {}, {}
         return dict(self.results), dict(self.running)
 
     def cancel(self) -> None:
         for ref in self.hand_over()[1]:
-            ray_cancel(ref)
+            _cancel(ref)
 
 
-def ray_cancel(ref: Any) -> None:
+def _cancel(ref: Any) -> None:
     import ray
     ray.cancel(ref, force=True)  # an early fold has no side effect: its core is freed at once
 
@@ -175,6 +177,7 @@ def train_folds(job: TrainJob, prepared: Any, folds: list[tuple[np.ndarray, np.n
     results: dict[int, dict[str, Any]] = {}
     pending: dict[Any, int] = {}
     beside: set[int] = set()  # under way when taken over from `ahead`
+    refs = None  # `ahead`'s config and data in the object store, when these are its folds
     if ahead is not None:
         done, started = ahead.hand_over()
         usable = parallel and ahead.matches(job, prepared, folds, cpus_per_fold, epochs)
@@ -182,7 +185,7 @@ def train_folds(job: TrainJob, prepared: Any, folds: list[tuple[np.ndarray, np.n
             if usable and i in todo:  # under way: taken over
                 pending[ref] = i
             else:
-                ray_cancel(ref)  # other folds, or one stored meanwhile
+                _cancel(ref)  # other folds, or one stored meanwhile
         for i in [i for i in todo if usable and i in done]:
             results[i] = done[i]
             save(i, results[i])
@@ -196,11 +199,12 @@ def train_folds(job: TrainJob, prepared: Any, folds: list[tuple[np.ndarray, np.n
         elif ahead.skipped:
             log(f"  no fold started beside the run: {ahead.skipped}")
         beside = set(pending.values())
+        refs = ahead.refs if usable else None
         todo = [i for i in todo if i not in results and i not in pending.values()]
     if parallel and (todo or pending):
         import ray
         remote = _remote(cpus_per_fold)
-        cfg_ref, prep_ref = ray.put(job.plain()), ray.put(prepared)
+        cfg_ref, prep_ref = refs or (ray.put(job.plain()), ray.put(prepared))
         queue = list(todo)
         while queue or pending:
             while queue and len(pending) < max_parallel:
