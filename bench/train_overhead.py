@@ -14,7 +14,10 @@ rank 0, -> first optimizer step). Arms:
          first job starts it (reported alone, "cold"), then `--runs` jobs attach ("after");
          the cluster is stopped at the end. After each attached run the State API of the warm
          cluster splits fit() -> train function into controller / placement group / worker
-         group (Ray's task events and placement-group stats).
+         group (Ray's task events and placement-group stats). Jobs run back to back: the
+         pool of idle workers (mlops_ray/pool.py) refills between them only as far as it can.
+  pool   as warm, on the same cluster, each job started once the pool is full again (as when
+         jobs are started by hand, seconds apart); the wait is not counted
 Each job trains from scratch (a fresh storage.uri per run). `--env K=V` goes into the jobs'
 environment (and so into the warm cluster's raylet, which the first job starts).
 """
@@ -130,6 +133,45 @@ def split_fit_start(folder: Path, to_workers_s: float | None) -> dict:
             "controller_init_s": ctl_done - t_fit}
 
 
+def pool_full(folder: Path, timeout_s: float = 120) -> int:
+    """Wait until the warm cluster has as many idle workers as conf/ray/local.yaml's
+    `warm_pool` asks for (counted from /proc, as attaching would pause the keeper)."""
+    import time
+
+    import yaml
+
+    from mlops_ray import warm
+    want = sum(yaml.safe_load((REPO / "conf/ray/local.yaml").read_text())["warm_pool"].values())
+    tmp = warm.read_state(folder)["temp_dir"]
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        idle = [p for p in warm._pids(tmp) if Path(f"/proc/{p}/cmdline").exists()
+                and Path(f"/proc/{p}/cmdline").read_bytes().startswith(b"ray::IDLE")]
+        if len(idle) >= want and not busy(idle):
+            return len(idle)
+        time.sleep(0.5)
+    raise SystemExit(f"the pool did not fill within {timeout_s} s ({len(idle)} of {want} idle)")
+
+
+def busy(pids: list[int], window_s: float = 1.0) -> bool:
+    """Whether these processes used more than 5% of a CPU over the window (still importing
+    their preloaded modules)."""
+    import time
+
+    def ticks() -> int:
+        total = 0
+        for p in pids:
+            try:
+                fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+                total += int(fields[11]) + int(fields[12])  # utime + stime
+            except (OSError, IndexError, ValueError):
+                pass
+        return total
+    t0 = ticks()
+    time.sleep(window_s)
+    return (ticks() - t0) / os.sysconf("SC_CLK_TCK") > 0.05 * window_s
+
+
 def summary(rows: list[dict], key: str) -> tuple[float, float, float] | None:
     vals = [r[key] for r in rows if r.get(key) is not None]
     return (statistics.median(vals), min(vals), max(vals)) if vals else None
@@ -139,7 +181,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--runs", type=int, default=3, help="runs per arm (medians and spreads)")
-    ap.add_argument("--arms", default="bare,local,warm", help="of bare,local,warm")
+    ap.add_argument("--arms", default="bare,local,warm,pool", help="of bare,local,warm,pool")
     ap.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                     help="environment of the jobs (and of the warm cluster they start)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -175,12 +217,17 @@ def main() -> None:
         wenv = {**env, "MLOPS_RAY_WARM_DIR": str(folder)}
         try:
             res["warm cold"] = [job_run(job, wenv, batch)]
-            res["warm"] = []
-            for _ in range(a.runs):
-                r = job_run(job, wenv, batch)
-                if not a.no_split:
-                    r.update(split_fit_start(folder, r.get("to_workers_s")))
-                res["warm"].append(r)
+            for arm in ("warm", "pool"):
+                if arm not in arms:
+                    continue
+                res[arm] = []
+                for _ in range(a.runs):
+                    if arm == "pool":
+                        pool_full(folder)
+                    r = job_run(job, wenv, batch)
+                    if not a.no_split:
+                        r.update(split_fit_start(folder, r.get("to_workers_s")))
+                    res[arm].append(r)
         finally:
             warm.stop(folder, quiet=True)
             shutil.rmtree(folder, ignore_errors=True)
@@ -190,7 +237,8 @@ def main() -> None:
 def report(res: dict[str, list[dict]], a: argparse.Namespace) -> None:
     names = {"bare": "bare PyTorch loop", "local": "jobs.train ray.address=local (own Ray)",
              "warm cold": "jobs.train, warm cluster, 1st run (starts it)",
-             "warm": "jobs.train, warm cluster, attached"}
+             "warm": "jobs.train, warm cluster, attached",
+             "pool": "jobs.train, warm cluster, pool refilled"}
     base = {k: summary(res["bare"], k)[0] for k in ("samples_per_s", "wall_s")} \
         if "bare" in res else None
 
@@ -214,10 +262,11 @@ def report(res: dict[str, list[dict]], a: argparse.Namespace) -> None:
         if arm != "bare":
             print(f"{names[arm]:<48} " + " ".join(f"{cell(summary(rows, p), '.1f'):>16}"
                                                   for p in PHASES))
-    if any(r.get(SPLIT[0]) is not None for r in res.get("warm", [])):
-        print("to_workers split (State API, warm attached): " + ", ".join(
-            f"{p.removesuffix('_s').replace('_', ' ')} {cell(summary(res['warm'], p), '.2f')}"
-            for p in SPLIT))
+    for arm in ("warm", "pool"):
+        if any(r.get(SPLIT[0]) is not None for r in res.get(arm, [])):
+            print(f"to_workers split (State API, {names[arm].split(', ', 1)[1]}): " + ", ".join(
+                f"{p.removesuffix('_s').replace('_', ' ')} {cell(summary(res[arm], p), '.2f')}"
+                for p in SPLIT))
     if a.json:
         Path(a.json).write_text(json.dumps({"args": vars(a), "runs": res}, indent=1))
 

@@ -29,6 +29,7 @@ def ensure_ray(ray_cfg: dict[str, Any]) -> dict[str, Any]:
         address = ray_cfg.get("address") or os.environ.get("RAY_ADDRESS") or "warm"
         kw: dict[str, Any] = {"log_to_driver": True, "configure_logging": True,
                               "logging_level": "WARNING"}
+        state: dict[str, Any] = {}
         if address == "warm":
             from mlops_ray import warm
             state = warm.ensure(ray_cfg, log=lambda m: print(m, file=sys.stderr))
@@ -39,7 +40,8 @@ def ensure_ray(ray_cfg: dict[str, Any]) -> dict[str, Any]:
             if state.get("fresh"):  # once per cluster, not on every attach
                 _install_dashboard(f"{state['temp_dir']}/session_latest")
             address = state["address"]
-            kw["runtime_env"] = {"worker_process_setup_hook": "mlops_ray.runtime.pin_address"}
+            if not state.get("pinned"):  # started by an older version: its workers need it
+                kw["runtime_env"] = {"worker_process_setup_hook": "mlops_ray.runtime.pin_address"}
         elif "RAY_AUTH_MODE" not in os.environ and (address == "local" or (
                 os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
                 or (Path.home() / ".ray" / "auth_token").exists())):
@@ -63,6 +65,10 @@ def ensure_ray(ray_cfg: dict[str, Any]) -> dict[str, Any]:
                       _node_ip_address="127.0.0.1")  # a laptop cluster listens on loopback only
         ctx = ray.init(address=address, **kw)
         _drop_known_harmless_lines()
+        if state.get("pinned") and any((ray_cfg.get("warm_pool") or {}).values()):
+            from mlops_ray import pool  # idle workers for the next job (pool.py)
+            pool.keep_ready(dict(ray_cfg["warm_pool"]),
+                            int(ray_cfg.get("warm_pool_keep_alive_s", 900)))
         if address == "local":
             # ray.init is typed BaseContext; a local init returns a RayContext
             claim_address_file(ctx.address_info["gcs_address"])  # type: ignore[attr-defined]

@@ -117,14 +117,22 @@ def _start(folder: Path, ray_cfg: dict[str, Any], log: Any) -> dict[str, Any]:
         cmd.append(f"--num-cpus={ray_cfg['num_cpus']}")
     if ray_cfg.get("num_gpus") is not None:
         cmd.append(f"--num-gpus={ray_cfg['num_gpus']}")
-    env = {**os.environ, **{k: str(v) for k, v in ray_cfg.get("env_vars", {}).items()},
-           **client_env(folder),
+    env_vars = {k: str(v) for k, v in ray_cfg.get("env_vars", {}).items()}
+    preload = ",".join(ray_cfg.get("preload_modules") or [])
+    env = {**os.environ, **env_vars, **client_env(folder),
+           # every worker process imports these before it takes work (Ray's own setting), so an
+           # idle one of the pool (top_up) is ready for a Train worker or controller
+           "RAY_preload_python_modules": preload,
            # jobs.serve's defaults for a local cluster (read by Serve's controller and replicas,
            # which the raylet starts with this environment): direct ingress, a short drain
            "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5"}
-    for k in ("RAY_ADDRESS", "RAY_AUTH_TOKEN"):  # this cluster's own token, not another's
-        env.pop(k, None)
+    env.pop("RAY_AUTH_TOKEN", None)  # this cluster's own token, not another's
+    # Ray's helpers inside workers (Train's placement-group cleaner, the State API) find their
+    # cluster from RAY_ADDRESS: workers inherit the raylet's environment, so every job's
+    # workers name this cluster without a runtime_env hook (which would keep them from
+    # taking the idle workers of the pool: those have the empty runtime_env)
+    env["RAY_ADDRESS"] = f"127.0.0.1:{gcs}"
     t0 = time.monotonic()
     if log:
         log(f"starting the warm local Ray of this checkout ({folder}); `make stop` ends it")
@@ -136,7 +144,8 @@ def _start(folder: Path, ray_cfg: dict[str, Any], log: Any) -> dict[str, Any]:
                            f"{(out.stdout + out.stderr)[-3000:]}")
     state = {"address": f"127.0.0.1:{gcs}", "dashboard_url": f"http://127.0.0.1:{dash}",
              "metrics_port": metrics, "temp_dir": tmp, "num_cpus": ray_cfg.get("num_cpus"),
-             "started_s": round(time.monotonic() - t0, 2), "python": sys.executable}
+             "started_s": round(time.monotonic() - t0, 2), "python": sys.executable,
+             "env_vars": env_vars, "preload_modules": preload, "pinned": True}
     tmpfile = folder / f"warm.json.tmp-{os.getpid()}"
     tmpfile.write_text(json.dumps(state, indent=1))
     os.replace(tmpfile, folder / "warm.json")
@@ -207,7 +216,9 @@ def main(argv: list[str]) -> int:
     if what == "stop":
         stop()
     elif what == "start":
-        print(json.dumps(ensure({}, log=print), indent=1))
+        import yaml  # the defaults a job would start it with (conf/ray/local.yaml)
+        print(json.dumps(ensure(yaml.safe_load((REPO / "conf/ray/local.yaml").read_text()),
+                                log=print), indent=1))
     elif what == "status":
         up = running()
         print(json.dumps({"running": up, **(read_state() or {})}, indent=1))

@@ -1,5 +1,6 @@
-"""The checkout's warm local Ray (#20): the first job starts it, the next attaches (no Ray start),
-another checkout gets a cluster of its own, and stopping one touches no other Ray."""
+"""The checkout's warm local Ray (#20): the first job starts it, the next attaches (no Ray start)
+and finds its Train controller and worker processes ready (mlops_ray/pool.py), another checkout
+gets a cluster of its own, and stopping one touches no other Ray."""
 from __future__ import annotations
 
 import json
@@ -40,8 +41,48 @@ def daemons(tmp: str) -> set[int]:
     return out
 
 
+def pool_of(tmp: str, want: int, timeout_s: float = 240) -> set[int]:
+    """Wait until the cluster holds `want` idle workers of no job (the keeper refills the pool
+    once no job runs): their pids. Read from /proc, since attaching would pause the keeper."""
+    import time
+    from pathlib import Path
+
+    from mlops_ray import warm
+    deadline = time.monotonic() + timeout_s
+    while True:
+        idle = set()
+        for pid in warm._pids(tmp):
+            try:
+                if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::IDLE"):
+                    idle.add(pid)
+            except OSError:
+                continue
+        if len(idle) >= want or time.monotonic() > deadline:
+            return idle
+        time.sleep(0.5)
+
+
+def actor_pids(folder, class_name: str) -> set[int]:
+    """Pids of the warm cluster's actors of this class, dead ones included (State API, from a
+    process of its own: this one is attached to the test session's Ray)."""
+    code = ("import json, os, sys; from mlops_ray import warm; "
+            "from ray._private.authentication.authentication_token_setup import "
+            "_enable_token_auth; _enable_token_auth(); from ray.util.state import list_actors; "
+            "print(json.dumps([a['pid'] for a in list_actors(address=warm.read_state()"
+            "['dashboard_url'], filters=[('class_name', '=', sys.argv[1])], detail=True, "
+            "raise_on_missing_output=False)]))")
+    from mlops_ray import warm
+    out = subprocess.run([sys.executable, "-c", code, class_name], cwd=REPO,
+                         env=job_env(MLOPS_RAY_WARM_DIR=str(folder), RAY_AUTH_TOKEN=None,
+                                     RAY_ADDRESS=None, **warm.client_env(folder)),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return set(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
 def test_jobs_attach_to_the_warm_ray_and_checkouts_do_not_share_one(ray_2_cpus, tmp_path,
                                                                       warm_ray):
+    import yaml
     import ray
 
     from mlops_ray import warm
@@ -53,9 +94,16 @@ def test_jobs_attach_to_the_warm_ray_and_checkouts_do_not_share_one(ray_2_cpus, 
     assert oct((warm_ray / "auth_token").stat().st_mode & 0o777) == "0o600"
     pids = daemons(state["temp_dir"])
     assert pids  # the cluster outlived the job that started it
+    sizes = yaml.safe_load((REPO / "conf/ray/local.yaml").read_text())["warm_pool"]
+    ready = pool_of(state["temp_dir"], sum(sizes.values()))
+    assert len(ready) >= sum(sizes.values()), f"{len(ready)} idle workers of {sizes}"
 
     second = train(tmp_path / "b")
     assert second.returncode == 0, second.stderr[-3000:]
+    # its Train controller and worker took processes that were idle before it started (started
+    # with the runtime_env Ray Train gives each), instead of starting and importing new ones
+    assert actor_pids(warm_ray, "TrainController") & ready
+    assert actor_pids(warm_ray, "RayTrainWorker") & ready
     assert "starting the warm local Ray" not in second.stderr  # attached: no Ray start
     assert warm.read_state(warm_ray) == state and daemons(state["temp_dir"]) >= pids
     (rec,) = (tmp_path / "b").glob("runs/adult_mlp-*/run.json")
