@@ -18,7 +18,9 @@ Ray. Adult is written `--replicas` times into one Parquet file, a row group per 
        is the steady state once the scoring actors are up
 Arms of the job (`--arms`): `local` runs it with `ray.address=local` (a throwaway Ray inside the
 job); `warm` on the warm local Ray of a temporary MLOPS_RAY_WARM_DIR: the first job starts it
-(reported alone, "cold"), the next `--runs` attach; the cluster is stopped at the end.
+(reported alone, "cold"), the next `--runs` attach back to back; `pool`: on the same cluster,
+each job started once its pool of idle workers (mlops_ray/pool.py) is full again (the wait is
+not counted); the cluster is stopped at the end.
 Every figure is the median of `--runs` runs (each in its own process), with the spread
 (min-max); ratios are rows/s over (a)'s median. Every job run must produce the same
 probabilities as (a) for every row (max |diff| <= 1e-6, every row once, else exit 1): its
@@ -175,7 +177,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--replicas", type=int, default=20, help="copies of Adult (48,842 rows)")
     ap.add_argument("--runs", type=int, default=3, help="runs per arm (medians and spreads)")
-    ap.add_argument("--arms", default="local,warm", help="job arms, of local,warm")
+    ap.add_argument("--arms", default="local,warm,pool", help="job arms, of local,warm,pool")
     ap.add_argument("--concurrency", default=None,
                     help="predict.concurrency for the job: N or MIN,MAX (default: the config's)")
     ap.add_argument("--batch-size", type=int, default=None,
@@ -254,15 +256,21 @@ def main() -> None:
             jobs["local"] = [one(env, ["ray.address=local"]) for _ in range(a.runs)]
             if not a.no_fixed_cost:
                 fixed["local"] = one(env, ["ray.address=local"], small)
-        if "warm" in arms:
-            from mlops_ray import warm
+        if "warm" in arms or "pool" in arms:
+            from mlops_ray import pool, warm
             wdir = Path(tempfile.mkdtemp(prefix="bench-warm-"))
             wenv = {**env, "MLOPS_RAY_WARM_DIR": str(wdir)}
+
+            def refilled(arm_env: dict, extra: list[str], src: Path = data) -> dict:
+                pool.wait_full(warm.read_state(wdir)["temp_dir"], pool.configured_size())
+                return one(arm_env, extra, src)
             try:
                 jobs["warm cold"] = [one(wenv, [])]
-                jobs["warm"] = [one(wenv, []) for _ in range(a.runs)]
-                if not a.no_fixed_cost:
-                    fixed["warm"] = one(wenv, [], small)
+                for arm, run in (("warm", one), ("pool", refilled)):
+                    if arm in arms:
+                        jobs[arm] = [run(wenv, []) for _ in range(a.runs)]
+                        if not a.no_fixed_cost:
+                            fixed[arm] = run(wenv, [], small)
             finally:
                 warm.stop(wdir, quiet=True)
                 shutil.rmtree(wdir, ignore_errors=True)
@@ -273,7 +281,8 @@ def report(a: argparse.Namespace, rows: int, groups: int, overrides: list[str],
            bases: list[dict], jobs: dict[str, list[dict]], fixed: dict[str, dict]) -> None:
     names = {"local": "jobs.predict ray.address=local (own Ray)",
              "warm cold": "jobs.predict, warm cluster, 1st run (starts it)",
-             "warm": "jobs.predict, warm cluster, attached"}
+             "warm": "jobs.predict, warm cluster, attached",
+             "pool": "jobs.predict, warm cluster, pool refilled"}
     base_rows = bases[0]["rows"]
     base_rate = base_rows / med([b["predict_s"] for b in bases])[0]
     table = [("(a)  Predictor, one process, no Ray", base_rows,

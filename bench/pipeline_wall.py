@@ -7,9 +7,11 @@ local Ray that is already running, in one run, per stage.
     python bench/pipeline_wall.py --keep-serving       # each run deploys an app of its own and
                                                        # the earlier apps stay served
     python bench/pipeline_wall.py cv.during_training=false   # Hydra overrides for every run
+    python bench/pipeline_wall.py --pool               # each run once the pool (mlops_ray/pool.py)
+                                                       # is full again (the wait is not counted)
 
-It starts a warm cluster of a temporary MLOPS_RAY_WARM_DIR (its start is not counted: "on the
-warm cluster"), then runs `python -m jobs.pipeline +experiment=adult_mlp` `--runs` times, each
+It starts a warm cluster of a temporary MLOPS_RAY_WARM_DIR with the checkout's conf/ray (its
+start is not counted: "on the warm cluster"), then runs `python -m jobs.pipeline +experiment=adult_mlp` `--runs` times, each
 with a fresh `storage.uri` so that nothing is reused, and stops Serve's app between runs (the
 next one deploys from scratch, as after `make stop` + start, without Ray's start). It prints each
 run's stage seconds and whole-process wall time, and their medians, and how many CV folds
@@ -34,6 +36,17 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
+KEEPER = """
+import yaml, ray
+from mlops_ray import pool
+from mlops_ray.runtime import ensure_ray
+cfg = yaml.safe_load(open("conf/ray/local.yaml"))
+ensure_ray({**cfg, "warm_pool": {}})
+ray.get(pool.keeper().configure.remote(cfg["warm_pool"], pool.train_env_vars(),
+                                       cfg["warm_pool_keep_alive_s"]))
+"""
+
+
 def serve_shutdown(env: dict[str, str], address: str) -> None:
     """Remove the served app (Serve's controller goes too): the next pipeline deploys anew."""
     code = (f"import ray; from ray import serve; ray.init(address={address!r}, "
@@ -49,6 +62,8 @@ def main() -> None:
     ap.add_argument("--experiment", default="adult_mlp")
     ap.add_argument("--keep-serving", action="store_true",
                     help="an app per run, left served: later runs share the cluster with them")
+    ap.add_argument("--pool", action="store_true",
+                    help="start each run once the pool of idle workers is full again")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides for every run")
     args = ap.parse_args()
     from mlops_ray import warm
@@ -59,9 +74,17 @@ def main() -> None:
     os.environ.update(MLOPS_RAY_WARM_DIR=str(folder), PYTHONPATH=str(args.repo))
     rows = []
     try:
-        state = warm.ensure({"num_cpus": None}, log=print)
+        import yaml  # started as the first job of --repo would start it (its conf/ray)
+        state = warm.ensure(yaml.safe_load((args.repo / "conf/ray/local.yaml").read_text()),
+                            log=print)
         client = {**env, **warm.client_env(folder)}
+        if args.pool:  # the keeper starts with a cluster's first job: start it, fill the pool
+            subprocess.run([sys.executable, "-c", KEEPER], cwd=args.repo, env=client, check=True,
+                           timeout=300)  # nosec B603
         for i in range(args.runs):
+            if args.pool:
+                from mlops_ray import pool
+                pool.wait_full(state["temp_dir"], pool.configured_size())
             with tempfile.TemporaryDirectory() as store:
                 t0 = time.perf_counter()
                 out = subprocess.run(  # nosec B603

@@ -133,45 +133,6 @@ def split_fit_start(folder: Path, to_workers_s: float | None) -> dict:
             "controller_init_s": ctl_done - t_fit}
 
 
-def pool_full(folder: Path, timeout_s: float = 120) -> int:
-    """Wait until the warm cluster has as many idle workers as conf/ray/local.yaml's
-    `warm_pool` asks for (counted from /proc, as attaching would pause the keeper)."""
-    import time
-
-    import yaml
-
-    from mlops_ray import warm
-    want = sum(yaml.safe_load((REPO / "conf/ray/local.yaml").read_text())["warm_pool"].values())
-    tmp = warm.read_state(folder)["temp_dir"]
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        idle = [p for p in warm._pids(tmp) if Path(f"/proc/{p}/cmdline").exists()
-                and Path(f"/proc/{p}/cmdline").read_bytes().startswith(b"ray::IDLE")]
-        if len(idle) >= want and not busy(idle):
-            return len(idle)
-        time.sleep(0.5)
-    raise SystemExit(f"the pool did not fill within {timeout_s} s ({len(idle)} of {want} idle)")
-
-
-def busy(pids: list[int], window_s: float = 1.0) -> bool:
-    """Whether these processes used more than 5% of a CPU over the window (still importing
-    their preloaded modules)."""
-    import time
-
-    def ticks() -> int:
-        total = 0
-        for p in pids:
-            try:
-                fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-                total += int(fields[11]) + int(fields[12])  # utime + stime
-            except (OSError, IndexError, ValueError):
-                pass
-        return total
-    t0 = ticks()
-    time.sleep(window_s)
-    return (ticks() - t0) / os.sysconf("SC_CLK_TCK") > 0.05 * window_s
-
-
 def summary(rows: list[dict], key: str) -> tuple[float, float, float] | None:
     vals = [r[key] for r in rows if r.get(key) is not None]
     return (statistics.median(vals), min(vals), max(vals)) if vals else None
@@ -211,8 +172,8 @@ def main() -> None:
             res["bare"].append({**json.loads(out.stdout), "wall_s": wall})
     if "local" in arms:
         res["local"] = [job_run([*job, "ray.address=local"], env, batch) for _ in range(a.runs)]
-    if "warm" in arms:
-        from mlops_ray import warm
+    if "warm" in arms or "pool" in arms:
+        from mlops_ray import pool, warm
         folder = Path(tempfile.mkdtemp(prefix="bench-warm-"))
         wenv = {**env, "MLOPS_RAY_WARM_DIR": str(folder)}
         try:
@@ -223,7 +184,8 @@ def main() -> None:
                 res[arm] = []
                 for _ in range(a.runs):
                     if arm == "pool":
-                        pool_full(folder)
+                        pool.wait_full(warm.read_state(folder)["temp_dir"],
+                                       pool.configured_size())
                     r = job_run(job, wenv, batch)
                     if not a.no_split:
                         r.update(split_fit_start(folder, r.get("to_workers_s")))

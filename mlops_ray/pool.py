@@ -4,8 +4,8 @@ Ray binds a worker process to the job it first runs something for and ends it wi
 so every job pays for new processes: starting Python, importing Ray, torch and Ray Train (on 2
 cores, the larger part of a short `jobs.train`). A worker that Ray's raylet starts through its
 PrestartWorkers call *without* a job serves whichever job next asks for a worker with the same
-runtime_env, at once; the warm cluster's `preload_python_modules` (conf/ray/local.yaml
-`preload_modules`) has it import torch and Ray Train before it is idle.
+runtime_env, at once; such a worker imports torch and Ray Train while it waits
+(mlops_ray/_preload.py; conf/ray/local.yaml `preload_modules`).
 
 A detached actor of the warm Ray, the keeper, refills the pool while no job runs (so that the
 refill never takes CPU from a job) to the sizes the last job attached with, per kind:
@@ -179,3 +179,55 @@ def keep_ready(sizes: dict[str, int], keep_alive_s: int) -> None:
         with contextlib.suppress(Exception):
             keeper().configure.remote(sizes, train_env_vars(), keep_alive_s)
     threading.Thread(target=tell, name="mlops-pool", daemon=True).start()
+
+
+def idle_pids(temp_dir: str) -> set[int]:
+    """Pids of the warm cluster's idle workers, read from /proc (Linux): no driver attaches,
+    which would pause the keeper."""
+    from pathlib import Path
+
+    from mlops_ray import warm
+    out = set()
+    for pid in warm._pids(temp_dir):
+        with contextlib.suppress(OSError):
+            if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::IDLE"):
+                out.add(pid)
+    return out
+
+
+def _cpu_s(pids: set[int]) -> float:
+    import os
+    from pathlib import Path
+    ticks = 0
+    for pid in pids:
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])  # utime + stime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def wait_full(temp_dir: str, want: int, timeout_s: float = 240,
+              settled: bool = True) -> set[int]:
+    """Wait until the warm cluster holds `want` idle workers and, if `settled`, they have
+    finished importing their preloaded modules (under 5% of a CPU over a second). Returns the
+    idle pids then, or at the timeout."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        idle = idle_pids(temp_dir)
+        if len(idle) >= want:
+            before = _cpu_s(idle)
+            time.sleep(1.0)
+            if not settled or _cpu_s(idle) - before < 0.05:
+                return idle
+        if time.monotonic() > deadline:
+            return idle
+        time.sleep(0.5)
+
+
+def configured_size() -> int:
+    """How many idle workers conf/ray/local.yaml's `warm_pool` asks for, in all."""
+    from pathlib import Path
+
+    import yaml
+    conf = Path(__file__).resolve().parents[1] / "conf/ray/local.yaml"
+    return sum((yaml.safe_load(conf.read_text()).get("warm_pool") or {}).values())

@@ -120,9 +120,12 @@ def _start(folder: Path, ray_cfg: dict[str, Any], log: Any) -> dict[str, Any]:
     env_vars = {k: str(v) for k, v in ray_cfg.get("env_vars", {}).items()}
     preload = ",".join(ray_cfg.get("preload_modules") or [])
     env = {**os.environ, **env_vars, **client_env(folder),
-           # every worker process imports these before it takes work (Ray's own setting), so an
-           # idle one of the pool (top_up) is ready for a Train worker or controller
-           "RAY_preload_python_modules": preload,
+           # every worker imports _preload (Ray's preload_python_modules): an idle one of the
+           # pool (pool.py) then imports `preload`, ready for the next job's Train actors
+           "RAY_preload_python_modules": "mlops_ray._preload" if preload else "",
+           "MLOPS_RAY_PRELOAD": preload,
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO),
+                                                       os.environ.get("PYTHONPATH")])),
            # jobs.serve's defaults for a local cluster (read by Serve's controller and replicas,
            # which the raylet starts with this environment): direct ingress, a short drain
            "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",

@@ -101,8 +101,8 @@ class RayCfg(Strict):
     train_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"  # Ray Train's logs
     # exported before Ray starts; Ray Train propagates RAY_TRAIN_* to its controller and workers
     env_vars: dict[str, str] = {}
-    # the warm Ray only: modules every worker imports before it takes work (set when it
-    # starts), and how many idle workers each job keeps ready for the next one's actors
+    # the warm Ray only (mlops_ray/pool.py): how many idle workers of no job to keep ready for
+    # the next job, per kind, and the modules they import while idle (read when it starts)
     preload_modules: list[str] = []
     warm_pool: dict[Literal["train", "train_workers", "tasks"], int] = {}
     warm_pool_keep_alive_s: int = Field(900, ge=1)

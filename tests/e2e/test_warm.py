@@ -41,25 +41,18 @@ def daemons(tmp: str) -> set[int]:
     return out
 
 
-def pool_of(tmp: str, want: int, timeout_s: float = 240) -> set[int]:
-    """Wait until the cluster holds `want` idle workers of no job (the keeper refills the pool
-    once no job runs): their pids. Read from /proc, since attaching would pause the keeper."""
-    import time
+def title(pid: int) -> bytes:
     from pathlib import Path
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].strip()
+    except OSError:
+        return b""
 
-    from mlops_ray import warm
-    deadline = time.monotonic() + timeout_s
-    while True:
-        idle = set()
-        for pid in warm._pids(tmp):
-            try:
-                if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::IDLE"):
-                    idle.add(pid)
-            except OSError:
-                continue
-        if len(idle) >= want or time.monotonic() > deadline:
-            return idle
-        time.sleep(0.5)
+
+def maps_torch(pid: int) -> bool:
+    """Whether the process has torch imported (its shared library mapped)."""
+    from pathlib import Path
+    return b"libtorch_cpu" in Path(f"/proc/{pid}/maps").read_bytes()
 
 
 def actor_pids(folder, class_name: str) -> set[int]:
@@ -82,10 +75,9 @@ def actor_pids(folder, class_name: str) -> set[int]:
 
 def test_jobs_attach_to_the_warm_ray_and_checkouts_do_not_share_one(ray_2_cpus, tmp_path,
                                                                       warm_ray):
-    import yaml
     import ray
 
-    from mlops_ray import warm
+    from mlops_ray import pool, warm
     first = train(tmp_path / "a")
     assert first.returncode == 0, first.stderr[-3000:]
     assert "starting the warm local Ray of this checkout" in first.stderr
@@ -94,9 +86,13 @@ def test_jobs_attach_to_the_warm_ray_and_checkouts_do_not_share_one(ray_2_cpus, 
     assert oct((warm_ray / "auth_token").stat().st_mode & 0o777) == "0o600"
     pids = daemons(state["temp_dir"])
     assert pids  # the cluster outlived the job that started it
-    sizes = yaml.safe_load((REPO / "conf/ray/local.yaml").read_text())["warm_pool"]
-    ready = pool_of(state["temp_dir"], sum(sizes.values()))
-    assert len(ready) >= sum(sizes.values()), f"{len(ready)} idle workers of {sizes}"
+    # the keeper refills the pool once no job runs; its idle workers import torch (preloaded),
+    # a worker started for a job's own work does not (the keeper itself: an actor of no torch)
+    ready = pool.wait_full(state["temp_dir"], pool.configured_size())
+    assert len(ready) >= pool.configured_size(), f"{len(ready)} idle workers"
+    assert all(maps_torch(pid) for pid in ready)
+    (keeper,) = [p for p in warm._pids(state["temp_dir"]) if title(p) == b"ray::Keeper"]
+    assert not maps_torch(keeper)
 
     second = train(tmp_path / "b")
     assert second.returncode == 0, second.stderr[-3000:]
