@@ -94,6 +94,7 @@ class Keeper:
         self.keep_alive_s = 900
         self.kind: dict[int, str] = {}  # idle pid -> the kind of the round that started it
         self.asked = 0
+        self.misses = 0  # rounds in a row that started no worker
         self.lock = threading.Lock()
         threading.Thread(target=self._loop, name="mlops-pool", daemon=True).start()
 
@@ -158,6 +159,9 @@ class Keeper:
         with self.lock:
             self.asked += n
             self.kind.update(dict.fromkeys(new, kind))
+            self.misses = 0 if new else self.misses + 1
+        if not new:  # none came (a runtime_env that fails, a raylet that drops them): back off
+            time.sleep(min(300.0, 5.0 * 2 ** self.misses))
 
 
 NAME, NAMESPACE = "mlops-pool-keeper", "mlops"
