@@ -262,7 +262,7 @@ def main() -> None:
             wenv = {**env, "MLOPS_RAY_WARM_DIR": str(wdir)}
 
             def refilled(arm_env: dict, extra: list[str], src: Path = data) -> dict:
-                pool.wait_full(warm.read_state(wdir)["temp_dir"], pool.configured_size())
+                pool.wait_full(warm.read_state(wdir)["temp_dir"])
                 return one(arm_env, extra, src)
             try:
                 jobs["warm cold"] = [one(wenv, [])]

@@ -37,10 +37,10 @@ sys.path.insert(0, str(REPO))
 
 
 KEEPER = """
-import yaml, ray
-from mlops_ray import pool
+import ray
+from mlops_ray import pool, warm
 from mlops_ray.runtime import ensure_ray
-cfg = yaml.safe_load(open("conf/ray/local.yaml"))
+cfg = warm.conf_defaults()
 ensure_ray({**cfg, "warm_pool": {}})
 ray.get(pool.keeper().configure.remote(cfg["warm_pool"], pool.train_env_vars(),
                                        cfg["warm_pool_keep_alive_s"]))
@@ -84,7 +84,7 @@ def main() -> None:
         for i in range(args.runs):
             if args.pool:
                 from mlops_ray import pool
-                pool.wait_full(state["temp_dir"], pool.configured_size())
+                pool.wait_full(state["temp_dir"])
             with tempfile.TemporaryDirectory() as store:
                 t0 = time.perf_counter()
                 out = subprocess.run(  # nosec B603

@@ -184,8 +184,7 @@ def main() -> None:
                 res[arm] = []
                 for _ in range(a.runs):
                     if arm == "pool":
-                        pool.wait_full(warm.read_state(folder)["temp_dir"],
-                                       pool.configured_size())
+                        pool.wait_full(warm.read_state(folder)["temp_dir"])
                     r = job_run(job, wenv, batch)
                     if not a.no_split:
                         r.update(split_fit_start(folder, r.get("to_workers_s")))

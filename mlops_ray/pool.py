@@ -106,12 +106,6 @@ class Keeper:
                 self.kind = {pid: "stale" if k != "tasks" else k for pid, k in self.kind.items()}
             self.env, self.keep_alive_s = env or {}, keep_alive_s
 
-    def counts(self) -> dict[str, Any]:
-        """Idle workers per kind and how many it asked the raylet for, in all."""
-        with self.lock:
-            have = {k: sum(1 for v in self.kind.values() if v == k) for k in self.sizes}
-            return {"idle": have, "asked": self.asked, "pids": dict(self.kind)}
-
     def _loop(self) -> None:
         import ray
         from ray._private.state import jobs
@@ -210,11 +204,12 @@ def _cpu_s(pids: set[int]) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
-def wait_full(temp_dir: str, want: int, timeout_s: float = 240,
+def wait_full(temp_dir: str, want: int | None = None, timeout_s: float = 240,
               settled: bool = True) -> set[int]:
-    """Wait until the warm cluster holds `want` idle workers and, if `settled`, they have
-    finished importing their preloaded modules (under 5% of a CPU over a second). Returns the
-    idle pids then, or at the timeout."""
+    """Wait until the warm cluster holds `want` idle workers (default: `configured_size()`)
+    and, if `settled`, they have finished importing their preloaded modules (under 5% of a CPU
+    over a second). Returns the idle pids then, or at the timeout."""
+    want = configured_size() if want is None else want
     deadline = time.monotonic() + timeout_s
     while True:
         idle = idle_pids(temp_dir)
@@ -230,8 +225,5 @@ def wait_full(temp_dir: str, want: int, timeout_s: float = 240,
 
 def configured_size() -> int:
     """How many idle workers conf/ray/local.yaml's `warm_pool` asks for, in all."""
-    from pathlib import Path
-
-    import yaml
-    conf = Path(__file__).resolve().parents[1] / "conf/ray/local.yaml"
-    return sum((yaml.safe_load(conf.read_text()).get("warm_pool") or {}).values())
+    from mlops_ray import warm
+    return sum((warm.conf_defaults().get("warm_pool") or {}).values())

@@ -43,6 +43,12 @@ def temp_dir(folder: Path) -> str:
     return f"/tmp/ray-mlops-{hashlib.sha256(str(folder).encode()).hexdigest()[:10]}"  # nosec B108
 
 
+def conf_defaults() -> dict[str, Any]:
+    """The `ray` section a job gets by default (conf/ray/local.yaml): what `start` starts with."""
+    import yaml
+    return dict(yaml.safe_load((REPO / "conf/ray/local.yaml").read_text()))
+
+
 def read_state(folder: Path | None = None) -> dict[str, Any] | None:
     try:
         return dict(json.loads(((folder or state_dir()) / "warm.json").read_text()))
@@ -148,7 +154,7 @@ def _start(folder: Path, ray_cfg: dict[str, Any], log: Any) -> dict[str, Any]:
     state = {"address": f"127.0.0.1:{gcs}", "dashboard_url": f"http://127.0.0.1:{dash}",
              "metrics_port": metrics, "temp_dir": tmp, "num_cpus": ray_cfg.get("num_cpus"),
              "started_s": round(time.monotonic() - t0, 2), "python": sys.executable,
-             "env_vars": env_vars, "preload_modules": preload, "pinned": True}
+             "pinned": True}  # workers find it by RAY_ADDRESS (runtime.ensure_ray)
     tmpfile = folder / f"warm.json.tmp-{os.getpid()}"
     tmpfile.write_text(json.dumps(state, indent=1))
     os.replace(tmpfile, folder / "warm.json")
@@ -219,9 +225,7 @@ def main(argv: list[str]) -> int:
     if what == "stop":
         stop()
     elif what == "start":
-        import yaml  # the defaults a job would start it with (conf/ray/local.yaml)
-        print(json.dumps(ensure(yaml.safe_load((REPO / "conf/ray/local.yaml").read_text()),
-                                log=print), indent=1))
+        print(json.dumps(ensure(conf_defaults(), log=print), indent=1))
     elif what == "status":
         up = running()
         print(json.dumps({"running": up, **(read_state() or {})}, indent=1))

@@ -88,7 +88,7 @@ def test_jobs_attach_to_the_warm_ray_and_checkouts_do_not_share_one(ray_2_cpus, 
     assert pids  # the cluster outlived the job that started it
     # the keeper refills the pool once no job runs; its idle workers import torch (preloaded),
     # a worker started for a job's own work does not (the keeper itself: an actor of no torch)
-    ready = pool.wait_full(state["temp_dir"], pool.configured_size())
+    ready = pool.wait_full(state["temp_dir"])
     assert len(ready) >= pool.configured_size(), f"{len(ready)} idle workers"
     assert all(maps_torch(pid) for pid in ready)
     (keeper,) = [p for p in warm._pids(state["temp_dir"]) if title(p) == b"ray::Keeper"]
