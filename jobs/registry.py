@@ -196,4 +196,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from mlops_ray.runtime import run_main
+    run_main(main)

@@ -120,4 +120,5 @@ def export(job: ServeJob, config: dict) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from mlops_ray.runtime import run_main
+    run_main(main)

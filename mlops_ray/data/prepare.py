@@ -1,6 +1,7 @@
 """Load -> drop PII -> validate -> hash -> split -> fit preprocessing on the training part."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -65,9 +66,6 @@ def _strata(df: pd.DataFrame, cols: list[str]) -> pd.Series | None:
 
 
 def split_rows(df: pd.DataFrame, ds: DatasetCfg, seed: int) -> dict[str, np.ndarray]:
-    # here, not at the top: scikit-learn's import (~1 s) would be paid by every Ray worker that
-    # imports mlops_ray.data for its light parts (scoring actors, read and write tasks, replicas)
-    from sklearn.model_selection import train_test_split
     s = ds.split
     pos = np.arange(len(df))
     strat_cols = [ds.label, *ds.sensitive]
@@ -75,11 +73,57 @@ def split_rows(df: pd.DataFrame, ds: DatasetCfg, seed: int) -> dict[str, np.ndar
         is_test = (df[s.column].astype(str) == str(s.test_value)).to_numpy()
         rest, test = pos[~is_test], pos[is_test]
     else:
-        rest, test = train_test_split(pos, test_size=s.test, random_state=seed,
-                                      stratify=_strata(df, strat_cols))
-    train, val = train_test_split(rest, test_size=s.val, random_state=seed,
-                                  stratify=_strata(df.iloc[rest], strat_cols))
+        rest, test = train_test_split(pos, s.test, seed, _strata(df, strat_cols))
+    train, val = train_test_split(rest, s.val, seed, _strata(df.iloc[rest], strat_cols))
     return {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
+
+
+def train_test_split(rows: np.ndarray, test_size: float, seed: int, strata: pd.Series | None
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's `train_test_split(rows, test_size=, random_state=seed, stratify=strata)`
+    step for step, so the same seed gives the same rows (tests/unit/test_data.py compares
+    them), without importing scikit-learn: ~1 s in every driver before its job starts."""
+    n = len(rows)
+    n_test = math.ceil(test_size * n)
+    n_train = n - n_test
+    rng = np.random.RandomState(seed)
+    if strata is None:  # ShuffleSplit
+        perm = rng.permutation(n)
+        return rows[perm[n_test:]], rows[perm[:n_test]]
+    # StratifiedShuffleSplit: each stratum's share of both parts (its "approximate mode")
+    _, codes, counts = np.unique(np.asarray(strata), return_inverse=True, return_counts=True)
+    if counts.min() < 2 or min(n_train, n_test) < len(counts):
+        raise ValueError(f"cannot split {n} rows in {len(counts)} strata (smallest "
+                         f"{counts.min()}) with test_size={test_size}")
+    members = np.split(np.argsort(codes.ravel(), kind="stable"), np.cumsum(counts)[:-1])
+    n_i = _approximate_mode(counts, n_train, rng)
+    t_i = _approximate_mode(counts - n_i, n_test, rng)
+    train: list[int] = []
+    test: list[int] = []
+    for i, m in enumerate(members):
+        shuffled = m.take(rng.permutation(counts[i]), mode="clip")
+        train.extend(shuffled[:n_i[i]])
+        test.extend(shuffled[n_i[i]:n_i[i] + t_i[i]])
+    return rows[rng.permutation(train)], rows[rng.permutation(test)]
+
+
+def _approximate_mode(counts: np.ndarray, n_draws: int, rng: np.random.RandomState
+                      ) -> np.ndarray:
+    """Draws per stratum: floor of its share, the rest to the largest remainders, ties broken
+    at random (scikit-learn's `_approximate_mode`)."""
+    continuous = counts / counts.sum() * n_draws
+    floored = np.floor(continuous)
+    need = int(n_draws - floored.sum())
+    if need > 0:
+        remainder = continuous - floored
+        for value in np.sort(np.unique(remainder))[::-1]:
+            (inds,) = np.where(remainder == value)
+            add = min(len(inds), need)
+            floored[rng.choice(inds, size=add, replace=False)] += 1
+            need -= add
+            if need == 0:
+                break
+    return floored.astype(int)
 
 
 def prepare(ds: DatasetCfg, seed: int, frame: pd.DataFrame | None = None,

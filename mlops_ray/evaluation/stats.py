@@ -10,14 +10,15 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
-from scipy import stats as sps
-from sklearn.metrics import roc_auc_score
 
 _CHUNK = 128  # resamples materialised at once: bounds memory at _CHUNK x rows
 
 
 def roc_auc(y: np.ndarray, p: np.ndarray) -> float:
     """ROC AUC; `paired_bootstrap_delta`'s default metric, for which it has a vectorised path."""
+    # scikit-learn and SciPy are imported where used: training workers import this module for
+    # weighted_auc alone, and their imports (~1 s) would delay every run's first epoch
+    from sklearn.metrics import roc_auc_score
     return float(roc_auc_score(y, p))
 
 
@@ -26,6 +27,7 @@ def mean_std_ci(values: Sequence[float], level: float = 0.95) -> dict[str, float
 
     With fewer than two finite values the spread is unknown: std and the interval are NaN (a gate
     on them then fails rather than passing on no evidence)."""
+    from scipy import stats as sps
     v = np.asarray([x for x in values if np.isfinite(x)], dtype=np.float64)
     n = len(v)
     mean = float(v.mean()) if n else float("nan")
@@ -155,6 +157,7 @@ def paired_bootstrap_delta(y: np.ndarray, p_candidate: np.ndarray, p_champion: n
 
 def _midrank(x: np.ndarray) -> np.ndarray:
     """Midranks (1-based, ties averaged) along the last axis."""
+    from scipy import stats as sps
     return sps.rankdata(x, method="average", axis=-1)
 
 
@@ -166,6 +169,7 @@ def delong_test(y: np.ndarray, p_a: np.ndarray, p_b: np.ndarray, margin: float =
     `p_value` is two-sided for H0: auc_a == auc_b. `p_value_worse` is one-sided for
     H1: auc_a - auc_b < -margin (a is worse by more than `margin`), the champion-gate test.
     """
+    from scipy import stats as sps
     y = np.asarray(y).astype(int)
     scores = np.vstack([np.asarray(p_a, dtype=np.float64), np.asarray(p_b, dtype=np.float64)])
     pos, neg = scores[:, y == 1], scores[:, y == 0]

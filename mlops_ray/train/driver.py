@@ -12,6 +12,7 @@ the same folder, and Ray Train resumes from its latest checkpoint.
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from collections.abc import Callable
@@ -123,6 +124,19 @@ def fit(trainer: Any, job: RunSections, record: dict[str, Any], storage: Storage
     return result, node_hours
 
 
+def import_meanwhile(modules: tuple[str, ...]) -> None:
+    """Import on a thread what the driver needs after fit() (e.g. scikit-learn for the test
+    metrics, ~1 s): fit() waits on Ray with the GIL released, so this is off the run's path."""
+    import importlib
+    import threading
+
+    def run() -> None:
+        for m in modules:
+            with contextlib.suppress(Exception):  # the step that needs it imports it again
+                importlib.import_module(m)
+    threading.Thread(target=run, name="mlops-import", daemon=True).start()
+
+
 def startup_phases(data_s: float, ray_s: float, t_fit: float, loop: dict[str, Any]
                    ) -> dict[str, float | None]:
     """Where a run's fixed cost went (seconds): loading and validating the data, starting or
@@ -166,6 +180,7 @@ def run_training(job: RunSections, *, prepared: Any = None, log: Any = print) ->
     trainer = trainer_for(job, task.loop, task.loop_config(run_name), run_name, storage, "runs",
                           [_progress_callback(task.progress)], task.trainer)
     t_fit = time.time()
+    import_meanwhile(task.finish_imports)
     result, node_hours = fit(trainer, job, record, storage, run_name)
     ret = result.return_value or {}
     record["startup"] = startup_phases(t_data - t_start, t_ray - t_data, t_fit,

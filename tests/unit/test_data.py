@@ -60,6 +60,34 @@ def test_non_numeric_declared_numeric(adult, adult_cfg):
         validate_frame(bad, adult_cfg)
 
 
+@pytest.mark.parametrize("seed", [0, 7])
+def test_splits_are_scikit_learns_row_for_row(adult, adult_cfg, seed):
+    """prepare.train_test_split replaces scikit-learn's in the driver (its import costs every
+    job ~1 s): the same rows for the same seed, stratified or not, ties in the strata shares
+    included, so runs and registered models keep their splits."""
+    from sklearn.model_selection import train_test_split as sk_split
+
+    from mlops_ray.data.prepare import _strata, joined, train_test_split
+    rows = np.arange(3, len(adult) + 3)  # not 0..n-1: the rows are returned, not positions
+    rng = np.random.default_rng(seed)
+    cases = [(None, 0.2), (_strata(adult, [adult_cfg.label, *adult_cfg.sensitive]), 0.1),
+             (joined(adult, ["sex"]), 0.33),
+             # 7 equal strata: the shares' remainders tie, broken by the same random draws
+             (pd.Series(rng.integers(0, 7, len(adult)).astype(str)), 0.25)]
+    for strata, test_size in cases:
+        ours = train_test_split(rows, test_size, seed, strata)
+        theirs = sk_split(rows, test_size=test_size, random_state=seed, stratify=strata)
+        for a, b in zip(ours, theirs):
+            assert np.array_equal(a, b)
+    small = pd.Series(["a"] * 5 + ["b"] * 3 + ["c"] * 2)
+    for test_size in (0.3, 0.45):
+        ours = train_test_split(np.arange(10), test_size, seed, small)
+        theirs = sk_split(np.arange(10), test_size=test_size, random_state=seed, stratify=small)
+        assert all(np.array_equal(a, b) for a, b in zip(ours, theirs))
+    with pytest.raises(ValueError, match="3 strata"):
+        train_test_split(np.arange(10), 0.1, seed, small)
+
+
 def test_dataset_version_is_content_hash(adult):
     v = dataset_version(adult)
     assert v == dataset_version(adult.copy()) and len(v) == 16

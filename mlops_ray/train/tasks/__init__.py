@@ -18,6 +18,7 @@ class Task:
     progress: Callable[[dict[str, Any], bool], str | None]  # one console line per report
     summary: Callable[[dict[str, Any]], list[str]]  # the lines after the run
     finish: Callable[[dict[str, Any], Any], None] = lambda record, best: None  # e.g. test metrics
+    finish_imports: tuple[str, ...] = ()  # what `finish` imports: done while fit() waits
     record: dict[str, Any] = field(default_factory=dict)  # extra run.json fields
     step_key: str = "epoch"  # what numbers the W&B steps
     live_tracking: bool = False  # the loop logs to W&B itself as it goes (rank 0)
