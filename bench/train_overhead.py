@@ -9,6 +9,8 @@ per-epoch checkpointing are included), whole-process wall time, their ratios to 
 loop's medians, and the run record's `startup` phases (data, Ray, fit() -> train function on
 rank 0, -> first optimizer step). Arms:
   bare   the same data, model, optimiser, schedule and thread count in one process, no Ray
+  loop   jobs.train's per-worker loop called in one process without Ray (as a CV fold runs
+         it: validation metrics and a checkpoint every epoch), its own cost apart from Ray's
   local  `python -m jobs.train ray.address=local`: a throwaway Ray inside the job ("before")
   warm   `python -m jobs.train` on the warm local Ray of a temporary MLOPS_RAY_WARM_DIR: the
          first job starts it (reported alone, "cold"), then `--runs` jobs attach ("after");
@@ -74,6 +76,27 @@ def bare(epochs: int, batch: int) -> dict:
             net.train()
         stamps.append(time.time())
     return {"samples_per_s": steps * batch * (len(stamps) - 2) / (stamps[-1] - stamps[1])}
+
+
+def loop(epochs: int, batch: int) -> dict:
+    """jobs.train's per-worker loop (train/tasks/tabular.py) on the same job, no Ray."""
+    from mlops_ray.config import validate
+    from mlops_ray.config.compose import compose
+    from mlops_ray.config.train import TrainJob
+    from mlops_ray.data import prepare
+    from mlops_ray.train.session import LocalSession
+    from mlops_ray.train.tasks.tabular import arrays, loop_config, train_loop_per_worker
+    job = validate(compose("train", ["+experiment=adult_mlp", "tracking=none",
+                                     "train.early_stopping=null", f"train.epochs={epochs}",
+                                     "train.torch_threads=1"]), TrainJob)
+    p = prepare(job.dataset, job.seed)
+    cfg = loop_config(job, p.preprocessor.feature_names, p.preprocessor.to_dict(), "bench")
+    with tempfile.TemporaryDirectory(prefix="bench-loop-") as d:
+        out = train_loop_per_worker(cfg.plain(), LocalSession(d, arrays(
+            p, job.penalty_attribute())))
+    at = [m["time/at"] for m in out["history"]]
+    steps = len(p.splits["train"]) // batch
+    return {"samples_per_s": steps * batch * (len(at) - 2) / (at[-1] - at[1])}
 
 
 def timed(cmd: list[str], env: dict) -> tuple[float, subprocess.CompletedProcess]:
@@ -142,7 +165,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--runs", type=int, default=3, help="runs per arm (medians and spreads)")
-    ap.add_argument("--arms", default="bare,local,warm,pool", help="of bare,local,warm,pool")
+    ap.add_argument("--arms", default="bare,loop,local,warm,pool",
+                    help="of bare,loop,local,warm,pool")
     ap.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                     help="environment of the jobs (and of the warm cluster they start)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -150,10 +174,14 @@ def main() -> None:
     ap.add_argument("--no-split", action="store_true", help="skip the State API split")
     ap.add_argument("--json", metavar="FILE", help="also write every run's figures here")
     ap.add_argument("--bare-only", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--loop-only", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     batch = 512
     if a.bare_only:
         print(json.dumps(bare(a.epochs, batch)))
+        return
+    if a.loop_only:
+        print(json.dumps(loop(a.epochs, batch)))
         return
     arms = a.arms.split(",")
     env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled",
@@ -164,12 +192,14 @@ def main() -> None:
            "train.early_stopping=null", f"train.epochs={a.epochs}", "train.torch_threads=1",
            *a.set]
     res: dict[str, list[dict]] = {}
-    if "bare" in arms:
-        res["bare"] = []
-        for _ in range(a.runs):
-            wall, out = timed([sys.executable, __file__, "--bare-only", f"--epochs={a.epochs}"],
-                              env)
-            res["bare"].append({**json.loads(out.stdout), "wall_s": wall})
+    for arm in ("bare", "loop"):
+        if arm in arms:
+            res[arm] = []
+            for _ in range(a.runs):
+                wall, out = timed([sys.executable, __file__, f"--{arm}-only",
+                                   f"--epochs={a.epochs}"], env)
+                res[arm].append({**json.loads(out.stdout.strip().splitlines()[-1]),
+                                 "wall_s": wall})
     if "local" in arms:
         res["local"] = [job_run([*job, "ray.address=local"], env, batch) for _ in range(a.runs)]
     if "warm" in arms or "pool" in arms:
@@ -196,7 +226,8 @@ def main() -> None:
 
 
 def report(res: dict[str, list[dict]], a: argparse.Namespace) -> None:
-    names = {"bare": "bare PyTorch loop", "local": "jobs.train ray.address=local (own Ray)",
+    names = {"bare": "bare PyTorch loop", "loop": "jobs.train's loop in one process, no Ray",
+             "local": "jobs.train ray.address=local (own Ray)",
              "warm cold": "jobs.train, warm cluster, 1st run (starts it)",
              "warm": "jobs.train, warm cluster, attached",
              "pool": "jobs.train, warm cluster, pool refilled"}
@@ -220,7 +251,7 @@ def report(res: dict[str, list[dict]], a: argparse.Namespace) -> None:
     print("startup phases, s (run.json `startup`): median (min-max)")
     print(f"{'arm':<48} " + " ".join(f"{p.removesuffix('_s'):>16}" for p in PHASES))
     for arm, rows in res.items():
-        if arm != "bare":
+        if arm not in ("bare", "loop"):
             print(f"{names[arm]:<48} " + " ".join(f"{cell(summary(rows, p), '.1f'):>16}"
                                                   for p in PHASES))
     for arm in ("warm", "pool"):

@@ -95,6 +95,7 @@ class Keeper:
         self.kind: dict[int, str] = {}  # idle pid -> the kind of the round that started it
         self.asked = 0
         self.misses = 0  # rounds in a row that started no worker
+        self.last_job = time.monotonic()  # when a job was last seen running (or attached)
         self.lock = threading.Lock()
         threading.Thread(target=self._loop, name="mlops-pool", daemon=True).start()
 
@@ -105,6 +106,12 @@ class Keeper:
             if (env or {}) != self.env:  # its train workers no longer fit: leave them be
                 self.kind = {pid: "stale" if k != "tasks" else k for pid, k in self.kind.items()}
             self.env, self.keep_alive_s = env or {}, keep_alive_s
+            self.last_job = time.monotonic()
+
+    def refilling(self, now: float) -> bool:
+        """Refill only within keep_alive_s of the last job: an idle warm Ray's pool then ends
+        with its workers' keep-alive instead of being started again every keep_alive_s."""
+        return now - self.last_job < self.keep_alive_s
 
     def _loop(self) -> None:
         import ray
@@ -115,11 +122,12 @@ class Keeper:
             with contextlib.suppress(Exception):  # the next turn tries again
                 stub = stub or _stub()
                 if any(not j.get("IsDead", True) for j in jobs()):
-                    quiet_since = None  # a job runs: it has the CPUs
+                    quiet_since, self.last_job = None, time.monotonic()  # it has the CPUs
                     continue
                 quiet_since = quiet_since or time.monotonic()
                 # not in the gap between two jobs of a script: a round cannot be called back
-                if time.monotonic() - quiet_since >= QUIET_S:
+                if time.monotonic() - quiet_since >= QUIET_S and self.refilling(
+                        time.monotonic()):
                     self._round(stub, max(1, int(ray.cluster_resources().get("CPU", 1))))
 
     def _round(self, stub: Any, per_round: int) -> None:
