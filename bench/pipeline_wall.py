@@ -42,7 +42,7 @@ from mlops_ray import pool, warm
 from mlops_ray.runtime import ensure_ray
 cfg = warm.conf_defaults()
 ensure_ray({**cfg, "warm_pool": {}})
-ray.get(pool.keeper().configure.remote(cfg["warm_pool"], pool.train_env_vars(),
+ray.get(pool.keeper().configure.remote(cfg["warm_pool"], pool.driver_env(),
                                        cfg["warm_pool_keep_alive_s"]))
 """
 

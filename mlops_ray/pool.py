@@ -26,27 +26,42 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import threading
 import time
+from collections.abc import Mapping
 from typing import Any
 
 WORKER = 0  # common_pb2.WorkerType.WORKER: a task or actor worker, not a driver
 
 
-def train_env_vars() -> dict[str, str] | None:
-    """The env_vars of the runtime_env that Ray Train gives its controller when this process
-    calls fit(), computed the way Ray Train computes them (DataParallelTrainer.
-    _initialize_and_run_controller). The controller's own actors inherit it and the workers'
+PROPAGATED_PREFIXES = ("RAY_", "TORCHFT_", "NCCL_")
+
+
+def driver_env() -> dict[str, str]:
+    """The part of this process's environment that Ray Train may propagate (names of
+    `ENV_VARS_TO_PROPAGATE` all start so; tests/unit/test_pool.py checks it), without importing
+    Ray Train: a job that never trains (jobs.predict, jobs.serve) would pay ~0.2 s for it."""
+    return {k: v for k, v in os.environ.items()
+            if k.startswith(PROPAGATED_PREFIXES) and "TOKEN" not in k}
+
+
+def train_env_vars(environ: Mapping[str, str] | None = None) -> dict[str, str] | None:
+    """The env_vars of the runtime_env that Ray Train gives its controller when a driver with
+    the environment `environ` (default: this process's) calls fit(), computed the way Ray Train
+    computes them (DataParallelTrainer._initialize_and_run_controller,
+    get_env_vars_to_propagate). The controller's own actors inherit it and the workers'
     runtime_env holds the same variables, propagated from the controller's environment."""
     try:
         from ray._common.constants import RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR as warn
         from ray.train.v2._internal.constants import (
             DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE as default,
         )
-        from ray.train.v2._internal.constants import get_env_vars_to_propagate
+        from ray.train.v2._internal.constants import ENV_VARS_TO_PROPAGATE
     except ImportError:  # another Ray version: no pool of this kind
         return None
-    env = get_env_vars_to_propagate()
+    environ = os.environ if environ is None else environ
+    env = {k: environ[k] for k in ENV_VARS_TO_PROPAGATE if k in environ}
     env.setdefault(warn, default)
     return env
 
@@ -99,8 +114,10 @@ class Keeper:
         self.lock = threading.Lock()
         threading.Thread(target=self._loop, name="mlops-pool", daemon=True).start()
 
-    def configure(self, sizes: dict[str, int], env: dict[str, str] | None,
+    def configure(self, sizes: dict[str, int], environ: dict[str, str],
                   keep_alive_s: int) -> None:
+        """`environ`: the job's `driver_env()`; the Train runtime_env is read from it here."""
+        env = train_env_vars(environ)
         with self.lock:
             self.sizes = {k: n for k, n in sizes.items() if n > 0 and (env or k == "tasks")}
             if (env or {}) != self.env:  # its train workers no longer fit: leave them be
@@ -181,9 +198,11 @@ def keep_ready(sizes: dict[str, int], keep_alive_s: int) -> None:
     """Tell the keeper the sizes this job wants ready for the next one, and the runtime_env
     its Train actors get (from this process's environment, after `ray.env_vars`): on a
     thread, so that the job does not wait for it (a speed-up only: it never fails a job)."""
+    environ = driver_env()
+
     def tell() -> None:
         with contextlib.suppress(Exception):
-            keeper().configure.remote(sizes, train_env_vars(), keep_alive_s)
+            keeper().configure.remote(sizes, environ, keep_alive_s)
     threading.Thread(target=tell, name="mlops-pool", daemon=True).start()
 
 

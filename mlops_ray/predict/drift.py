@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mlops_ray.evaluation.drift import EPS, psi
+from mlops_ray.evaluation.drift import EPS, chi2_p, js_distance, psi
 
 MISSING, UNSEEN = "<missing>", "<unseen>"
 EXAMPLES = 10  # unseen category values kept as examples per feature
@@ -40,16 +40,25 @@ def batch_counts(df: pd.DataFrame, reference: dict[str, Any], numeric: list[str]
                              "sum": float(ok.sum())}
     for c in categorical:
         known = reference["categorical"][c]["shares"]
-        vc = df[c].astype("string").fillna(MISSING).value_counts()
+        # the raw values counted, then named as `astype("string")` names them (NaN/None/NA:
+        # missing): the same counts at a fifth of the cost of converting every row first.
+        # Objects other than strings are converted first: Python counts 1, 1.0 and True as one
+        col = df[c]
+        if col.dtype == object and pd.api.types.infer_dtype(col, skipna=True) not in (
+                "string", "empty"):
+            col = col.astype("string")
+        vc = col.value_counts(dropna=False)
         counts: dict[str, int] = {}
         examples: list[str] = []
         for k, n in vc.items():
-            key = str(k)
+            if not n:  # a category of a pandas Categorical that no row has
+                continue
+            key = MISSING if pd.isna(k) else str(k)  # type: ignore[call-overload]
             if key in known or key == MISSING:
-                counts[key] = int(n)
+                counts[key] = counts.get(key, 0) + int(n)
             else:
                 counts[UNSEEN] = counts.get(UNSEEN, 0) + int(n)
-                if len(examples) < EXAMPLES:
+                if len(examples) < EXAMPLES and key not in examples:
                     examples.append(key)
         out["categorical"][c] = {"counts": counts, "unseen_examples": examples}
     return out
@@ -82,10 +91,9 @@ def merge(a: dict[str, Any] | None, b: dict[str, Any] | None) -> dict[str, Any] 
 def _chi2_p(live: np.ndarray, ref_shares: np.ndarray) -> float | None:
     if len(live) < 2:  # one bin (e.g. a column that was constant in training): no test
         return None
-    from scipy import stats  # the driver's report only: scoring actors count, never test
     ref = np.clip(ref_shares, EPS, None)
     ref = ref / ref.sum()
-    p = float(stats.chisquare(live, ref * live.sum()).pvalue)
+    p = chi2_p(live, ref * live.sum())
     return p if np.isfinite(p) else None
 
 
@@ -128,8 +136,7 @@ def drift_table(counts: dict[str, Any] | None, reference: dict[str, Any],
         if n:
             ref_shares = np.array([shares.get(k, 0.0) for k in cats])
             ref_shares = np.clip(ref_shares, EPS, None) / np.clip(ref_shares, EPS, None).sum()
-            from scipy.spatial.distance import jensenshannon
-            row["js"] = float(jensenshannon(ref_shares, live / n, base=2))
+            row["js"] = js_distance(ref_shares, live / n)
             row["chi2_p"] = _chi2_p(live, ref_shares)
             row["alert"] = bool(row["js"] > cfg["js_threshold"] and row["chi2_p"] is not None
                                 and row["chi2_p"] < cfg["p_value"])

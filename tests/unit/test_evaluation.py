@@ -535,3 +535,59 @@ def test_deploy_waits_for_serves_early_start_and_raises_its_error():
         stages.serve_started(early({"facts": {}}, hung), timeout_s=0.01)
     hung.set()
     assert stages.serve_started(Context(None, None, None, print, [])) is None  # no early start
+
+
+def test_drift_tests_without_scipy_stats_equal_scipys() -> None:
+    """The drift report's chi-squared p-value and JS distance (computed without SciPy, which a
+    job's driver then never imports) equal SciPy's own functions, zero cells, one-sided shifts
+    and p-values from 1 down to below 1e-300 included."""
+    from scipy.spatial.distance import jensenshannon
+    from scipy.stats import chi2, chisquare
+
+    from mlops_ray.evaluation.drift import chi2_p, chi2_sf, js_distance
+    for df in (1, 2, 3, 4, 7, 10, 40, 41, 99, 400):
+        for x in (0.0, 1e-8, 0.3, 1.0, df - 0.5, df, 2.0 * df, 10.0 * df + 50, 1500.0):
+            assert chi2_sf(x, df) == pytest.approx(float(chi2.sf(x, df)), rel=1e-9, abs=1e-300)
+    rng = np.random.default_rng(0)
+    cases = [(rng.integers(0, 500, k).astype(float), rng.dirichlet(np.ones(k)))
+             for k in (2, 3, 10, 41)]
+    cases.append((np.array([0.0, 0.0, 900.0]), np.array([0.5, 0.4999, 1e-4])))  # a big shift
+    cases.append((np.array([30.0, 0.0, 70.0]), np.array([0.3, 0.0001, 0.6999])))
+    for live, ref in cases:
+        ref = ref / ref.sum()
+        want_p = float(chisquare(live, ref * live.sum()).pvalue)
+        assert chi2_p(live, ref * live.sum()) == pytest.approx(want_p, rel=1e-12, abs=1e-300)
+        want_js = float(jensenshannon(ref, live / live.sum(), base=2))
+        assert js_distance(ref, live / live.sum()) == pytest.approx(want_js, rel=1e-12)
+    assert chi2_p(np.array([0.0, 0.0, 900.0]), np.array([450.0, 449.9, 0.09])) < 1e-100
+
+
+def test_batch_drift_counts_name_values_as_strings() -> None:
+    """Scoring actors count categories on the raw values and name them as pandas' string
+    conversion does: the counts (and unseen examples) equal those of converting every row
+    first, whatever the column holds (mixed objects, numbers, NA kinds, Categorical)."""
+    from mlops_ray.predict.drift import EXAMPLES, MISSING, UNSEEN, batch_counts
+    rng = np.random.default_rng(1)
+    values = ["a", "b", 1, 1.5, True, None, np.nan, pd.NA, "1", "c", *[f"u{i}" for i in range(15)]]
+    mixed = pd.Series([values[i] for i in rng.integers(0, len(values), 3000)], dtype=object)
+    df = pd.DataFrame({
+        "mixed": mixed,
+        "ints": pd.Series(rng.integers(0, 20, 3000)),
+        "floats": pd.Series(rng.choice([0.5, 2.0, np.nan], 3000)),
+        "strings": mixed.astype("string"),
+        "words": mixed.map(lambda v: v if v is None or isinstance(v, str) else np.nan),
+        "cats": pd.Categorical(rng.choice(["a", "b", "z"], 3000), categories=["a", "b", "y", "z"]),
+    })
+    known = {"a": 0.3, "b": 0.3, "1": 0.1, "1.5": 0.1, "True": 0.1, "0.5": 0.5, "3": 0.1}
+    ref = {"numeric": {}, "categorical": {c: {"shares": known} for c in df.columns}}
+    got = batch_counts(df, ref, [], list(df.columns))["categorical"]
+    for c in df.columns:
+        vc = df[c].astype("string").fillna(MISSING).value_counts()
+        want = {k: int(n) for k, n in vc.items() if k in known or k == MISSING}
+        unseen = [str(k) for k, n in vc.items() if k not in known and k != MISSING]
+        if unseen:
+            want[UNSEEN] = int(vc[unseen].sum())
+        assert got[c]["counts"] == want, c
+        ex = got[c]["unseen_examples"]
+        assert set(ex) <= set(unseen) and len(set(ex)) == len(ex) == min(EXAMPLES, len(unseen))
+    assert "y" not in got["cats"]["unseen_examples"]  # a category no row has is not seen
