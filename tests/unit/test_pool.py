@@ -42,3 +42,57 @@ def test_the_keeper_reads_the_train_runtime_env_as_ray_train_does(monkeypatch):
     assert got == want
     assert want["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "0.2"
     assert got == train_env_vars()  # this process's own environment gives the same
+
+
+GATE = '''
+import threading, time
+from importlib import _bootstrap
+in_a = threading.Event()
+
+
+def other_thread_came():
+    """Until the test's thread waits on pkg.a (without the fix) or was held back (with it)."""
+    from mlops_ray import _preload
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not _preload.held.is_set():
+        waits = list(_bootstrap._blocking_on.values())
+        if any(getattr(w, "name", None) == "pkg.a" for w in waits):
+            return
+        time.sleep(0.01)
+'''
+PKG = {"__init__.py": "from pkg import a\n",
+       # a circular import, as in Ray Train, that works on one thread
+       "a.py": "import gate\nx = 1\ngate.in_a.set()\ngate.other_thread_came()\n"
+               "from pkg.b import f\n",
+       "b.py": "from pkg.a import x\n\n\ndef f():\n    return x\n"}
+
+
+def test_a_jobs_import_during_the_pools_preload_waits_for_it(tmp_path, monkeypatch):
+    """A job's work can reach a pool worker while its preload thread still imports Ray Train.
+    Without care, the two threads each hold a module the other needs and one gets a partially
+    initialised module (a Train controller failed so). The preload holds the other thread's
+    import back until it is done: both imports succeed."""
+    import importlib
+    import sys
+    import threading
+
+    from mlops_ray import _preload
+    (tmp_path / "gate.py").write_text(GATE)
+    (tmp_path / "pkg").mkdir()
+    for name, text in PKG.items():
+        (tmp_path / "pkg" / name).write_text(text)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for m in ("gate", "pkg", "pkg.a", "pkg.b"):
+        monkeypatch.delitem(sys.modules, m, raising=False)
+    _preload.held.clear()
+    import gate  # type: ignore[import-not-found]
+    worker = threading.Thread(target=_preload.preload, args=(["pkg"],))
+    worker.start()
+    assert gate.in_a.wait(60)  # the preload is inside pkg.a
+    b = importlib.import_module("pkg.b")  # the job's import, meanwhile
+    worker.join(60)
+    assert _preload.held.is_set()
+    assert b.f() == 1
+    assert sys.modules["pkg.a"].f is b.f  # the preload's import completed too
+    from importlib import _bootstrap
+    assert _bootstrap._find_and_load.__name__ == "_find_and_load"  # put back
