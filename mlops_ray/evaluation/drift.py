@@ -28,6 +28,8 @@ def psi(ref_shares: np.ndarray, live_shares: np.ndarray) -> float:
 def chi2_sf(x: float, df: int) -> float:
     """P(X > x) for X chi-squared with integer `df` >= 1: the regularized upper incomplete gamma
     Q(df/2, x/2) in its closed forms for whole and half-whole shapes, summed in log space."""
+    if math.isnan(x) or x == math.inf:
+        return 0.0 if x == math.inf else math.nan
     if x <= 0:
         return 1.0
     h = x / 2

@@ -28,6 +28,17 @@ def drift_columns(reference: dict[str, Any], available: set[str]) -> tuple[list[
             [c for c in reference["categorical"] if c in available])
 
 
+def _named_alike(col: pd.Series) -> bool:
+    """Whether `str(value)` names each value of `col` as `col.astype("string")` does: strings,
+    integers and booleans. Not floats or dates (their text differs), nor objects of mixed
+    types (Python counts 1, 1.0 and True as one value)."""
+    values = col.dtype.categories if isinstance(col.dtype, pd.CategoricalDtype) else col
+    if values.dtype == object:
+        return pd.api.types.infer_dtype(values, skipna=True) in ("string", "empty")
+    return isinstance(values.dtype, pd.StringDtype) or pd.api.types.is_integer_dtype(
+        values.dtype) or pd.api.types.is_bool_dtype(values.dtype)
+
+
 def batch_counts(df: pd.DataFrame, reference: dict[str, Any], numeric: list[str],
                  categorical: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {"rows": int(len(df)), "numeric": {}, "categorical": {}}
@@ -41,12 +52,8 @@ def batch_counts(df: pd.DataFrame, reference: dict[str, Any], numeric: list[str]
     for c in categorical:
         known = reference["categorical"][c]["shares"]
         # the raw values counted, then named as `astype("string")` names them (NaN/None/NA:
-        # missing): the same counts at a fifth of the cost of converting every row first.
-        # Objects other than strings are converted first: Python counts 1, 1.0 and True as one
-        col = df[c]
-        if col.dtype == object and pd.api.types.infer_dtype(col, skipna=True) not in (
-                "string", "empty"):
-            col = col.astype("string")
+        # missing): the same counts at a fifth of the cost of converting every row first
+        col = df[c] if _named_alike(df[c]) else df[c].astype("string")
         vc = col.value_counts(dropna=False)
         counts: dict[str, int] = {}
         examples: list[str] = []
