@@ -46,9 +46,9 @@ def driver_env() -> dict[str, str]:
             if k.startswith(PROPAGATED_PREFIXES) and "TOKEN" not in k}
 
 
-def train_env_vars(environ: Mapping[str, str] | None = None) -> dict[str, str] | None:
+def train_env_vars(environ: Mapping[str, str]) -> dict[str, str] | None:
     """The env_vars of the runtime_env that Ray Train gives its controller when a driver with
-    the environment `environ` (default: this process's) calls fit(), computed the way Ray Train
+    the environment `environ` calls fit(), computed the way Ray Train
     computes them (DataParallelTrainer._initialize_and_run_controller,
     get_env_vars_to_propagate). The controller's own actors inherit it and the workers'
     runtime_env holds the same variables, propagated from the controller's environment."""
@@ -60,7 +60,6 @@ def train_env_vars(environ: Mapping[str, str] | None = None) -> dict[str, str] |
         from ray.train.v2._internal.constants import ENV_VARS_TO_PROPAGATE
     except ImportError:  # another Ray version: no pool of this kind
         return None
-    environ = os.environ if environ is None else environ
     env = {k: environ[k] for k in ENV_VARS_TO_PROPAGATE if k in environ}
     env.setdefault(warn, default)
     return env

@@ -28,8 +28,8 @@ def psi(ref_shares: np.ndarray, live_shares: np.ndarray) -> float:
 def chi2_sf(x: float, df: int) -> float:
     """P(X > x) for X chi-squared with integer `df` >= 1: the regularized upper incomplete gamma
     Q(df/2, x/2) in its closed forms for whole and half-whole shapes, summed in log space."""
-    if math.isnan(x) or x == math.inf:
-        return 0.0 if x == math.inf else math.nan
+    if math.isnan(x) or x == math.inf or df < 1:
+        return 0.0 if x == math.inf and df >= 1 else math.nan
     if x <= 0:
         return 1.0
     h = x / 2
@@ -52,6 +52,28 @@ def chi2_p(observed: np.ndarray, expected: np.ndarray) -> float:
     len - 1 degrees of freedom."""
     f_obs, f_exp = np.asarray(observed, np.float64), np.asarray(expected, np.float64)
     return chi2_sf(float(np.sum((f_obs - f_exp) ** 2 / f_exp)), len(f_obs) - 1)
+
+
+def shares_p(live: np.ndarray, ref_shares: np.ndarray) -> float | None:
+    """`chi2_p` of live counts against reference shares (clipped at EPS, renormalised); None
+    with fewer than 2 cells (e.g. a column constant in training: no test) or no finite value."""
+    if len(live) < 2:
+        return None
+    ref = np.clip(np.asarray(ref_shares, np.float64), EPS, None)
+    p = chi2_p(live, ref / ref.sum() * np.sum(live))
+    return p if math.isfinite(p) else None
+
+
+def categorical_shift(shares: dict[str, float], counts: dict[str, int]
+                      ) -> tuple[float, float | None]:
+    """(JS distance, chi-squared p-value or None) of live category counts against the
+    reference's category shares, over the categories of either (serving's window, a batch
+    job's summed counts)."""
+    cats = sorted(set(shares) | set(counts))
+    live = np.array([counts.get(k, 0) for k in cats], np.float64)
+    ref = np.clip(np.array([shares.get(k, 0.0) for k in cats]), EPS, None)
+    ref = ref / ref.sum()
+    return js_distance(ref, live / live.sum()), shares_p(live, ref)
 
 
 def js_distance(p: np.ndarray, q: np.ndarray) -> float:
@@ -114,14 +136,9 @@ class DriftMonitor:
             shares = self.ref["categorical"][c]["shares"]
             row = {"feature": c, "kind": "categorical", "n": len(q)}
             if len(q) >= cfg["min_rows"]:
-                counts = Counter(q)
-                cats = sorted(set(shares) | set(counts))
-                live = np.array([counts.get(k, 0) for k in cats], float)
-                ref = np.array([shares.get(k, 0.0) for k in cats])
-                ref = np.clip(ref, EPS, None) / np.clip(ref, EPS, None).sum()
-                row["js"] = js_distance(ref, live / live.sum())
-                row["chi2_p"] = chi2_p(live, ref * live.sum())
-                row["alert"] = row["js"] > cfg["js_threshold"] and row["chi2_p"] < cfg["p_value"]
+                row["js"], row["chi2_p"] = categorical_shift(shares, Counter(q))
+                row["alert"] = row["js"] > cfg["js_threshold"] and row["chi2_p"] is not None \
+                    and row["chi2_p"] < cfg["p_value"]
             out.append(row)
         return out
 

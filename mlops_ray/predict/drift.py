@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mlops_ray.evaluation.drift import EPS, chi2_p, js_distance, psi
+from mlops_ray.evaluation.drift import categorical_shift, psi, shares_p
 
 MISSING, UNSEEN = "<missing>", "<unseen>"
 EXAMPLES = 10  # unseen category values kept as examples per feature
@@ -95,15 +95,6 @@ def merge(a: dict[str, Any] | None, b: dict[str, Any] | None) -> dict[str, Any] 
     return out
 
 
-def _chi2_p(live: np.ndarray, ref_shares: np.ndarray) -> float | None:
-    if len(live) < 2:  # one bin (e.g. a column that was constant in training): no test
-        return None
-    ref = np.clip(ref_shares, EPS, None)
-    ref = ref / ref.sum()
-    p = chi2_p(live, ref * live.sum())
-    return p if np.isfinite(p) else None
-
-
 def drift_table(counts: dict[str, Any] | None, reference: dict[str, Any],
                 cfg: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per reference feature, in the shape of serving's drift table (format_table):
@@ -123,7 +114,7 @@ def drift_table(counts: dict[str, Any] | None, reference: dict[str, Any],
         if n:
             shares = np.asarray(ref["shares"], np.float64)
             row["psi"] = psi(shares, live / n)
-            row["chi2_p"] = _chi2_p(live, shares)
+            row["chi2_p"] = shares_p(live, shares)
             row["live_mean"] = got["sum"] / n
             row["alert"] = bool(row["psi"] > cfg["psi_threshold"] and row["chi2_p"] is not None
                                 and row["chi2_p"] < cfg["p_value"])
@@ -133,18 +124,12 @@ def drift_table(counts: dict[str, Any] | None, reference: dict[str, Any],
         if got is None:
             rows.append({"feature": c, "kind": "categorical", "n": 0, "absent": True})
             continue
-        shares = ref["shares"]
-        cats = sorted(set(shares) | set(got["counts"]))
-        live = np.array([got["counts"].get(k, 0) for k in cats], np.float64)
-        n = int(live.sum())
+        n = sum(got["counts"].values())
         row = {"feature": c, "kind": "categorical", "n": n,
                "unseen": got["counts"].get(UNSEEN, 0),
                "unseen_examples": got["unseen_examples"]}
         if n:
-            ref_shares = np.array([shares.get(k, 0.0) for k in cats])
-            ref_shares = np.clip(ref_shares, EPS, None) / np.clip(ref_shares, EPS, None).sum()
-            row["js"] = js_distance(ref_shares, live / n)
-            row["chi2_p"] = _chi2_p(live, ref_shares)
+            row["js"], row["chi2_p"] = categorical_shift(ref["shares"], got["counts"])
             row["alert"] = bool(row["js"] > cfg["js_threshold"] and row["chi2_p"] is not None
                                 and row["chi2_p"] < cfg["p_value"])
         rows.append(row)

@@ -544,7 +544,7 @@ def test_drift_tests_without_scipy_stats_equal_scipys() -> None:
     from scipy.spatial.distance import jensenshannon
     from scipy.stats import chi2, chisquare
 
-    from mlops_ray.evaluation.drift import chi2_p, chi2_sf, js_distance
+    from mlops_ray.evaluation.drift import categorical_shift, chi2_p, chi2_sf, js_distance
     for df in (1, 2, 3, 4, 7, 10, 40, 41, 99, 400):
         for x in (0.0, 1e-8, 0.3, 1.0, df - 0.5, df, 2.0 * df, 10.0 * df + 50, 1500.0):
             assert chi2_sf(x, df) == pytest.approx(float(chi2.sf(x, df)), rel=1e-9, abs=1e-300)
@@ -561,6 +561,11 @@ def test_drift_tests_without_scipy_stats_equal_scipys() -> None:
         assert js_distance(ref, live / live.sum()) == pytest.approx(want_js, rel=1e-12)
     assert chi2_p(np.array([0.0, 0.0, 900.0]), np.array([450.0, 449.9, 0.09])) < 1e-100
     assert chi2_sf(math.inf, 3) == 0.0 and math.isnan(chi2_sf(math.nan, 3))  # as SciPy
+    # serving's window and a batch job's counts share one comparison: its p-value is the test's
+    js, p = categorical_shift({"a": 0.5, "b": 0.5}, {"a": 10, "c": 30})
+    want = chisquare([10.0, 0.0, 30.0], np.array([0.5, 0.5, 1e-4]) / 1.0001 * 40)
+    assert p == pytest.approx(float(want.pvalue), rel=1e-9) and 0 < js <= 1
+    assert categorical_shift({"a": 1.0}, {"a": 50})[1] is None  # one category: no test
 
 
 def test_batch_drift_counts_name_values_as_strings() -> None:

@@ -1,6 +1,8 @@
 """The warm Ray's pool keeper (mlops_ray/pool.py) decides without Ray when to refill."""
 from __future__ import annotations
 
+import os
+
 from mlops_ray.pool import Keeper
 
 
@@ -41,7 +43,7 @@ def test_the_keeper_reads_the_train_runtime_env_as_ray_train_does(monkeypatch):
     want.setdefault(warn, DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE)
     assert got == want
     assert want["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "0.2"
-    assert got == train_env_vars()  # this process's own environment gives the same
+    assert got == train_env_vars(os.environ)  # this process's own environment gives the same
 
 
 GATE = '''
