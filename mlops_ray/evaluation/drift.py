@@ -28,8 +28,10 @@ def psi(ref_shares: np.ndarray, live_shares: np.ndarray) -> float:
 def chi2_sf(x: float, df: int) -> float:
     """P(X > x) for X chi-squared with integer `df` >= 1: the regularized upper incomplete gamma
     Q(df/2, x/2) in its closed forms for whole and half-whole shapes, summed in log space."""
-    if math.isnan(x) or x == math.inf or df < 1:
-        return 0.0 if x == math.inf and df >= 1 else math.nan
+    if df < 1 or math.isnan(x):
+        return math.nan
+    if x == math.inf:
+        return 0.0
     if x <= 0:
         return 1.0
     h = x / 2
@@ -54,14 +56,26 @@ def chi2_p(observed: np.ndarray, expected: np.ndarray) -> float:
     return chi2_sf(float(np.sum((f_obs - f_exp) ** 2 / f_exp)), len(f_obs) - 1)
 
 
-def shares_p(live: np.ndarray, ref_shares: np.ndarray) -> float | None:
-    """`chi2_p` of live counts against reference shares (clipped at EPS, renormalised); None
-    with fewer than 2 cells (e.g. a column constant in training: no test) or no finite value."""
+def _clipped(shares: Any) -> np.ndarray:
+    """Shares clipped at EPS (a cell never seen in training keeps a finite expectation) and
+    renormalised."""
+    ref = np.clip(np.asarray(shares, np.float64), EPS, None)
+    return ref / ref.sum()
+
+
+def _p(live: np.ndarray, ref: np.ndarray) -> float | None:
+    """`chi2_p` of live counts against clipped shares; None with fewer than 2 cells (e.g. a
+    column constant in training: no test) or no finite value."""
     if len(live) < 2:
         return None
-    ref = np.clip(np.asarray(ref_shares, np.float64), EPS, None)
-    p = chi2_p(live, ref / ref.sum() * np.sum(live))
+    p = chi2_p(live, ref * np.sum(live))
     return p if math.isfinite(p) else None
+
+
+def shares_p(live: np.ndarray, ref_shares: np.ndarray) -> float | None:
+    """`chi2_p` of live counts against reference shares (clipped at EPS, renormalised), or
+    None (see `_p`)."""
+    return _p(live, _clipped(ref_shares))
 
 
 def categorical_shift(shares: dict[str, float], counts: dict[str, int]
@@ -71,9 +85,14 @@ def categorical_shift(shares: dict[str, float], counts: dict[str, int]
     job's summed counts)."""
     cats = sorted(set(shares) | set(counts))
     live = np.array([counts.get(k, 0) for k in cats], np.float64)
-    ref = np.clip(np.array([shares.get(k, 0.0) for k in cats]), EPS, None)
-    ref = ref / ref.sum()
-    return js_distance(ref, live / live.sum()), shares_p(live, ref)
+    ref = _clipped([shares.get(k, 0.0) for k in cats])
+    return js_distance(ref, live / live.sum()), _p(live, ref)
+
+
+def shift_alert(shift: float, threshold: float, p: float | None, p_value: float) -> bool:
+    """A feature alerts when its shift (PSI, JS distance) is over the threshold and its test
+    says so too (a p-value below p_value; no test, no alert)."""
+    return bool(shift > threshold and p is not None and p < p_value)
 
 
 def js_distance(p: np.ndarray, q: np.ndarray) -> float:
@@ -129,7 +148,8 @@ class DriftMonitor:
                 row["psi"] = psi(np.asarray(ref["shares"]), bin_shares(x, ref["edges"]))
                 row["ks_p"] = float(stats.ks_2samp(x, np.asarray(ref["sample"])).pvalue)
                 row["live_mean"], row["ref_mean"] = float(x.mean()), ref["mean"]
-                row["alert"] = row["psi"] > cfg["psi_threshold"] and row["ks_p"] < cfg["p_value"]
+                row["alert"] = shift_alert(row["psi"], cfg["psi_threshold"], row["ks_p"],
+                                           cfg["p_value"])
             out.append(row)
         for c in self.cat:
             q = snap[c]
@@ -137,8 +157,8 @@ class DriftMonitor:
             row = {"feature": c, "kind": "categorical", "n": len(q)}
             if len(q) >= cfg["min_rows"]:
                 row["js"], row["chi2_p"] = categorical_shift(shares, Counter(q))
-                row["alert"] = row["js"] > cfg["js_threshold"] and row["chi2_p"] is not None \
-                    and row["chi2_p"] < cfg["p_value"]
+                row["alert"] = shift_alert(row["js"], cfg["js_threshold"], row["chi2_p"],
+                                           cfg["p_value"])
             out.append(row)
         return out
 

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mlops_ray.evaluation.drift import categorical_shift, psi, shares_p
+from mlops_ray.evaluation.drift import categorical_shift, psi, shares_p, shift_alert
 
 MISSING, UNSEEN = "<missing>", "<unseen>"
 EXAMPLES = 10  # unseen category values kept as examples per feature
@@ -116,8 +116,8 @@ def drift_table(counts: dict[str, Any] | None, reference: dict[str, Any],
             row["psi"] = psi(shares, live / n)
             row["chi2_p"] = shares_p(live, shares)
             row["live_mean"] = got["sum"] / n
-            row["alert"] = bool(row["psi"] > cfg["psi_threshold"] and row["chi2_p"] is not None
-                                and row["chi2_p"] < cfg["p_value"])
+            row["alert"] = shift_alert(row["psi"], cfg["psi_threshold"], row["chi2_p"],
+                                       cfg["p_value"])
         rows.append(row)
     for c, ref in reference["categorical"].items():
         got = counts["categorical"].get(c)
@@ -130,7 +130,7 @@ def drift_table(counts: dict[str, Any] | None, reference: dict[str, Any],
                "unseen_examples": got["unseen_examples"]}
         if n:
             row["js"], row["chi2_p"] = categorical_shift(ref["shares"], got["counts"])
-            row["alert"] = bool(row["js"] > cfg["js_threshold"] and row["chi2_p"] is not None
-                                and row["chi2_p"] < cfg["p_value"])
+            row["alert"] = shift_alert(row["js"], cfg["js_threshold"], row["chi2_p"],
+                                       cfg["p_value"])
         rows.append(row)
     return rows
