@@ -73,7 +73,7 @@ dashboards: install ## regenerate the KubeRay monitoring manifests from mlops_ra
 	promtool test rules mlops_ray/observability/alerts_test.yml
 
 bench: install ## benchmarks (not part of make test): training overhead vs bare PyTorch
-	$(PY) bench/train_overhead.py
+	$(PY) bench/train_overhead.py --paired
 
 lock: ## regenerate requirements.lock from a fresh install of pyproject.toml's ranges
 	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv

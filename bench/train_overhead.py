@@ -20,6 +20,9 @@ rank 0, -> first optimizer step). Arms:
          pool of idle workers (mlops_ray/pool.py) refills between them only as far as it can.
   pool   as warm, on the same cluster, each job started once the pool is full again (as when
          jobs are started by hand, seconds apart); the wait is not counted
+`--paired` runs the bare loop again just before each job of the local and pool arms and reports
+the ratio of each pair: the host's speed drifts (the bare loop's own runs have spread 20%),
+so a ratio to the bare runs of minutes before may show that drift rather than the job's cost.
 Each job trains from scratch (a fresh storage.uri per run). `--env K=V` goes into the jobs'
 environment (and so into the warm cluster's raylet, which the first job starts).
 """
@@ -35,6 +38,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -173,6 +177,9 @@ def main() -> None:
                     help="more jobs.train overrides")
     ap.add_argument("--no-split", action="store_true", help="skip the State API split")
     ap.add_argument("--json", metavar="FILE", help="also write every run's figures here")
+    ap.add_argument("--paired", action="store_true",
+                    help="a bare run just before each job of the local and pool arms, and "
+                         "ratios per pair (the host's speed drifts between arms)")
     ap.add_argument("--bare-only", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--loop-only", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -192,16 +199,25 @@ def main() -> None:
            "train.early_stopping=null", f"train.epochs={a.epochs}", "train.torch_threads=1",
            *a.set]
     res: dict[str, list[dict]] = {}
+
+    def in_process(arm: str) -> dict:
+        wall, out = timed([sys.executable, __file__, f"--{arm}-only", f"--epochs={a.epochs}"],
+                          env)
+        return {**json.loads(out.stdout.strip().splitlines()[-1]), "wall_s": wall}
+
+    def paired(run: Any) -> dict:
+        """`run()`, after a bare run of its own when --paired (kept with it as `pair`)."""
+        if not a.paired:
+            return run()
+        b = in_process("bare")
+        res.setdefault("bare", []).append(b)
+        return {**run(), "pair": b}
     for arm in ("bare", "loop"):
         if arm in arms:
-            res[arm] = []
-            for _ in range(a.runs):
-                wall, out = timed([sys.executable, __file__, f"--{arm}-only",
-                                   f"--epochs={a.epochs}"], env)
-                res[arm].append({**json.loads(out.stdout.strip().splitlines()[-1]),
-                                 "wall_s": wall})
+            res.setdefault(arm, []).extend(in_process(arm) for _ in range(a.runs))
     if "local" in arms:
-        res["local"] = [job_run([*job, "ray.address=local"], env, batch) for _ in range(a.runs)]
+        res["local"] = [paired(lambda: job_run([*job, "ray.address=local"], env, batch))
+                        for _ in range(a.runs)]
     if "warm" in arms or "pool" in arms:
         from mlops_ray import pool, warm
         folder = Path(tempfile.mkdtemp(prefix="bench-warm-"))
@@ -215,7 +231,9 @@ def main() -> None:
                 for _ in range(a.runs):
                     if arm == "pool":
                         pool.wait_full(warm.read_state(folder)["temp_dir"])
-                    r = job_run(job, wenv, batch)
+                        r = paired(lambda: job_run(job, wenv, batch))
+                    else:
+                        r = job_run(job, wenv, batch)
                     if not a.no_split:
                         r.update(split_fit_start(folder, r.get("to_workers_s")))
                     res[arm].append(r)
@@ -254,6 +272,15 @@ def report(res: dict[str, list[dict]], a: argparse.Namespace) -> None:
         if arm not in ("bare", "loop"):
             print(f"{names[arm]:<48} " + " ".join(f"{cell(summary(rows, p), '.1f'):>16}"
                                                   for p in PHASES))
+    pairs = {arm: rows for arm, rows in res.items() if rows and all("pair" in r for r in rows)}
+    if pairs:
+        print("paired: each job / the bare run just before it, median (min-max) of the pairs")
+        for arm, rows in pairs.items():
+            ratios = [{"sps": r["samples_per_s"] / r["pair"]["samples_per_s"],
+                       "wall": r["wall_s"] / r["pair"]["wall_s"]}
+                      for r in rows if r.get("samples_per_s")]
+            print(f"{names[arm]:<48} samples/s {cell(summary(ratios, 'sps'), '.2f')}, "
+                  f"process {cell(summary(ratios, 'wall'), '.2f')}")
     for arm in ("warm", "pool"):
         if any(r.get(SPLIT[0]) is not None for r in res.get(arm, [])):
             print(f"to_workers split (State API, {names[arm].split(', ', 1)[1]}): " + ", ".join(
