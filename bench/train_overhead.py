@@ -37,8 +37,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -205,7 +205,7 @@ def main() -> None:
                           env)
         return {**json.loads(out.stdout.strip().splitlines()[-1]), "wall_s": wall}
 
-    def paired(run: Any) -> dict:
+    def paired(run: Callable[[], dict]) -> dict:
         """`run()`, after a bare run of its own when --paired (kept with it as `pair`)."""
         if not a.paired:
             return run()
